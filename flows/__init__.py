@@ -1,0 +1,1 @@
+"""Prefect tasks and flows that compose pipeline/ into the loop."""

@@ -1,0 +1,116 @@
+"""Settings and parameters: one place, no work at import time.
+
+`Settings` holds deployment configuration (paths, URLs, tokens) and is read from
+`MLOPS_*` environment variables or a `.env` file. `params.yaml` holds the ML
+parameters that DVC tracks (split sizes, epochs, search space); both DVC stages and
+the code read the same file through `load_params`.
+"""
+
+from __future__ import annotations
+
+import os
+from functools import lru_cache
+from pathlib import Path
+from typing import Any
+
+import yaml
+from pydantic import Field, SecretStr
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+DEFAULT_PARAMS: dict[str, Any] = {
+    "seed": 42,
+    "data": {"source": "digits", "name": "dataset", "bootstrap_fraction": 0.35, "num_classes": 10},
+    "split": {"val_size": 0.15, "test_size": 0.2},
+    "preprocess": {"augment": True, "max_shift": 1, "noise_std": 0.05},
+}
+
+
+class Settings(BaseSettings):
+    """Deployment configuration. Every path hangs off `root`."""
+
+    model_config = SettingsConfigDict(env_prefix="MLOPS_", env_file=".env", extra="ignore")
+
+    root: Path = Field(default_factory=Path.cwd, description="project root; all paths hang off it")
+    params_file: Path | None = Field(
+        default=None, description="params.yaml (default: root/params.yaml)"
+    )
+    model_name: str = "digits-classifier"
+    device: str = Field(default="auto", description="auto | cpu | cuda | cuda:N | mps")
+    prediction_db_url: str | None = Field(
+        default=None,
+        description="SQLAlchemy URL of the prediction log (default: SQLite under root)",
+    )
+    admin_token: SecretStr | None = None
+    api_key: SecretStr | None = None
+    host: str = "127.0.0.1"
+    port: int = 8000
+
+    @property
+    def data_dir(self) -> Path:
+        return self.root / "data"
+
+    @property
+    def raw_dir(self) -> Path:
+        return self.data_dir / "raw"
+
+    @property
+    def quarantine_dir(self) -> Path:
+        return self.data_dir / "quarantine"
+
+    @property
+    def processed_dir(self) -> Path:
+        return self.data_dir / "processed"
+
+    @property
+    def reports_dir(self) -> Path:
+        return self.data_dir / "reports"
+
+    @property
+    def models_dir(self) -> Path:
+        return self.root / "models"
+
+    @property
+    def params_path(self) -> Path:
+        return self.params_file or self.root / "params.yaml"
+
+    @property
+    def tracking_uri(self) -> str:
+        """MLflow's own variable wins; the embedded default is SQLite under root."""
+        return os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{self.root / 'mlflow.db'}"
+
+    @property
+    def artifact_location(self) -> str:
+        return (self.root / "mlartifacts").resolve().as_uri()
+
+    @property
+    def prediction_db(self) -> str:
+        return self.prediction_db_url or f"sqlite:///{self.root / 'predictions.db'}"
+
+
+@lru_cache
+def get_settings() -> Settings:
+    return Settings()
+
+
+def _merge(base: dict[str, Any], override: dict[str, Any]) -> dict[str, Any]:
+    merged = dict(base)
+    for key, value in override.items():
+        if isinstance(value, dict) and isinstance(merged.get(key), dict):
+            merged[key] = _merge(merged[key], value)
+        else:
+            merged[key] = value
+    return merged
+
+
+def load_params(path: Path | None = None) -> dict[str, Any]:
+    """Read params.yaml over the embedded defaults (a missing file means defaults)."""
+    path = path or get_settings().params_path
+    if not path.exists():
+        return _merge(DEFAULT_PARAMS, {})
+    try:
+        loaded = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as exc:
+        raise ValueError(f"{path}: not valid YAML: {exc}") from exc
+    if not isinstance(loaded, dict):
+        raise ValueError(f"{path}: expected a mapping at the top level")
+    return _merge(DEFAULT_PARAMS, loaded)

@@ -1,0 +1,265 @@
+"""Data source -> validated, immutable raw snapshot under data/raw/.
+
+Sources: `digits` (scikit-learn's bundled 8x8 digits in the pixel-CSV layout), a CSV
+file, a Parquet file, or a directory of either. Nothing is written until every file
+has been read and validated, and then each output is replaced atomically, so a bad
+file or a crash leaves the previous data version exactly as it was.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import tempfile
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from pipeline.validate import (
+    LABEL,
+    Schema,
+    SchemaError,
+    ValidationReport,
+    infer_schema,
+    validate_frame,
+)
+
+log = logging.getLogger(__name__)
+
+TABLE_SUFFIXES = {".csv", ".parquet", ".pq"}
+
+
+class DataFileError(ValueError):
+    """A data file that cannot be used at all; the message names the file and the problem."""
+
+
+@dataclass
+class IngestReport:
+    source: str
+    snapshot: str
+    data_hash: str
+    schema: dict
+    rows_in: int = 0
+    rows_ok: int = 0
+    rows_quarantined: int = 0
+    files: list[dict] = field(default_factory=list)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def load_digits_frame(part: str = "all", fraction: float = 0.35, seed: int = 42) -> pd.DataFrame:
+    """scikit-learn's bundled digits as `label, pixel0..pixel63`.
+
+    `part` selects the demo's split: `bootstrap` (a stratified `fraction` of the rows,
+    the initial training pool), `stream` (the rest: the held-out production stream the
+    simulated clients send), or `all`.
+    """
+    from sklearn.datasets import load_digits
+    from sklearn.model_selection import train_test_split
+
+    digits = load_digits()
+    frame = pd.DataFrame(digits.data.astype(np.float32), columns=[f"pixel{i}" for i in range(64)])
+    frame.insert(0, LABEL, digits.target.astype(np.int64))
+    if part == "all":
+        return frame
+    if part not in {"bootstrap", "stream"}:
+        raise ValueError(f"unknown digits part {part!r}: use all, bootstrap or stream")
+    boot, stream = train_test_split(
+        frame, train_size=fraction, stratify=frame[LABEL], random_state=seed
+    )
+    return (boot if part == "bootstrap" else stream).reset_index(drop=True)
+
+
+def read_table(path: Path) -> pd.DataFrame:
+    """Read one CSV or Parquet file, turning every way it can be unreadable into DataFileError."""
+    if not path.is_file():
+        raise DataFileError(f"{path}: no such file")
+    if path.stat().st_size == 0:
+        raise DataFileError(f"{path}: the file is empty")
+    suffix = path.suffix.lower()
+    if suffix in {".parquet", ".pq"}:
+        return _read_parquet(path)
+    if suffix == ".csv":
+        return _read_csv(path)
+    raise DataFileError(f"{path}: unsupported file type {suffix!r} (use .csv or .parquet)")
+
+
+def _read_parquet(path: Path) -> pd.DataFrame:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    try:
+        return pq.read_table(path).to_pandas()
+    except (pa.ArrowException, OSError) as exc:
+        raise DataFileError(f"{path}: not a readable Parquet file ({exc})") from exc
+
+
+def _read_csv(path: Path) -> pd.DataFrame:
+    _check_not_truncated(path)
+    try:
+        frame = pd.read_csv(path, encoding="utf-8", low_memory=False)
+    except UnicodeDecodeError as exc:
+        raise DataFileError(
+            f"{path}: not UTF-8 text (byte 0x{exc.object[exc.start]:02x} at offset {exc.start})"
+        ) from exc
+    except pd.errors.EmptyDataError as exc:
+        raise DataFileError(f"{path}: no header row: the file holds no CSV data") from exc
+    except (pd.errors.ParserError, ValueError) as exc:
+        raise DataFileError(f"{path}: not a valid CSV file ({exc})") from exc
+    if frame.empty:
+        raise DataFileError(f"{path}: a header but no data rows")
+    return frame
+
+
+def _check_not_truncated(path: Path) -> None:
+    """A CSV cut off mid-row (a broken copy) is refused whole rather than half-trusted."""
+    with path.open("rb") as fh:
+        head = fh.readline()
+        fh.seek(max(0, path.stat().st_size - 65536))
+        tail = fh.read()
+    if tail.endswith(b"\n"):
+        return
+    last = tail.rsplit(b"\n", 1)[-1]
+    if last.count(b",") < head.count(b","):
+        line = sum(1 for _ in path.open("rb"))
+        raise DataFileError(
+            f"{path}: truncated: line {line} ends mid-row "
+            f"({last.count(b',') + 1} of {head.count(b',') + 1} fields, no final newline)"
+        )
+
+
+def source_files(source: Path) -> list[Path]:
+    if source.is_dir():
+        files = sorted(p for p in source.iterdir() if p.suffix.lower() in TABLE_SUFFIXES)
+        if not files:
+            raise DataFileError(f"{source}: directory holds no .csv or .parquet files")
+        return files
+    return [source]
+
+
+def load_source(source: str, params: dict) -> list[tuple[str, pd.DataFrame]]:
+    """(name, frame) per input file of the source."""
+    if source == "digits":
+        data = params["data"]
+        frame = load_digits_frame("bootstrap", data["bootstrap_fraction"], params["seed"])
+        return [("digits:bootstrap", frame)]
+    path = Path(source)
+    if not path.exists():
+        raise DataFileError(f"{source}: no such file or directory (or use the built-in 'digits')")
+    return [(str(p), read_table(p)) for p in source_files(path)]
+
+
+def validate_sources(
+    frames: list[tuple[str, pd.DataFrame]], num_classes: int, schema: Schema | None = None
+) -> tuple[Schema, pd.DataFrame, pd.DataFrame, list[ValidationReport]]:
+    """Validate every file against one schema (the given one, or the first file's)."""
+    clean, quarantined, reports = [], [], []
+    for name, frame in frames:
+        try:
+            schema = schema or infer_schema([str(c) for c in frame.columns], num_classes)
+            result = validate_frame(frame, schema, name)
+        except SchemaError as exc:
+            raise DataFileError(f"{name}: {exc}") from exc
+        for column in result.report.extra_columns:
+            log.warning("%s: extra column %r dropped", name, column)
+        if result.report.rows_quarantined:
+            log.warning(
+                "%s: %d of %d rows quarantined (%s)",
+                name,
+                result.report.rows_quarantined,
+                result.report.rows_in,
+                ", ".join(f"{k}: {v}" for k, v in result.report.reasons.items()),
+            )
+        clean.append(result.clean)
+        quarantined.append(result.quarantine)
+        reports.append(result.report)
+    assert schema is not None
+    return schema, pd.concat(clean, ignore_index=True), pd.concat(quarantined), reports
+
+
+def ingest(
+    source: str,
+    raw_dir: Path,
+    quarantine_dir: Path,
+    params: dict,
+    name: str | None = None,
+    schema: Schema | None = None,
+) -> IngestReport:
+    """Read, validate and snapshot a source as `raw_dir/<name>.parquet`."""
+    name = name or params["data"]["name"]
+    frames = load_source(source, params)
+    schema, clean, quarantine, reports = validate_sources(
+        frames, params["data"]["num_classes"], schema
+    )
+    if clean.empty:
+        raise DataFileError(f"{source}: no valid rows (all {len(quarantine)} quarantined)")
+    snapshot = raw_dir / f"{name}.parquet"
+    write_parquet_atomic(clean, snapshot)
+    write_atomic(quarantine_dir / f"{name}.csv", lambda p: quarantine.to_csv(p, index=False))
+    report = IngestReport(
+        source=source,
+        snapshot=str(snapshot),
+        data_hash=file_md5(snapshot),
+        schema=schema.to_dict(),
+        rows_in=sum(r.rows_in for r in reports),
+        rows_ok=len(clean),
+        rows_quarantined=len(quarantine),
+        files=[r.to_dict() for r in reports],
+    )
+    log.info(
+        "ingested %s: %d rows kept, %d quarantined -> %s (md5 %s)",
+        source,
+        report.rows_ok,
+        report.rows_quarantined,
+        snapshot,
+        report.data_hash,
+    )
+    return report
+
+
+def write_atomic(path: Path, write: Callable[[Path], None]) -> None:
+    """Write through a temporary file in the same directory, fsync, then rename over `path`."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    tmp = Path(tmp_name)
+    try:
+        write(tmp)
+        with tmp.open("rb+") as fh:
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+    dir_fd = os.open(path.parent, os.O_RDONLY)
+    try:
+        os.fsync(dir_fd)
+    finally:
+        os.close(dir_fd)
+
+
+def write_parquet_atomic(frame: pd.DataFrame, path: Path) -> None:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    table = pa.Table.from_pandas(frame, preserve_index=False)
+    write_atomic(path, lambda p: pq.write_table(table, p, compression="zstd"))
+
+
+def write_json_atomic(data: dict, path: Path) -> None:
+    write_atomic(path, lambda p: p.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n"))
+
+
+def file_md5(path: Path) -> str:
+    """MD5 of the file's bytes: the hash DVC 3 records for a file output."""
+    import hashlib
+
+    digest = hashlib.md5()
+    with path.open("rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()

@@ -1,0 +1,166 @@
+"""Split and normalise. The fitted state is JSON (no pickle) and travels with the model,
+so the server transforms a row exactly as training did."""
+
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from pipeline.ingest import file_md5, write_json_atomic, write_parquet_atomic
+from pipeline.validate import LABEL, Schema
+
+log = logging.getLogger(__name__)
+
+SPLITS = ("train", "val", "test")
+_MIN_SCALE = 1e-6
+
+
+@dataclass
+class Preprocessor:
+    """Per-feature standardisation fitted on the training split only."""
+
+    schema: Schema
+    mean: np.ndarray  # (F,) float32
+    scale: np.ndarray  # (F,) float32
+
+    @classmethod
+    def fit(cls, features: np.ndarray, schema: Schema) -> Preprocessor:
+        if features.ndim != 2 or features.shape[1] != schema.n_features:
+            raise ValueError(f"expected (n, {schema.n_features}) features, got {features.shape}")
+        mean = features.mean(axis=0, dtype=np.float64)
+        std = features.std(axis=0, dtype=np.float64)
+        scale = np.where(std < _MIN_SCALE, 1.0, std)  # constant pixels: leave unscaled
+        return cls(schema, mean.astype(np.float32), scale.astype(np.float32))
+
+    def transform(self, features: np.ndarray) -> np.ndarray:
+        """(n, F) raw features -> (n, F) float32 standardised features."""
+        features = np.asarray(features, dtype=np.float32)
+        if features.ndim != 2 or features.shape[1] != self.schema.n_features:
+            raise ValueError(
+                f"expected rows of {self.schema.n_features} features, got shape {features.shape}"
+            )
+        return (features - self.mean) / self.scale
+
+    def to_dict(self) -> dict:
+        return {
+            "kind": "standardize",
+            "version": 1,
+            "schema": self.schema.to_dict(),
+            # float32 -> Python float is exact, so the JSON round trip is lossless.
+            "mean": [float(v) for v in self.mean],
+            "scale": [float(v) for v in self.scale],
+        }
+
+    @classmethod
+    def from_dict(cls, data: dict) -> Preprocessor:
+        if data.get("kind") != "standardize" or data.get("version") != 1:
+            raise ValueError(f"unknown preprocessor state: kind={data.get('kind')!r}")
+        schema = Schema.from_dict(data["schema"])
+        mean = np.asarray(data["mean"], dtype=np.float32)
+        scale = np.asarray(data["scale"], dtype=np.float32)
+        if mean.shape != (schema.n_features,) or scale.shape != (schema.n_features,):
+            raise ValueError("preprocessor state does not match its schema")
+        return cls(schema, mean, scale)
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict())
+
+    @classmethod
+    def from_json(cls, text: str) -> Preprocessor:
+        return cls.from_dict(json.loads(text))
+
+    def save(self, path: Path) -> None:
+        write_json_atomic(self.to_dict(), path)
+
+    @classmethod
+    def load(cls, path: Path) -> Preprocessor:
+        return cls.from_json(path.read_text())
+
+
+def split_frame(
+    frame: pd.DataFrame, val_size: float, test_size: float, seed: int
+) -> dict[str, pd.DataFrame]:
+    """Seeded train/val/test split, stratified on the label when every class allows it."""
+    from sklearn.model_selection import train_test_split
+
+    if not 0 < val_size < 1 or not 0 < test_size < 1 or val_size + test_size >= 1:
+        raise ValueError(f"bad split sizes: val={val_size}, test={test_size}")
+    index = np.arange(len(frame))
+    labels = frame[LABEL].to_numpy()
+    if len(frame) < 3:
+        raise ValueError(f"need at least 3 rows to split into train/val/test, got {len(frame)}")
+    counts = np.bincount(labels)
+    n_classes = int((counts > 0).sum())
+    smallest_part = len(frame) * min(val_size, test_size)
+    stratify = labels if counts[counts > 0].min() >= 3 and smallest_part >= n_classes else None
+    if stratify is None:
+        log.warning("too few rows per class to stratify: splitting without stratification")
+    rest, test = train_test_split(index, test_size=test_size, stratify=stratify, random_state=seed)
+    rest_labels = labels[rest] if stratify is not None else None
+    train, val = train_test_split(
+        rest, test_size=val_size / (1 - test_size), stratify=rest_labels, random_state=seed
+    )
+    return {
+        name: frame.iloc[np.sort(idx)].reset_index(drop=True)
+        for name, idx in zip(SPLITS, (train, val, test), strict=True)
+    }
+
+
+def features_labels(frame: pd.DataFrame, schema: Schema) -> tuple[np.ndarray, np.ndarray]:
+    """(n, F) float32 features and (n,) int64 labels of a validated frame."""
+    features = frame.loc[:, list(schema.feature_names)].to_numpy(dtype=np.float32)
+    return features, frame[LABEL].to_numpy(dtype=np.int64)
+
+
+def preprocess(raw: Path, out_dir: Path, params: dict) -> dict:
+    """Split the raw snapshot, fit the preprocessor on train, write splits + state + report."""
+    frame = pd.read_parquet(raw)
+    schema = Schema(tuple(c for c in frame.columns if c != LABEL), params["data"]["num_classes"])
+    split = params["split"]
+    parts = split_frame(frame, split["val_size"], split["test_size"], params["seed"])
+    train_x, _ = features_labels(parts["train"], schema)
+    preprocessor = Preprocessor.fit(train_x, schema)
+    for name, part in parts.items():
+        write_parquet_atomic(part, out_dir / f"{name}.parquet")
+    preprocessor.save(out_dir / "preprocessor.json")
+    report = {
+        "data_hash": file_md5(raw),
+        "rows": {name: len(part) for name, part in parts.items()},
+        "n_features": schema.n_features,
+        "image_side": schema.image_side,
+        "num_classes": schema.num_classes,
+    }
+    write_json_atomic(report, out_dir / "report.json")
+    log.info("preprocessed %s: %s, image side %s", raw, report["rows"], schema.image_side)
+    return report
+
+
+def augment_batch(batch, max_shift: int, noise_std: float, generator=None):
+    """Training-only augmentation of a (B, C, H, W) or (B, F) tensor.
+
+    Images are shifted by up to `max_shift` pixels (the same shift for the whole batch,
+    zeros shifted in) and every input gets Gaussian noise of `noise_std` (in standardised
+    units). Never applied at evaluation or serving time.
+    """
+    import torch
+
+    if batch.ndim == 4 and max_shift > 0:
+        dy, dx = (
+            int(v) - max_shift
+            for v in torch.randint(0, 2 * max_shift + 1, (2,), generator=generator)
+        )
+        shifted = torch.zeros_like(batch)
+        h, w = batch.shape[-2:]
+        ys, yd = (slice(0, h - dy), slice(dy, h)) if dy >= 0 else (slice(-dy, h), slice(0, h + dy))
+        xs, xd = (slice(0, w - dx), slice(dx, w)) if dx >= 0 else (slice(-dx, w), slice(0, w + dx))
+        shifted[..., yd, xd] = batch[..., ys, xs]
+        batch = shifted
+    if noise_std > 0:
+        noise = torch.randn(batch.shape, generator=generator, device="cpu").to(batch.device)
+        batch = batch + noise_std * noise
+    return batch

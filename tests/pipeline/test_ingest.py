@@ -1,0 +1,94 @@
+"""Ingest: sources, the pixel-CSV layout, atomic snapshots."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from pipeline.ingest import file_md5, ingest, write_atomic
+from pipeline.preprocess import preprocess
+
+
+def _mnist_like(path: Path, rows: int, seed: int = 0) -> Path:
+    """A small synthetic file in the Kaggle MNIST layout: label, pixel0..pixel783."""
+    rng = np.random.default_rng(seed)
+    frame = pd.DataFrame(
+        rng.integers(0, 256, size=(rows, 784)), columns=[f"pixel{i}" for i in range(784)]
+    )
+    frame.insert(0, "label", np.arange(rows) % 10)
+    frame.to_csv(path, index=False)
+    return path
+
+
+def test_kaggle_mnist_layout_is_a_28x28_image(settings, params, tmp_path):
+    report = ingest(
+        str(_mnist_like(tmp_path / "train.csv", 60)),
+        settings.raw_dir,
+        settings.quarantine_dir,
+        params,
+    )
+    assert report.rows_ok == 60
+    assert len(report.schema["feature_names"]) == 784
+    split = preprocess(Path(report.snapshot), settings.processed_dir, params)
+    assert split["image_side"] == 28 and split["n_features"] == 784
+
+
+def test_non_square_features_are_not_an_image(settings, params, tmp_path):
+    source = tmp_path / "tabular.csv"
+    frame = pd.DataFrame({"a": np.arange(30.0), "b": 1.0, "c": 2.0, "label": np.arange(30) % 3})
+    frame.to_csv(source, index=False)
+    report = ingest(str(source), settings.raw_dir, settings.quarantine_dir, params)
+    assert report.schema["feature_names"] == ["a", "b", "c"]
+    split = preprocess(Path(report.snapshot), settings.processed_dir, params)
+    assert split["image_side"] is None
+
+
+def test_directory_of_csv_and_parquet(settings, params, tmp_path):
+    from pipeline.ingest import load_digits_frame
+
+    digits = load_digits_frame("all")
+    folder = tmp_path / "incoming"
+    folder.mkdir()
+    digits.iloc[:100].to_csv(folder / "a.csv", index=False)
+    digits.iloc[100:250].to_parquet(folder / "b.parquet")
+    (folder / "notes.txt").write_text("ignored: not a table")
+    report = ingest(str(folder), settings.raw_dir, settings.quarantine_dir, params)
+    assert report.rows_ok == 250 and len(report.files) == 2
+    kept = pd.read_parquet(report.snapshot)
+    np.testing.assert_array_equal(kept.to_numpy(), digits.iloc[:250].to_numpy())
+
+
+def test_directory_files_must_share_one_schema(settings, params, tmp_path):
+    from pipeline.ingest import DataFileError, load_digits_frame
+
+    folder = tmp_path / "incoming"
+    folder.mkdir()
+    digits = load_digits_frame("all")
+    digits.iloc[:10].to_csv(folder / "a.csv", index=False)
+    digits.iloc[:10].drop(columns="pixel3").to_csv(folder / "b.csv", index=False)
+    with pytest.raises(DataFileError, match=r"b\.csv: missing column\(s\) pixel3"):
+        ingest(str(folder), settings.raw_dir, settings.quarantine_dir, params)
+    assert not (settings.raw_dir / "dataset.parquet").exists()
+
+
+def test_snapshot_is_deterministic(settings, params):
+    first = ingest("digits", settings.raw_dir, settings.quarantine_dir, params).data_hash
+    second = ingest("digits", settings.raw_dir, settings.quarantine_dir, params).data_hash
+    assert first == second == file_md5(settings.raw_dir / "dataset.parquet")
+
+
+def test_crash_while_writing_leaves_previous_file(tmp_path):
+    target = tmp_path / "snap.parquet"
+    target.write_bytes(b"version 1")
+
+    def crash(path: Path) -> None:
+        path.write_bytes(b"half of version 2")
+        raise RuntimeError("simulated crash")
+
+    with pytest.raises(RuntimeError):
+        write_atomic(target, crash)
+    assert target.read_bytes() == b"version 1"
+    assert [p.name for p in tmp_path.iterdir()] == ["snap.parquet"]

@@ -1,0 +1,138 @@
+"""Data tests: each kind of bad input gets its documented outcome, and nothing is lost."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from pipeline.ingest import DataFileError, file_md5, ingest, load_digits_frame
+
+HEADER = "label," + ",".join(f"pixel{i}" for i in range(64))
+
+
+def _row(label: object = 3, fill: object = 1.0, at: dict | None = None) -> str:
+    values = [fill] * 64
+    for index, value in (at or {}).items():
+        values[index] = value
+    return ",".join(map(str, [label, *values]))
+
+
+def _csv(path: Path, rows: list[str], header: str = HEADER, newline: bool = True) -> Path:
+    path.write_text("\n".join([header, *rows]) + ("\n" if newline else ""))
+    return path
+
+
+def _ingest(settings, params, source: Path):
+    return ingest(str(source), settings.raw_dir, settings.quarantine_dir, params)
+
+
+def _quarantine(settings) -> pd.DataFrame:
+    return pd.read_csv(settings.quarantine_dir / "dataset.csv")
+
+
+@pytest.mark.parametrize(
+    ("bad_row", "reason"),
+    [
+        (_row(at={5: "nan"}), "missing pixel5"),
+        (_row(at={7: ""}), "missing pixel7"),
+        (_row(at={9: "inf"}), "non-finite pixel9"),
+        (_row(at={2: "-inf"}), "non-finite pixel2"),
+        (_row(at={4: "1e300"}), "non-finite pixel4"),
+        (_row(at={11: "abc"}), "non-numeric pixel11"),
+        (_row(label=10), "label outside 0..9"),
+        (_row(label=-1), "label outside 0..9"),
+        (_row(label=2.5), "label not an integer"),
+        (_row(label="seven"), "label missing or non-numeric"),
+        (_row(label=""), "label missing or non-numeric"),
+    ],
+)
+def test_bad_rows_are_quarantined_with_reason(settings, params, tmp_path, bad_row, reason):
+    source = _csv(tmp_path / "in.csv", [_row(1), bad_row, _row(2)])
+    report = _ingest(settings, params, source)
+
+    assert (report.rows_in, report.rows_ok, report.rows_quarantined) == (3, 2, 1)
+    kept = pd.read_parquet(settings.raw_dir / "dataset.parquet")
+    assert kept["label"].tolist() == [1, 2]
+    assert np.isfinite(kept.drop(columns="label").to_numpy()).all()
+    quarantined = _quarantine(settings)
+    assert quarantined["reason"].tolist() == [reason]
+    assert quarantined["source"].tolist() == [str(source)]
+
+
+def test_extra_column_is_reported_and_dropped(settings, params, tmp_path):
+    source = tmp_path / "extra.csv"
+    source.write_text(HEADER + ",comment\n" + _row(4) + ",hello\n")
+    report = _ingest(settings, params, source)
+    assert report.files[0]["extra_columns"] == ["comment"]
+    kept = pd.read_parquet(settings.raw_dir / "dataset.parquet")
+    assert "comment" not in kept.columns and len(kept) == 1
+
+
+def test_missing_column_refuses_the_file(settings, params, tmp_path):
+    header = "label," + ",".join(f"pixel{i}" for i in range(64) if i != 17)
+    source = _csv(tmp_path / "gap.csv", [",".join(["1"] + ["0"] * 63)], header=header)
+    with pytest.raises(DataFileError, match=r"gap\.csv: missing column\(s\) pixel17"):
+        _ingest(settings, params, source)
+
+
+def test_missing_label_column_refuses_the_file(settings, params, tmp_path):
+    source = _csv(tmp_path / "nolabel.csv", ["1,2"], header="a,b")
+    with pytest.raises(DataFileError, match="missing required column 'label'"):
+        _ingest(settings, params, source)
+
+
+@pytest.mark.parametrize(
+    ("content", "message"),
+    [
+        (b"", "the file is empty"),
+        (b"\n\n", "no header row"),
+        (HEADER.encode() + b"\n", "a header but no data rows"),
+        (
+            (HEADER + "\n" + _row(1) + "\n" + _row(2)[:40]).encode(),
+            "truncated: line 3 ends mid-row",
+        ),
+        (HEADER.encode() + b"\n" + _row(1).encode() + b"\n\xff\xfe\x00garbage\n", "not UTF-8"),
+        (b"\x89PNG\r\n\x1a\n\x00\x00\x00\rIHDR", "not UTF-8"),
+    ],
+)
+def test_unreadable_file_stops_and_keeps_previous_version(
+    settings, params, tmp_path, content, message
+):
+    good = _csv(tmp_path / "good.csv", [_row(1), _row(2)])
+    _ingest(settings, params, good)
+    snapshot = settings.raw_dir / "dataset.parquet"
+    before = file_md5(snapshot)
+
+    bad = tmp_path / "bad.csv"
+    bad.write_bytes(content)
+    with pytest.raises(DataFileError, match=message) as err:
+        _ingest(settings, params, bad)
+    assert str(bad) in str(err.value)
+    assert file_md5(snapshot) == before
+    assert sorted(p.name for p in settings.raw_dir.iterdir()) == ["dataset.parquet"]
+
+
+def test_all_rows_bad_keeps_previous_version(settings, params, tmp_path):
+    _ingest(settings, params, _csv(tmp_path / "good.csv", [_row(1)]))
+    before = file_md5(settings.raw_dir / "dataset.parquet")
+    with pytest.raises(DataFileError, match="no valid rows"):
+        _ingest(settings, params, _csv(tmp_path / "bad.csv", [_row(label=99)]))
+    assert file_md5(settings.raw_dir / "dataset.parquet") == before
+
+
+def test_digits_parts_partition_the_set():
+    boot = load_digits_frame("bootstrap", 0.35, seed=1)
+    stream = load_digits_frame("stream", 0.35, seed=1)
+    everything = load_digits_frame("all")
+    assert list(everything.columns) == ["label"] + [f"pixel{i}" for i in range(64)]
+    assert len(boot) == 628 and len(boot) + len(stream) == len(everything) == 1797
+    assert set(boot["label"]) == set(range(10))
+
+    def rows(frame: pd.DataFrame) -> np.ndarray:
+        array = frame.to_numpy()
+        return array[np.lexsort(array.T[::-1])]
+
+    np.testing.assert_array_equal(rows(pd.concat([boot, stream])), rows(everything))
