@@ -114,7 +114,7 @@ def split_frame(
 def features_labels(frame: pd.DataFrame, schema: Schema) -> tuple[np.ndarray, np.ndarray]:
     """(n, F) float32 features and (n,) int64 labels of a validated frame."""
     features = frame.loc[:, list(schema.feature_names)].to_numpy(dtype=np.float32)
-    return features, frame[LABEL].to_numpy(dtype=np.int64)
+    return features, frame[LABEL].to_numpy(dtype=np.int64, copy=True)
 
 
 def preprocess(raw: Path, out_dir: Path, params: dict) -> dict:

@@ -43,3 +43,52 @@ def test_preprocess_without_data_says_what_to_do(project):
 def test_unknown_source_is_a_clear_error(project):
     result = runner.invoke(app, ["ingest", "--source", "no/such/file.csv"])
     assert result.exit_code == 1 and "no such file or directory" in result.output
+
+
+def test_train_status_promote_rollback(project):
+    assert runner.invoke(app, ["ingest"]).exit_code == 0
+    assert runner.invoke(app, ["preprocess"]).exit_code == 0
+    result = runner.invoke(app, ["train", "--epochs", "2", "--no-progress"])
+    assert result.exit_code == 0, result.output
+    assert "registered as digits-classifier v1" in result.output
+    assert "v1 promoted to @champion: first version" in result.output
+
+    status = json.loads(runner.invoke(app, ["status", "--json"]).stdout)
+    assert status["champion"]["version"] == "1" and status["challenger"] is None
+    assert (
+        status["champion"]["data_hash"]
+        == json.loads((project / "data/reports/ingest.json").read_text())["data_hash"]
+    )
+
+    result = runner.invoke(app, ["rollback"])
+    assert result.exit_code == 1 and "no previous champion" in result.output
+    result = runner.invoke(app, ["promote", "7"])
+    assert result.exit_code == 1 and "no version '7'" in result.output
+    result = runner.invoke(app, ["promote", "1"])
+    assert result.exit_code == 1 and "already the champion" in result.output
+
+
+def test_registry_down_is_one_clear_line(project, monkeypatch):
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://127.0.0.1:9")
+    result = runner.invoke(app, ["status"])
+    assert result.exit_code == 1
+    assert "error: MLflow at http://127.0.0.1:9 is unreachable" in result.output
+    assert "Traceback" not in result.output
+
+
+def test_evaluate_and_cross_validation(project):
+    for args in (
+        ["ingest"],
+        ["preprocess"],
+        ["train", "--epochs", "3", "--no-progress", "--no-register"],
+    ):
+        assert runner.invoke(app, args).exit_code == 0
+    result = runner.invoke(app, ["evaluate"])
+    assert result.exit_code == 0, result.output
+    metrics = json.loads((project / "metrics.json").read_text())
+    assert 0.5 < metrics["accuracy"] <= 1 and metrics["n"] == 126
+    assert (project / "data/reports/confusion_matrix.png").stat().st_size > 1000
+    result = runner.invoke(app, ["evaluate", "--cv", "3"])
+    assert result.exit_code == 0, result.output
+    cv = json.loads((project / "data/reports/cv.json").read_text())
+    assert len(cv["folds"]) == 3 and cv["accuracy_std"] >= 0 and 0.5 < cv["accuracy_mean"] <= 1

@@ -1,0 +1,278 @@
+"""Training: one loop for the CPU, a GPU, and `torchrun` DistributedDataParallel.
+
+    python -m pipeline.train                       # one process
+    torchrun --nproc-per-node 2 -m pipeline.train  # DDP (gloo on CPU, NCCL on GPUs)
+
+Under torchrun every rank trains on its DistributedSampler shard and evaluates the full
+validation set (so all ranks take the same early-stopping decision); only rank 0 logs to
+MLflow and writes the checkpoint.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import torch
+import torch.distributed as dist
+from torch import nn
+from torch.utils.data import DataLoader, DistributedSampler, RandomSampler, TensorDataset
+
+from pipeline.model import ModelConfig, build_model, choose_device, unwrap
+from pipeline.preprocess import SPLITS, Preprocessor, augment_batch, features_labels
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class TrainParams:
+    epochs: int = 20
+    batch_size: int = 64
+    lr: float = 3e-3
+    weight_decay: float = 1e-4
+    dropout: float = 0.25
+    hidden: int = 64
+    patience: int = 5
+    augment: bool = True
+    max_shift: int = 1
+    noise_std: float = 0.05
+    seed: int = 42
+
+    @classmethod
+    def from_params(cls, params: dict, **overrides) -> TrainParams:
+        """Build from params.yaml (`train:` and `preprocess:` sections, top-level seed)."""
+        merged = {**params.get("preprocess", {}), **params.get("train", {}), "seed": params["seed"]}
+        merged.update({k: v for k, v in overrides.items() if v is not None})
+        names = {f.name for f in fields(cls)}
+        return cls(**{k: v for k, v in merged.items() if k in names})
+
+
+@dataclass
+class SplitData:
+    """Standardised float32 features and int64 labels of each split, plus the preprocessor."""
+
+    preprocessor: Preprocessor
+    x: dict[str, np.ndarray]
+    y: dict[str, np.ndarray]
+
+    @classmethod
+    def from_frames(cls, frames: dict[str, pd.DataFrame], preprocessor: Preprocessor) -> SplitData:
+        schema = preprocessor.schema
+        x, y = {}, {}
+        for name, frame in frames.items():
+            raw, y[name] = features_labels(frame, schema)
+            x[name] = preprocessor.transform(raw)
+        return cls(preprocessor, x, y)
+
+    @classmethod
+    def load(cls, processed_dir: Path) -> SplitData:
+        pre = Preprocessor.load(processed_dir / "preprocessor.json")
+        return cls.from_frames(
+            {s: pd.read_parquet(processed_dir / f"{s}.parquet") for s in SPLITS}, pre
+        )
+
+
+@dataclass
+class TrainResult:
+    model: nn.Module
+    cfg: ModelConfig
+    params: TrainParams
+    device: str
+    history: list[dict] = field(default_factory=list)
+    best_epoch: int = 0
+    best_val_loss: float = math.inf
+    seconds: float = 0.0
+    samples_per_s: float = 0.0
+    warm_started: bool = False
+
+
+EpochCallback = Callable[[int, dict[str, float]], None]
+
+
+def is_distributed() -> bool:
+    return dist.is_available() and dist.is_initialized()
+
+
+def rank() -> int:
+    return dist.get_rank() if is_distributed() else 0
+
+
+def train_model(
+    data: SplitData,
+    params: TrainParams,
+    device: torch.device | str = "cpu",
+    init_state: dict | None = None,
+    on_epoch: EpochCallback | None = None,
+    show_progress: bool = True,
+) -> TrainResult:
+    """Train with AdamW and early stopping on validation loss; the best weights are restored.
+
+    `init_state` warm-starts from another model's weights (same architecture).
+    `on_epoch(epoch, metrics)` is called after every epoch (metric logging, Optuna pruning).
+    """
+    device = torch.device(device)
+    torch.manual_seed(params.seed)
+    if device.type == "cpu":
+        torch.use_deterministic_algorithms(True, warn_only=True)
+    cfg = ModelConfig.for_schema(data.preprocessor.schema, params.hidden, params.dropout)
+    model = build_model(cfg)
+    warm = False
+    if init_state is not None:
+        model.load_state_dict(init_state)
+        warm = True
+    model = model.to(device)
+    if is_distributed():
+        model = nn.parallel.DistributedDataParallel(
+            model, device_ids=[device.index] if device.type == "cuda" else None
+        )
+    opt = torch.optim.AdamW(model.parameters(), lr=params.lr, weight_decay=params.weight_decay)
+    loader = _loader(data, params, device)
+    val_x = torch.from_numpy(data.x["val"]).to(device)
+    val_y = torch.from_numpy(data.y["val"]).to(device)
+    aug_gen = torch.Generator().manual_seed(params.seed + 1)
+    use_bf16 = device.type == "cuda"
+
+    result = TrainResult(model, cfg, params, str(device), warm_started=warm)
+    best_state, bad_epochs, seen, start = None, 0, 0, time.perf_counter()
+    for epoch in range(1, params.epochs + 1):
+        if isinstance(loader.sampler, DistributedSampler):
+            loader.sampler.set_epoch(epoch)
+        model.train()
+        total, count = 0.0, 0
+        for xb, yb in _progress(loader, epoch, params.epochs, show_progress and rank() == 0):
+            xb = xb.to(device, non_blocking=True)
+            yb = yb.to(device, non_blocking=True)
+            if params.augment:
+                xb = _augment(xb, cfg, params, aug_gen)
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_bf16):
+                loss = nn.functional.cross_entropy(model(xb), yb)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            total += float(loss.detach()) * len(yb)
+            count += len(yb)
+        seen += count
+        val_loss, val_acc = _evaluate(unwrap(model), val_x, val_y, use_bf16)
+        metrics = {
+            "train_loss": total / max(count, 1),
+            "val_loss": val_loss,
+            "val_accuracy": val_acc,
+        }
+        result.history.append({"epoch": epoch, **metrics})
+        if val_loss < result.best_val_loss - 1e-6:
+            result.best_val_loss, result.best_epoch, bad_epochs = val_loss, epoch, 0
+            best_state = {k: v.detach().clone() for k, v in unwrap(model).state_dict().items()}
+        else:
+            bad_epochs += 1
+        if on_epoch is not None:
+            on_epoch(epoch, metrics)
+        if bad_epochs >= params.patience:
+            log.info("early stop at epoch %d (best %d)", epoch, result.best_epoch)
+            break
+    if best_state is not None:
+        unwrap(model).load_state_dict(best_state)
+    result.model = unwrap(model).eval()
+    result.seconds = time.perf_counter() - start
+    result.samples_per_s = seen / result.seconds if result.seconds else 0.0
+    return result
+
+
+def _loader(data: SplitData, params: TrainParams, device: torch.device) -> DataLoader:
+    dataset = TensorDataset(torch.from_numpy(data.x["train"]), torch.from_numpy(data.y["train"]))
+    if is_distributed():
+        sampler = DistributedSampler(dataset, shuffle=True, seed=params.seed)
+    else:
+        sampler = RandomSampler(dataset, generator=torch.Generator().manual_seed(params.seed))
+    return DataLoader(
+        dataset, batch_size=params.batch_size, sampler=sampler, pin_memory=device.type == "cuda"
+    )
+
+
+def _augment(xb: torch.Tensor, cfg: ModelConfig, params: TrainParams, gen: torch.Generator):
+    if cfg.image_side:
+        side = cfg.image_side
+        images = augment_batch(xb.view(-1, 1, side, side), params.max_shift, params.noise_std, gen)
+        return images.view(xb.shape)
+    return augment_batch(xb, 0, params.noise_std, gen)
+
+
+@torch.inference_mode()
+def _evaluate(
+    model: nn.Module, x: torch.Tensor, y: torch.Tensor, bf16: bool
+) -> tuple[float, float]:
+    model.eval()
+    with torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=bf16):
+        logits = model(x).float()
+    loss = nn.functional.cross_entropy(logits, y).item()
+    return loss, (logits.argmax(1) == y).float().mean().item()
+
+
+def _progress(loader: DataLoader, epoch: int, epochs: int, enabled: bool):
+    if not enabled:
+        return loader
+    from tqdm.auto import tqdm
+
+    return tqdm(loader, desc=f"epoch {epoch}/{epochs}", leave=False, unit="batch")
+
+
+# --- `python -m pipeline.train` / `torchrun ... -m pipeline.train` ---------------------------
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Train on data/processed with params.yaml; under torchrun, run DDP across the ranks."""
+    import argparse
+
+    from pipeline.config import get_settings, load_params
+
+    parser = argparse.ArgumentParser(description=main.__doc__)
+    parser.add_argument("--epochs", type=int)
+    parser.add_argument("--out", type=Path, help="model directory (default: models/)")
+    parser.add_argument("--run-name", default="train")
+    parser.add_argument("--no-progress", action="store_true")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+
+    settings = get_settings()
+    params = load_params(settings.params_path)
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    device = choose_device(settings.device)
+    if world > 1:
+        backend = "nccl" if device.type == "cuda" else "gloo"
+        dist.init_process_group(backend)
+        if device.type == "cuda":
+            device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+            torch.cuda.set_device(device)
+    try:
+        from pipeline.experiment import finish_run, start_run
+
+        data = SplitData.load(settings.processed_dir)
+        tp = TrainParams.from_params(params, epochs=args.epochs)
+        run_id = None
+        if rank() == 0:
+            run_id = start_run(
+                settings, params, tp, args.run_name, {"device": str(device), "world_size": world}
+            )
+        on_epoch = None
+        if run_id:
+            from pipeline.registry import EpochLogger
+
+            on_epoch = EpochLogger(run_id)
+        result = train_model(
+            data, tp, device, on_epoch=on_epoch, show_progress=not args.no_progress
+        )
+        if run_id:
+            finish_run(settings, run_id, result, data, args.out or settings.models_dir)
+    finally:
+        if is_distributed():
+            dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,110 @@
+"""Hyperparameter search with Optuna: TPE sampler, median pruner fed the validation loss.
+
+The search space lives in params.yaml (`tune.space`):
+
+    lr: {low: 1.0e-4, high: 1.0e-2, log: true}   # float range (log-uniform when log: true)
+    batch_size: [32, 64, 128]                    # categorical choice
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from dataclasses import dataclass, replace
+
+import optuna
+
+from pipeline.train import SplitData, TrainParams, train_model
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class TuneResult:
+    best_params: dict
+    best_val_loss: float
+    n_trials: int
+    n_pruned: int
+
+
+def suggest(trial: optuna.Trial, space: dict) -> dict:
+    """Draw one point of the params.yaml search space."""
+    drawn = {}
+    for name, spec in space.items():
+        if isinstance(spec, list):
+            drawn[name] = trial.suggest_categorical(name, spec)
+        elif isinstance(spec, dict) and {"low", "high"} <= spec.keys():
+            low, high = spec["low"], spec["high"]
+            if isinstance(low, int) and isinstance(high, int) and not spec.get("log"):
+                drawn[name] = trial.suggest_int(name, low, high)
+            else:
+                drawn[name] = trial.suggest_float(
+                    name, float(low), float(high), log=bool(spec.get("log"))
+                )
+        else:
+            raise ValueError(f"tune.space.{name}: use a list of choices or {{low, high[, log]}}")
+    return drawn
+
+
+def tune(
+    data: SplitData,
+    base: TrainParams,
+    space: dict,
+    n_trials: int,
+    timeout_s: float | None = None,
+    device: str = "cpu",
+    log_trials: bool = True,
+) -> TuneResult:
+    """Run the study; each trial is a nested MLflow run under the active (parent) run."""
+    import mlflow
+
+    from pipeline.registry import EpochLogger
+
+    sampler = optuna.samplers.TPESampler(seed=base.seed)
+    pruner = optuna.pruners.MedianPruner(n_startup_trials=2, n_warmup_steps=2)
+    study = optuna.create_study(direction="minimize", sampler=sampler, pruner=pruner)
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+
+    def objective(trial: optuna.Trial) -> float:
+        params = replace(base, **suggest(trial, space))
+        with mlflow.start_run(
+            run_name=f"trial-{trial.number}", nested=True, log_system_metrics=False
+        ) as run:
+            mlflow.log_params({k: getattr(params, k) for k in space})
+            logger = EpochLogger(run.info.run_id) if log_trials else None
+
+            def on_epoch(epoch: int, metrics: dict[str, float]) -> None:
+                if logger:
+                    logger(epoch, metrics)
+                trial.report(metrics["val_loss"], epoch)
+                if trial.should_prune():
+                    mlflow.set_tag("pruned", "true")
+                    raise optuna.TrialPruned(f"pruned at epoch {epoch}")
+
+            result = train_model(data, params, device, on_epoch=on_epoch, show_progress=False)
+            mlflow.log_metric("best_val_loss", result.best_val_loss)
+        log.info(
+            "trial %d: val loss %.4f with %s",
+            trial.number,
+            result.best_val_loss,
+            {k: getattr(params, k) for k in space},
+        )
+        return result.best_val_loss
+
+    study.optimize(objective, n_trials=n_trials, timeout=timeout_s, catch=())
+    complete = [t for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE]
+    if not complete:
+        raise RuntimeError("no tuning trial completed: raise tune.timeout_s or tune.trials")
+    best = study.best_trial
+    pruned = sum(t.state == optuna.trial.TrialState.PRUNED for t in study.trials)
+    if mlflow.active_run():
+        mlflow.log_params({f"best_{k}": v for k, v in best.params.items()})
+        mlflow.log_metrics(
+            {"best_val_loss": best.value, "trials": len(study.trials), "trials_pruned": pruned}
+        )
+    return TuneResult(
+        dict(best.params),
+        float(best.value if best.value is not None else math.inf),
+        len(study.trials),
+        pruned,
+    )

@@ -1,0 +1,57 @@
+"""DistributedDataParallel on CPU: `torchrun --nproc-per-node 2` trains and logs exactly one run."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import mlflow
+import pytest
+
+from pipeline.model import Predictor
+
+pytestmark = pytest.mark.slow
+
+
+def test_torchrun_two_cpu_processes_log_one_run(prepared, settings):
+    torchrun = Path(sys.executable).parent / "torchrun"
+    env = {
+        **os.environ,
+        "MLOPS_ROOT": str(settings.root),
+        "MLOPS_DEVICE": "cpu",
+        "GLOO_SOCKET_IFNAME": "lo",
+        "OMP_NUM_THREADS": "1",
+    }
+    done = subprocess.run(
+        [
+            str(torchrun),
+            "--standalone",
+            "--nproc-per-node",
+            "2",
+            "-m",
+            "pipeline.train",
+            "--epochs",
+            "3",
+            "--no-progress",
+            "--run-name",
+            "ddp-test",
+        ],
+        cwd=settings.root,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+
+    mlflow.set_tracking_uri(settings.tracking_uri)
+    runs = mlflow.search_runs(experiment_names=[settings.model_name], output_format="list")
+    assert [r.info.run_name for r in runs] == ["ddp-test"]  # rank 1 logged nothing
+    run = runs[0]
+    assert run.data.tags["world_size"] == "2" and run.info.status == "FINISHED"
+    steps = [m.step for m in mlflow.MlflowClient().get_metric_history(run.info.run_id, "val_loss")]
+    assert steps == sorted(set(steps)) and 1 <= len(steps) <= 3  # one value per epoch, not per rank
+    predictor = Predictor.from_dir(settings.models_dir)
+    assert run.data.metrics["test_accuracy"] > 0.3 and predictor.cfg.kind == "cnn"

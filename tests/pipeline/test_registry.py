@@ -1,0 +1,162 @@
+"""Registry and promotion gate against a real MLflow SQLite store in a temp dir."""
+
+from __future__ import annotations
+
+import time
+
+import mlflow
+import numpy as np
+import pandas as pd
+import pytest
+
+from pipeline.experiment import fit, raw_test_set
+from pipeline.model import Predictor
+from pipeline.preprocess import Preprocessor
+from pipeline.registry import (
+    CHALLENGER,
+    CHAMPION,
+    RegistryError,
+    RegistryUnavailable,
+    alias_version,
+    configure_tracking,
+    ledger,
+    load_predictor,
+    promote_if_better,
+    rollback,
+    set_champion,
+)
+
+
+def _test_set(settings):
+    pre = Preprocessor.load(settings.processed_dir / "preprocessor.json")
+    return raw_test_set(settings, pre.schema)
+
+
+def _weak(params: dict) -> dict:
+    weak = {**params, "train": {**params["train"], "epochs": 1, "lr": 1e-5}}
+    return weak
+
+
+def _fit(settings, params, **kw):
+    return fit(settings, params, epochs=kw.pop("epochs", 6), show_progress=False, **kw)
+
+
+def test_gate_promotes_first_rejects_weaker_and_rollback_restores(prepared, settings, params):
+    x, y = _test_set(settings)
+    first = _fit(settings, params)
+    assert first.version == "1"
+    d1 = promote_if_better(settings, first.version, x, y)
+    assert d1.promoted and d1.reason == "first version"
+    assert alias_version(settings.model_name, CHAMPION) == "1"
+
+    weak = fit(settings, _weak(params), show_progress=False)
+    d2 = promote_if_better(settings, weak.version, x, y)
+    assert not d2.promoted and d2.candidate_score < d2.champion_score
+    assert alias_version(settings.model_name, CHAMPION) == "1"
+    assert alias_version(settings.model_name, CHALLENGER) == weak.version
+
+    set_champion(settings, weak.version, reason="test: force the weak one")
+    assert alias_version(settings.model_name, CHAMPION) == weak.version
+    came_from, went_to = rollback(settings)
+    assert (came_from, went_to) == (weak.version, "1")
+    assert alias_version(settings.model_name, CHAMPION) == "1"
+
+    actions = [(e["action"], e["from"], e["to"]) for e in ledger(settings)]
+    assert actions == [
+        ("rollback", weak.version, "1"),
+        ("promote", "1", weak.version),
+        ("reject", "1", "1"),
+        ("promote", None, "1"),
+    ]
+    with pytest.raises(RegistryError, match="no previous champion"):
+        rollback(settings)
+
+
+def test_better_challenger_is_promoted_and_old_champion_kept(prepared, settings, params):
+    x, y = _test_set(settings)
+    weak = fit(settings, _weak(params), show_progress=False)
+    promote_if_better(settings, weak.version, x, y)
+    strong = _fit(settings, params, epochs=10)
+    decision = promote_if_better(settings, strong.version, x, y, margin=0.05)
+    assert decision.promoted, decision.reason
+    assert alias_version(settings.model_name, CHAMPION) == strong.version
+    assert alias_version(settings.model_name, CHALLENGER) == weak.version
+
+
+def test_margin_blocks_a_marginal_gain(prepared, settings, params):
+    x, y = _test_set(settings)
+    a = _fit(settings, params)
+    promote_if_better(settings, a.version, x, y)
+    b = _fit(settings, params)  # identical seed and data: identical accuracy
+    decision = promote_if_better(settings, b.version, x, y, margin=0.0)
+    assert not decision.promoted and decision.candidate_score == decision.champion_score
+
+
+def test_lineage_tags_params_and_artifacts(prepared, settings, params):
+    cand = _fit(settings, params, epochs=3)
+    client = mlflow.MlflowClient()
+    mv = client.get_model_version(settings.model_name, cand.version)
+    run = client.get_run(cand.run_id)
+    for tags in (mv.tags, run.data.tags):
+        assert tags["data_hash"] == prepared.data_hash
+        assert tags["warm_start"] == "false" and tags["device"] == "cpu"
+        assert tags["data_source"] == "digits" and "git_commit" in tags
+    assert run.data.params["lr"] == str(params["train"]["lr"])
+    assert 0.5 < run.data.metrics["test_accuracy"] <= 1
+    history = client.get_metric_history(cand.run_id, "val_loss")
+    assert [m.step for m in history] == list(range(1, len(history) + 1))
+    artifacts = {a.path for a in client.list_artifacts(cand.run_id, "evaluation")}
+    assert {
+        "evaluation/confusion_matrix.png",
+        "evaluation/loss_curve.png",
+        "evaluation/per_class.json",
+    } <= artifacts
+
+
+def test_mlflow_pyfunc_agrees_with_own_predictor(prepared, settings, params):
+    cand = _fit(settings, params, epochs=3)
+    x, _ = _test_set(settings)
+    own, _ = load_predictor(settings.model_name, cand.version)
+    pyfunc = mlflow.pyfunc.load_model(f"models:/{settings.model_name}/{cand.version}")
+    frame = pd.DataFrame(x, columns=list(own.feature_names))
+    out = pyfunc.predict(frame)
+    np.testing.assert_array_equal(out["label"].to_numpy(), own.predict(x))
+    np.testing.assert_allclose(out.filter(like="prob_").to_numpy(), own.predict_proba(x), atol=1e-6)
+    assert pyfunc.metadata.get_input_schema().input_names()[:2] == ["pixel0", "pixel1"]
+
+
+def test_warm_start_from_champion_is_recorded(prepared, settings, params):
+    x, y = _test_set(settings)
+    first = _fit(settings, params, epochs=3)
+    promote_if_better(settings, first.version, x, y)
+    warm = _fit(settings, params, epochs=2, warm_start=True)
+    tags = mlflow.MlflowClient().get_run(warm.run_id).data.tags
+    assert tags["warm_start"] == "true" and tags["warm_start_from"] == first.version
+    assert warm.warm_started
+
+
+def test_tuning_logs_nested_trials_and_best_params(prepared, settings, params):
+    cand = fit(settings, params, trials=3, epochs=3, show_progress=False)
+    exp = mlflow.get_experiment_by_name(settings.model_name)
+    runs = mlflow.search_runs([exp.experiment_id], output_format="list")
+    parent = next(r for r in runs if r.info.run_name == "train-tune")
+    trials = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == parent.info.run_id]
+    assert len(trials) == 3
+    assert {"best_lr", "best_batch_size", "best_hidden"} <= parent.data.params.keys()
+    final = mlflow.MlflowClient().get_run(cand.run_id)
+    assert final.data.params["batch_size"] == parent.data.params["best_batch_size"]
+
+
+def test_unreachable_registry_fails_fast_and_clearly(settings, monkeypatch):
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://127.0.0.1:9")  # nothing listens on port 9
+    start = time.monotonic()
+    with pytest.raises(RegistryUnavailable, match=r"http://127\.0\.0\.1:9 is unreachable"):
+        configure_tracking(settings)
+    assert time.monotonic() - start < 60
+
+
+def test_unknown_version_is_a_clear_error(prepared, settings, params):
+    _fit(settings, params, epochs=1)
+    with pytest.raises(RegistryError, match="no version '42'"):
+        set_champion(settings, "42")
+    assert isinstance(load_predictor(settings.model_name, "1")[0], Predictor)

@@ -1,0 +1,112 @@
+"""Model behaviour: accuracy, determinism, early stopping, warm start, architecture choice."""
+
+from __future__ import annotations
+
+from dataclasses import replace
+
+import numpy as np
+import pytest
+import torch
+
+from pipeline.model import MLP, ConvNet, ModelConfig, Predictor, build_model, choose_device
+from pipeline.train import SplitData, TrainParams, train_model
+
+
+def _data(settings) -> SplitData:
+    return SplitData.load(settings.processed_dir)
+
+
+def test_digits_reach_95_percent_within_the_demo_budget(full_digits, settings, params):
+    data = _data(settings)
+    tp = TrainParams.from_params(params)  # the demo's epoch budget from params.yaml
+    result = train_model(data, tp, "cpu", show_progress=False)
+    predictor = Predictor(result.model, result.cfg, data.preprocessor)
+    accuracy = (
+        predictor.model(torch.from_numpy(data.x["test"])).argmax(1).numpy() == data.y["test"]
+    ).mean()
+    assert accuracy >= 0.95, f"test accuracy {accuracy:.4f}"
+    assert result.cfg.kind == "cnn" and result.cfg.image_side == 8
+    assert len(result.history) <= tp.epochs
+
+
+def test_cpu_training_is_deterministic(prepared, settings, params):
+    tp = replace(TrainParams.from_params(params), epochs=3)
+    a = train_model(_data(settings), tp, "cpu", show_progress=False)
+    b = train_model(_data(settings), tp, "cpu", show_progress=False)
+    for (name, wa), (_, wb) in zip(
+        a.model.state_dict().items(), b.model.state_dict().items(), strict=True
+    ):
+        assert torch.equal(wa, wb), name
+    c = train_model(_data(settings), replace(tp, seed=tp.seed + 1), "cpu", show_progress=False)
+    assert not torch.equal(
+        a.model.state_dict()["head.0.weight"], c.model.state_dict()["head.0.weight"]
+    )
+
+
+def test_early_stopping_restores_the_best_weights(prepared, settings, params):
+    # A learning rate this high makes validation loss worsen after the first epochs.
+    tp = replace(TrainParams.from_params(params), epochs=12, patience=2, lr=0.05)
+    seen = []
+    result = train_model(
+        _data(settings), tp, "cpu", on_epoch=lambda e, m: seen.append(m), show_progress=False
+    )
+    best = min(h["val_loss"] for h in result.history)
+    assert result.best_val_loss == pytest.approx(best)
+    assert len(seen) == len(result.history)
+    data = _data(settings)
+    logits = result.model(torch.from_numpy(data.x["val"]))
+    loss = torch.nn.functional.cross_entropy(logits, torch.from_numpy(data.y["val"])).item()
+    assert loss == pytest.approx(best, rel=1e-4)
+    if len(result.history) < tp.epochs:
+        assert len(result.history) - result.best_epoch == tp.patience
+
+
+def test_warm_start_begins_from_the_given_weights(prepared, settings, params):
+    data = _data(settings)
+    tp = replace(TrainParams.from_params(params), epochs=4)
+    first = train_model(data, tp, "cpu", show_progress=False)
+    zero = replace(tp, epochs=1, lr=1e-9)
+    warm = train_model(data, zero, "cpu", init_state=first.model.state_dict(), show_progress=False)
+    cold = train_model(data, zero, "cpu", show_progress=False)
+    assert warm.warm_started and not cold.warm_started
+    assert warm.history[0]["val_loss"] < cold.history[0]["val_loss"] * 0.5
+
+
+def test_architecture_follows_the_features():
+    cnn = build_model(ModelConfig(n_features=784, num_classes=10, image_side=28))
+    assert isinstance(cnn, ConvNet)
+    assert cnn(torch.zeros(5, 784)).shape == (5, 10)  # (B, 784) -> (B, 1, 28, 28) inside
+    mlp = build_model(ModelConfig(n_features=7, num_classes=3))
+    assert isinstance(mlp, MLP) and mlp(torch.zeros(2, 7)).shape == (2, 3)
+
+
+def test_predictions_are_invariant_to_tiny_noise(prepared, settings, params):
+    data = _data(settings)
+    result = train_model(
+        data, replace(TrainParams.from_params(params), epochs=6), "cpu", show_progress=False
+    )
+    x = torch.from_numpy(data.x["test"])
+    base = result.model(x).argmax(1)
+    noisy = result.model(
+        x + 0.01 * torch.randn(x.shape, generator=torch.Generator().manual_seed(0))
+    )
+    assert (base == noisy.argmax(1)).float().mean() > 0.98
+
+
+def test_device_choice():
+    assert choose_device("cpu").type == "cpu"
+    if not torch.cuda.is_available():
+        assert choose_device("auto").type in {"cpu", "mps"}
+        with pytest.raises(ValueError, match="CUDA is not available"):
+            choose_device("cuda")
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs an NVIDIA GPU")
+def test_cuda_training_with_bf16(prepared, settings, params):
+    data = _data(settings)
+    result = train_model(
+        data, replace(TrainParams.from_params(params), epochs=5), "cuda", show_progress=False
+    )
+    assert result.device.startswith("cuda") and result.history[-1]["val_accuracy"] > 0.8
+    assert np.isfinite(result.best_val_loss)
