@@ -75,7 +75,7 @@ def ingest(
 
 
 def _write_ingest_report(settings, report) -> None:
-    """data/reports/ingest.json, with paths relative to the root so it is the same on every clone."""
+    """data/reports/ingest.json, paths relative to the root: the same on every clone."""
     from pipeline.ingest import write_json_atomic
 
     data = report.to_dict()
