@@ -264,9 +264,26 @@ def run(
 
 
 @app.command()
-def serve() -> None:
-    """Start the prediction server."""
-    raise _not_yet("serve")
+def serve(
+    host: Annotated[str | None, typer.Option(help="default MLOPS_HOST (127.0.0.1)")] = None,
+    port: Annotated[int | None, typer.Option(help="default MLOPS_PORT (8000)")] = None,
+    workers: Annotated[int, typer.Option(min=1, help="uvicorn worker processes")] = 1,
+    model: Annotated[str | None, typer.Option(help="alias or version (default champion)")] = None,
+) -> None:
+    """Start the prediction server (FastAPI + uvicorn) on the champion."""
+    import tempfile
+
+    import uvicorn
+
+    settings, _ = _context()
+    if model:
+        os.environ["MLOPS_MODEL_REF"] = model
+    os.environ.setdefault("MLOPS_ROOT", str(settings.root))
+    if workers > 1 and "PROMETHEUS_MULTIPROC_DIR" not in os.environ:
+        os.environ["PROMETHEUS_MULTIPROC_DIR"] = tempfile.mkdtemp(prefix="mlops-metrics-")
+    uvicorn.run("serving.app:create_app", factory=True, host=host or settings.host,
+                port=port or settings.port, workers=workers, log_level="info",
+                timeout_graceful_shutdown=30)
 
 
 @app.command()
@@ -335,9 +352,24 @@ def rollback() -> None:
 
 
 @app.command()
-def ui() -> None:
-    """Start the MLflow UI on the project's store."""
-    raise _not_yet("ui")
+def ui(
+    port: Annotated[int, typer.Option()] = 5000,
+    host: Annotated[str, typer.Option()] = "127.0.0.1",
+) -> None:
+    """Start the MLflow UI on the project's tracking store."""
+    import subprocess
+    import sys
+
+    settings, _ = _context()
+    uri = settings.tracking_uri
+    if uri.startswith(("http://", "https://")):
+        typer.echo(f"MLflow runs as a server already: open {uri}")
+        return
+    cmd = [sys.executable, "-m", "mlflow", "ui", "--backend-store-uri", uri,
+           "--default-artifact-root", settings.artifact_location, "--host", host,
+           "--port", str(port)]
+    typer.echo(f"MLflow UI on http://{host}:{port} (store {uri}); Ctrl-C stops it")
+    raise typer.Exit(subprocess.call(cmd))
 
 
 @app.command()

@@ -11,7 +11,7 @@ from __future__ import annotations
 import os
 from functools import lru_cache
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import yaml
 from pydantic import Field, SecretStr
@@ -44,6 +44,18 @@ class Settings(BaseSettings):
     api_key: SecretStr | None = None
     host: str = "127.0.0.1"
     port: int = 8000
+    # --- serving ---
+    model_ref: str = Field(default="champion", description="alias or version number to serve")
+    reload_interval_s: float = Field(default=10.0, description="poll the alias (0: never)")
+    max_rows_per_request: int = 1024
+    max_body_bytes: int = 4 * 1024 * 1024
+    batch_max_rows: int = 512
+    batch_max_wait_ms: float = 2.0
+    log_mode: Literal["durable", "async"] = Field(
+        default="durable", description="durable: answer after the log commit; async: before"
+    )
+    log_queue_max: int = 50_000
+    torch_threads: int = Field(default=0, description="0: one per core, minus the event loop's")
 
     @property
     def data_dir(self) -> Path:

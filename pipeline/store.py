@@ -1,0 +1,221 @@
+"""The prediction log: every served row, and the ground truth that arrives for it later.
+
+SQLAlchemy Core over SQLite (WAL mode) by default, PostgreSQL when
+`MLOPS_PREDICTION_DB_URL` names one. Inserts are idempotent on the prediction id
+(`ON CONFLICT DO NOTHING`), so a retried client id is never logged twice, whichever
+server worker receives the retry.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Iterable, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+
+import sqlalchemy as sa
+from sqlalchemy import event
+
+log = logging.getLogger(__name__)
+
+metadata = sa.MetaData()
+predictions = sa.Table(
+    "predictions",
+    metadata,
+    sa.Column("id", sa.String(128), primary_key=True),
+    sa.Column("created_at", sa.Float(precision=53), nullable=False, index=True),
+    sa.Column("model_name", sa.String(200), nullable=False),
+    sa.Column("model_version", sa.String(32), nullable=False),
+    sa.Column("features", sa.JSON, nullable=False),
+    sa.Column("label", sa.Integer, nullable=False),
+    sa.Column("probabilities", sa.JSON, nullable=False),
+    sa.Column("latency_ms", sa.Float, nullable=False),
+    sa.Column("true_label", sa.Integer, nullable=True),
+    sa.Column("labelled_at", sa.Float(precision=53), nullable=True, index=True),
+)
+
+
+class StoreUnavailable(RuntimeError):
+    """The prediction store cannot be written or read right now."""
+
+
+@dataclass
+class LabelOutcome:
+    id: str
+    status: str  # labelled | unchanged | overwritten | conflict | unknown_id | invalid_label
+    detail: str = ""
+
+
+class PredictionStore:
+    def __init__(self, url: str) -> None:
+        self.url = url
+        self.dialect = sa.engine.make_url(url).get_backend_name()
+        kwargs: dict = {"pool_pre_ping": True}
+        if self.dialect == "sqlite":
+            kwargs["connect_args"] = {"timeout": 10, "check_same_thread": False}
+        elif self.dialect == "postgresql":
+            kwargs["connect_args"] = {"connect_timeout": 3}
+            if url.startswith("postgresql://"):  # psycopg 3 is what we ship
+                url = "postgresql+psycopg://" + url[len("postgresql://"):]
+        self.engine = sa.create_engine(url, **kwargs)
+        if self.dialect == "sqlite":
+            event.listen(self.engine, "connect", _sqlite_pragmas)
+
+    def create(self) -> PredictionStore:
+        """Create the tables if missing (safe to call from several processes at once)."""
+        for attempt in range(3):
+            try:
+                metadata.create_all(self.engine)
+                return self
+            except sa.exc.IntegrityError:  # another worker created it at the same moment
+                time.sleep(0.2 * (attempt + 1))
+            except sa.exc.OperationalError as exc:
+                raise StoreUnavailable(f"prediction store {self.safe_url}: {_short(exc)}") from exc
+        return self
+
+    @property
+    def safe_url(self) -> str:
+        return sa.engine.make_url(self.url).render_as_string(hide_password=True)
+
+    def insert(self, rows: Sequence[dict]) -> int:
+        """Insert rows, skipping ids already stored; returns how many were new."""
+        if not rows:
+            return 0
+        if self.dialect == "postgresql":
+            from sqlalchemy.dialects.postgresql import insert
+        else:
+            from sqlalchemy.dialects.sqlite import insert
+        stmt = insert(predictions).on_conflict_do_nothing(index_elements=["id"])
+        try:
+            with self.engine.begin() as conn:
+                result = conn.execute(stmt, list(rows))
+                return max(result.rowcount, 0)
+        except sa.exc.SQLAlchemyError as exc:
+            raise StoreUnavailable(f"prediction store {self.safe_url}: {_short(exc)}") from exc
+
+    def get(self, ids: Iterable[str]) -> dict[str, dict]:
+        ids = list(ids)
+        with self._read() as conn:
+            rows = conn.execute(sa.select(predictions).where(predictions.c.id.in_(ids)))
+            return {r.id: dict(r._mapping) for r in rows}
+
+    def add_labels(self, labels: Sequence[tuple[str, int]], overwrite: bool = False
+                   ) -> list[LabelOutcome]:
+        """Join ground-truth labels to logged predictions, all in one transaction.
+
+        A different label for an already labelled id is a conflict; unless `overwrite`,
+        any conflict leaves the whole request unapplied.
+        """
+        ids = [i for i, _ in labels]
+        now = time.time()
+        try:
+            with self.engine.begin() as conn:
+                existing = {
+                    r.id: r.true_label
+                    for r in conn.execute(
+                        sa.select(predictions.c.id, predictions.c.true_label).where(
+                            predictions.c.id.in_(ids)
+                        )
+                    )
+                }
+                outcomes, updates = _label_outcomes(labels, existing, overwrite)
+                if any(o.status == "conflict" for o in outcomes):
+                    return outcomes  # nothing applied
+                if updates:
+                    stmt = (
+                        predictions.update()
+                        .where(predictions.c.id == sa.bindparam("pid"))
+                        .values(true_label=sa.bindparam("lbl"), labelled_at=now)
+                    )
+                    conn.execute(stmt, [{"pid": i, "lbl": lbl} for i, lbl in updates])
+                return outcomes
+        except sa.exc.SQLAlchemyError as exc:
+            raise StoreUnavailable(f"prediction store {self.safe_url}: {_short(exc)}") from exc
+
+    def labelled_since(self, after: float, limit: int | None = None) -> list[dict]:
+        """Labelled predictions with labelled_at > after, oldest first (the feedback pull)."""
+        stmt = (
+            sa.select(predictions)
+            .where(predictions.c.true_label.is_not(None), predictions.c.labelled_at > after)
+            .order_by(predictions.c.labelled_at, predictions.c.id)
+        )
+        if limit:
+            stmt = stmt.limit(limit)
+        with self._read() as conn:
+            return [dict(r._mapping) for r in conn.execute(stmt)]
+
+    def recent(self, since: float = 0.0, limit: int = 100_000) -> list[dict]:
+        stmt = (
+            sa.select(predictions)
+            .where(predictions.c.created_at > since)
+            .order_by(predictions.c.created_at)
+            .limit(limit)
+        )
+        with self._read() as conn:
+            return [dict(r._mapping) for r in conn.execute(stmt)]
+
+    def count(self, labelled: bool | None = None) -> int:
+        stmt = sa.select(sa.func.count()).select_from(predictions)
+        if labelled is True:
+            stmt = stmt.where(predictions.c.true_label.is_not(None))
+        with self._read() as conn:
+            return int(conn.execute(stmt).scalar_one())
+
+    def ping(self) -> None:
+        with self._read() as conn:
+            conn.execute(sa.text("SELECT 1"))
+
+    @contextmanager
+    def _read(self):
+        try:
+            conn = self.engine.connect()
+        except sa.exc.SQLAlchemyError as exc:
+            raise StoreUnavailable(f"prediction store {self.safe_url}: {_short(exc)}") from exc
+        try:
+            yield conn
+        except sa.exc.SQLAlchemyError as exc:
+            raise StoreUnavailable(f"prediction store {self.safe_url}: {_short(exc)}") from exc
+        finally:
+            conn.close()
+
+    def dispose(self) -> None:
+        self.engine.dispose()
+
+
+def _label_outcomes(labels, existing, overwrite):
+    outcomes, updates, seen = [], [], {}
+    for pid, label in labels:
+        if pid not in existing:
+            outcomes.append(LabelOutcome(pid, "unknown_id", "no prediction was logged with this id"))
+            continue
+        current = seen.get(pid, existing[pid])
+        if current is None:
+            outcomes.append(LabelOutcome(pid, "labelled"))
+        elif current == label:
+            outcomes.append(LabelOutcome(pid, "unchanged"))
+            continue
+        elif overwrite:
+            outcomes.append(LabelOutcome(pid, "overwritten", f"was {current}"))
+        else:
+            outcomes.append(LabelOutcome(pid, "conflict",
+                                         f"already labelled {current}; send overwrite=true"))
+            continue
+        seen[pid] = label
+        updates.append((pid, label))
+    return outcomes, updates
+
+
+def _sqlite_pragmas(dbapi_conn, _record) -> None:
+    cursor = dbapi_conn.cursor()
+    cursor.execute("PRAGMA journal_mode=WAL")
+    # NORMAL in WAL mode: a committed transaction survives a crash of the process (kill -9);
+    # only an OS crash or power loss can lose the last commits.
+    cursor.execute("PRAGMA synchronous=NORMAL")
+    cursor.execute("PRAGMA busy_timeout=10000")
+    cursor.close()
+
+
+def _short(exc: BaseException) -> str:
+    text = str(getattr(exc, "orig", None) or exc)
+    return text.strip().splitlines()[0][:300] if text.strip() else type(exc).__name__

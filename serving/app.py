@@ -1,0 +1,365 @@
+"""The prediction server: `mlops serve`, or `uvicorn --factory serving.app:create_app`."""
+
+from __future__ import annotations
+
+import asyncio
+import hmac
+import logging
+import os
+import time
+from contextlib import asynccontextmanager
+from typing import Annotated, Any
+
+import numpy as np
+import orjson
+from fastapi import Depends, FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import Response
+
+from pipeline.config import Settings, get_settings
+from pipeline.store import PredictionStore, StoreUnavailable
+from serving import metrics
+from serving.requests import (
+    BadRequest,
+    expect_object,
+    parse_ids,
+    parse_invocations,
+    parse_json,
+    parse_labels,
+    rows_to_array,
+)
+from serving.runtime import LogWriter, MicroBatcher, ModelManager, NoModel
+
+log = logging.getLogger(__name__)
+
+JSON_BODY = {"requestBody": {"required": True, "content": {"application/json": {"schema": {}}}}}
+PREDICT_DOC = {"requestBody": {"required": True, "content": {"application/json": {"schema": {
+    "type": "object", "required": ["instances"], "additionalProperties": False,
+    "properties": {
+        "instances": {"type": "array", "items": {"type": "array", "items": {"type": "number"}}},
+        "ids": {"type": "array", "items": {"type": "string"}},
+    }}}}}}
+FEEDBACK_DOC = {"requestBody": {"required": True, "content": {"application/json": {"schema": {
+    "type": "object", "required": ["labels"], "additionalProperties": False,
+    "properties": {
+        "labels": {"type": "array", "items": {"type": "object", "properties": {
+            "id": {"type": "string"}, "label": {"type": "integer"}}}},
+        "overwrite": {"type": "boolean"},
+    }}}}}}
+
+
+def json_response(data: Any, status: int = 200, headers: dict | None = None) -> Response:
+    return Response(orjson.dumps(data, option=orjson.OPT_SERIALIZE_NUMPY), status_code=status,
+                    media_type="application/json", headers=headers)
+
+
+def error(status: int, detail: str, **extra: Any) -> Response:
+    return json_response({"detail": detail, **extra}, status)
+
+
+class State:
+    """Everything the routes need, built once per server process."""
+
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self.manager = ModelManager(settings)
+        self.batcher = MicroBatcher(self.manager, settings.batch_max_rows,
+                                    settings.batch_max_wait_ms / 1000)
+        self.store = PredictionStore(settings.prediction_db)
+        self.writer = LogWriter(self.store, settings.log_queue_max)
+
+
+def create_app(settings: Settings | None = None) -> FastAPI:
+    settings = settings or get_settings()
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI):
+        import torch
+
+        from pipeline.registry import configure_tracking
+
+        threads = settings.torch_threads or max(1, (os.cpu_count() or 2) - 1)
+        torch.set_num_threads(threads)
+        state = State(settings)
+        app.state.mlops = state
+        await asyncio.to_thread(state.store.create)
+        state.writer.start()
+        state.batcher.start()
+        try:
+            await asyncio.to_thread(configure_tracking, settings)
+            await asyncio.to_thread(state.manager.refresh)
+        except Exception as exc:  # noqa: BLE001 - the server starts; /ready says why not
+            log.warning("no model loaded at start-up: %s", exc)
+        state.manager.start_polling()
+        try:
+            yield
+        finally:
+            state.manager.stop()
+            await state.batcher.stop()
+            await asyncio.to_thread(state.writer.close)  # drain: nothing acknowledged is lost
+            state.store.dispose()
+
+    app = FastAPI(title="mlops-loop prediction server", version="1", lifespan=lifespan)
+    app.add_middleware(GuardMiddleware, max_body=settings.max_body_bytes)
+
+    @app.exception_handler(RequestValidationError)
+    async def on_validation(_request: Request, exc: RequestValidationError) -> Response:
+        return error(422, "invalid request", errors=orjson.loads(orjson.dumps(
+            exc.errors(), default=str)))
+
+    @app.exception_handler(BadRequest)
+    async def on_bad_request(_request: Request, exc: BadRequest) -> Response:
+        return error(exc.status, exc.detail, **exc.extra)
+
+    @app.exception_handler(StoreUnavailable)
+    async def on_store_down(_request: Request, exc: StoreUnavailable) -> Response:
+        return error(503, f"prediction store unavailable, nothing was logged: {exc}")
+
+    app.include_router(_routes(settings))
+    return app
+
+
+def get_state(request: Request) -> State:
+    return request.app.state.mlops
+
+
+StateDep = Annotated[State, Depends(get_state)]
+
+
+def _require_api_key(request: Request) -> None:
+    key = get_state(request).settings.api_key
+    if key is None:
+        return
+    sent = request.headers.get("x-api-key", "")
+    if not hmac.compare_digest(sent.encode(), key.get_secret_value().encode()):
+        raise BadRequest(401, "missing or wrong X-API-Key")
+
+
+def _require_admin(request: Request) -> None:
+    token = get_state(request).settings.admin_token
+    if token is None:
+        raise BadRequest(403, "admin routes are disabled: set MLOPS_ADMIN_TOKEN to enable them")
+    scheme, _, sent = request.headers.get("authorization", "").partition(" ")
+    if scheme.lower() != "bearer" or not hmac.compare_digest(
+        sent.encode(), token.get_secret_value().encode()
+    ):
+        raise BadRequest(401, "missing or wrong bearer token")
+
+
+def _routes(settings: Settings):
+    from fastapi import APIRouter
+
+    router = APIRouter()
+
+    @router.get("/health", tags=["ops"])
+    async def health() -> Response:
+        """The process is up."""
+        return json_response({"status": "ok"})
+
+    @router.get("/ready", tags=["ops"])
+    async def ready(state: StateDep) -> Response:
+        """A model is loaded and requests can be served."""
+        model = state.manager.current
+        if model is None:
+            return json_response({"ready": False, "detail": state.manager.last_error or
+                                  "no model loaded"}, 503)
+        return json_response({"ready": True, "model_version": model.version})
+
+    @router.get("/model", tags=["ops"])
+    async def model_info(state: StateDep) -> Response:
+        """Name, version, run, data version and load time of the serving model."""
+        model = state.manager.current
+        body = model.info() if model else {"model_name": settings.model_name,
+                                            "model_version": None}
+        body["last_load_error"] = state.manager.last_error
+        body["log_mode"] = settings.log_mode
+        return json_response(body)
+
+    @router.get("/metrics", tags=["ops"])
+    async def prometheus(state: StateDep) -> Response:
+        """Prometheus metrics."""
+        content, media = metrics.render()
+        return Response(content, media_type=media)
+
+    @router.post("/predict", tags=["predict"], openapi_extra=PREDICT_DOC,
+                 dependencies=[Depends(_require_api_key)])
+    async def predict(request: Request, state: StateDep) -> Response:
+        """Predict rows of raw features; every row is logged under its id."""
+        start = time.perf_counter()
+        state.batcher.arriving += 1
+        try:
+            model = _model_or_503(state)
+            payload = expect_object(parse_json(await request.body(),
+                                               request.headers.get("content-type")),
+                                    {"instances", "ids"}, {"instances"})
+            rows = rows_to_array(payload["instances"], model.predictor.cfg.n_features,
+                                 settings.max_rows_per_request)
+            ids = parse_ids(payload.get("ids"), len(rows))
+        finally:
+            state.batcher.arriving -= 1
+        probs, used = await _infer(state, rows)
+        labels = probs.argmax(axis=1)
+        await _log(state, ids, rows, labels, probs, used, start)
+        prob_lists = probs.tolist()
+        body = {
+            "model_name": used.name,
+            "model_version": used.version,
+            "predictions": [
+                {"id": i, "label": int(lbl), "probabilities": p}
+                for i, lbl, p in zip(ids, labels, prob_lists, strict=True)
+            ],
+        }
+        return json_response(body, headers={"X-Model-Version": used.version})
+
+    @router.post("/invocations", tags=["predict"], openapi_extra=JSON_BODY,
+                 dependencies=[Depends(_require_api_key)])
+    async def invocations(request: Request, state: StateDep) -> Response:
+        """MLflow's scoring protocol, answered in MLflow's shape; rows are logged too."""
+        start = time.perf_counter()
+        state.batcher.arriving += 1
+        try:
+            model = _model_or_503(state)
+            payload = parse_json(await request.body(), request.headers.get("content-type"))
+            rows = parse_invocations(payload, model.predictor.feature_names,
+                                     settings.max_rows_per_request)
+        finally:
+            state.batcher.arriving -= 1
+        probs, used = await _infer(state, rows)
+        labels = probs.argmax(axis=1)
+        ids = parse_ids(None, len(rows))
+        await _log(state, ids, rows, labels, probs, used, start)
+        records = [
+            {"label": int(lbl), **{f"prob_{k}": v for k, v in enumerate(p)}}
+            for lbl, p in zip(labels, probs.tolist(), strict=True)
+        ]
+        return json_response({"predictions": records}, headers={"X-Model-Version": used.version})
+
+    @router.post("/feedback", tags=["feedback"], openapi_extra=FEEDBACK_DOC,
+                 dependencies=[Depends(_require_api_key)])
+    async def feedback(request: Request, state: StateDep) -> Response:
+        """Ground-truth labels for logged predictions, joined by id."""
+        model = state.manager.current
+        payload = parse_json(await request.body(), request.headers.get("content-type"))
+        valid, errors, overwrite = parse_labels(
+            payload, settings.max_rows_per_request,
+            model.predictor.cfg.num_classes if model else None)
+        outcomes = await asyncio.to_thread(state.store.add_labels, valid, overwrite) if valid \
+            else []
+        results = [{"id": o.id, "status": o.status, "detail": o.detail} for o in outcomes]
+        results += errors
+        counts: dict[str, int] = {}
+        for r in results:
+            counts[r["status"]] = counts.get(r["status"], 0) + 1
+        if counts.get("conflict"):
+            return json_response({"detail": "some ids already carry a different label; nothing "
+                                  "was applied (send overwrite=true to replace them)",
+                                  "results": results, "counts": counts}, 409)
+        return json_response({"results": results, "counts": counts})
+
+    @router.post("/admin/reload", tags=["admin"], dependencies=[Depends(_require_admin)])
+    async def reload(state: StateDep, version: str | None = None) -> Response:
+        """Load the configured alias now (or ?version=N); the old model serves until then."""
+        try:
+            changed = await asyncio.to_thread(state.manager.refresh, version)
+        except Exception as exc:  # noqa: BLE001 - reported, old model keeps serving
+            current = state.manager.current
+            return error(503, f"reload failed, still serving "
+                              f"v{current.version if current else 'nothing'}: {exc}")
+        model = state.manager.current
+        return json_response({"changed": changed, **(model.info() if model else {})})
+
+    return router
+
+
+def _model_or_503(state: State):
+    model = state.manager.current
+    if model is None:
+        raise BadRequest(503, f"no model loaded ({state.manager.last_error or 'starting'}); "
+                              "see /ready")
+    return model
+
+
+async def _infer(state: State, rows: np.ndarray):
+    try:
+        return await state.batcher.predict(rows)
+    except NoModel as exc:
+        raise BadRequest(503, str(exc)) from None
+    except ValueError as exc:  # a model swap changed the expected width mid-flight
+        raise BadRequest(422, str(exc)) from None
+
+
+async def _log(state: State, ids, rows, labels, probs, used, start: float) -> None:
+    latency_ms = (time.perf_counter() - start) * 1000
+    now = time.time()
+    feature_lists, prob_lists = rows.tolist(), probs.tolist()
+    log_rows = [
+        {"id": i, "created_at": now, "model_name": used.name, "model_version": used.version,
+         "features": f, "label": int(lbl), "probabilities": p, "latency_ms": latency_ms}
+        for i, f, lbl, p in zip(ids, feature_lists, labels, prob_lists, strict=True)
+    ]
+    future = state.writer.submit(log_rows)
+    if state.settings.log_mode == "durable":
+        await asyncio.wrap_future(future)  # answer only once the rows are committed
+    elif future.done() and future.exception():
+        raise future.exception()
+
+
+class GuardMiddleware:
+    """Pure ASGI: body-size limit (413) and per-route request metrics, before any parsing."""
+
+    def __init__(self, app, max_body: int) -> None:
+        self.app, self.max_body = app, max_body
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        route = scope["path"] if scope["path"] in _KNOWN else "other"
+        start = time.perf_counter()
+        status_holder = {"status": 500}
+        headers = dict(scope.get("headers") or [])
+        length = headers.get(b"content-length")
+        too_big = False
+        if length is not None:
+            try:
+                too_big = int(length) > self.max_body
+            except ValueError:
+                too_big = False
+        if too_big:
+            await _send_json(send, 413, {"detail": f"body larger than {self.max_body} bytes"})
+            status_holder["status"] = 413
+        else:
+            received = 0
+
+            async def limited_receive():
+                nonlocal received
+                message = await receive()
+                if message["type"] == "http.request":
+                    received += len(message.get("body", b""))
+                    if received > self.max_body:
+                        raise BadRequest(413, f"body larger than {self.max_body} bytes")
+                return message
+
+            async def tracking_send(message):
+                if message["type"] == "http.response.start":
+                    status_holder["status"] = message["status"]
+                await send(message)
+
+            try:
+                await self.app(scope, limited_receive, tracking_send)
+            except BadRequest as exc:
+                status_holder["status"] = exc.status
+                await _send_json(send, exc.status, {"detail": exc.detail})
+        metrics.REQUESTS.labels(route, str(status_holder["status"])).inc()
+        metrics.LATENCY.labels(route).observe(time.perf_counter() - start)
+
+
+_KNOWN = {"/predict", "/invocations", "/feedback", "/health", "/ready", "/model", "/metrics",
+          "/admin/reload"}
+
+
+async def _send_json(send, status: int, body: dict) -> None:
+    payload = orjson.dumps(body)
+    await send({"type": "http.response.start", "status": status,
+                "headers": [(b"content-type", b"application/json"),
+                            (b"content-length", str(len(payload)).encode())]})
+    await send({"type": "http.response.body", "body": payload})

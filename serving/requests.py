@@ -1,0 +1,189 @@
+"""Request parsing without pandas: JSON bytes straight into a float32 array.
+
+Every way a body can be wrong becomes a `BadRequest` with a status and a message that
+says what is wrong; nothing here can raise anything else.
+"""
+
+from __future__ import annotations
+
+import re
+import uuid
+from typing import Any
+
+import numpy as np
+import orjson
+
+MAX_ID_LENGTH = 128
+_ID = re.compile(r"^[\x21-\x7e]{1,128}$")  # printable ASCII, no spaces
+
+
+class BadRequest(Exception):
+    def __init__(self, status: int, detail: str, **extra: Any) -> None:
+        super().__init__(detail)
+        self.status, self.detail, self.extra = status, detail, extra
+
+
+def parse_json(body: bytes, content_type: str | None) -> Any:
+    if not content_type or content_type.split(";")[0].strip().lower() != "application/json":
+        raise BadRequest(415, f"Content-Type must be application/json, got {content_type!r}")
+    if not body:
+        raise BadRequest(400, "empty body: expected a JSON object")
+    try:
+        return orjson.loads(body)
+    except orjson.JSONDecodeError as exc:
+        raise BadRequest(400, f"body is not valid JSON: {exc}") from None
+    except RecursionError:
+        raise BadRequest(400, "body is nested too deeply") from None
+
+
+def expect_object(payload: Any, allowed: set[str], required: set[str]) -> dict:
+    if not isinstance(payload, dict):
+        raise BadRequest(422, f"expected a JSON object, got {type(payload).__name__}")
+    unknown = sorted(set(payload) - allowed)
+    if unknown:
+        raise BadRequest(422, f"unknown field(s): {', '.join(unknown)}; allowed: {sorted(allowed)}")
+    missing = sorted(required - set(payload))
+    if missing:
+        raise BadRequest(422, f"missing field(s): {', '.join(missing)}")
+    return payload
+
+
+def rows_to_array(rows: Any, n_features: int, max_rows: int, field: str = "instances"
+                  ) -> np.ndarray:
+    """A list of rows of numbers -> (n, n_features) float32, finite, or BadRequest."""
+    if not isinstance(rows, list):
+        raise BadRequest(422, f"{field} must be a list of rows, got {type(rows).__name__}")
+    if not rows:
+        raise BadRequest(422, f"{field} is empty: send at least one row")
+    if len(rows) > max_rows:
+        raise BadRequest(413, f"{len(rows)} rows in one request; the limit is {max_rows}")
+    try:
+        array = np.asarray(rows)
+    except (ValueError, TypeError, OverflowError):
+        raise BadRequest(422, f"{field}: every row must be a list of {n_features} numbers "
+                              "(rows of different lengths or mixed types)") from None
+    if array.ndim != 2:
+        raise BadRequest(422, f"{field} must be a 2-D list (rows of numbers), got {array.ndim}-D")
+    if array.dtype.kind not in "iuf":
+        raise BadRequest(422, f"{field}: values must be numbers, found {_kind(array)}")
+    if array.shape[1] != n_features:
+        raise BadRequest(422, f"{field}: each row needs {n_features} features, "
+                              f"got {array.shape[1]}")
+    with np.errstate(over="ignore", invalid="ignore"):
+        array = array.astype(np.float32)
+    finite = np.isfinite(array)
+    if not finite.all():
+        row = int(np.argmin(finite.all(axis=1)))
+        raise BadRequest(422, f"{field}: row {row} holds a value that is not a finite float32 "
+                              "(NaN, Infinity or too large)")
+    return array
+
+
+def _kind(array: np.ndarray) -> str:
+    return {"U": "strings", "S": "strings", "b": "booleans", "O": "non-numeric values"}.get(
+        array.dtype.kind, str(array.dtype))
+
+
+def parse_ids(ids: Any, n: int) -> list[str]:
+    if ids is None:
+        return [uuid.uuid4().hex for _ in range(n)]
+    if not isinstance(ids, list) or len(ids) != n:
+        raise BadRequest(422, f"ids must be a list of {n} strings, one per row")
+    for i, value in enumerate(ids):
+        if not isinstance(value, str) or not _ID.match(value):
+            raise BadRequest(422, f"ids[{i}] must be 1-{MAX_ID_LENGTH} printable ASCII characters "
+                                  "without spaces")
+    if len(set(ids)) != n:
+        raise BadRequest(422, "ids must be unique within a request")
+    return ids
+
+
+def parse_invocations(payload: Any, names: tuple[str, ...], max_rows: int) -> np.ndarray:
+    """MLflow's scoring protocol: dataframe_split, dataframe_records, instances or inputs."""
+    keys = {"dataframe_split", "dataframe_records", "instances", "inputs"}
+    if not isinstance(payload, dict):
+        raise BadRequest(422, "expected a JSON object with one of " + ", ".join(sorted(keys)))
+    present = keys & set(payload)
+    if len(present) != 1:
+        raise BadRequest(422, "send exactly one of dataframe_split, dataframe_records, "
+                              f"instances, inputs (got {sorted(present) or 'none'})")
+    unknown = set(payload) - keys - {"params"}
+    if unknown:
+        raise BadRequest(422, f"unknown field(s): {', '.join(sorted(unknown))}")
+    key = present.pop()
+    data = payload[key]
+    if key == "dataframe_split":
+        if not isinstance(data, dict) or "data" not in data:
+            raise BadRequest(422, "dataframe_split needs {'columns': [...], 'data': [[...]]}")
+        columns = data.get("columns")
+        rows = data["data"]
+        if columns is None:
+            return rows_to_array(rows, len(names), max_rows, "dataframe_split.data")
+        return _reorder(columns, rows, names, max_rows)
+    if isinstance(data, dict):  # inputs / instances as {column: [values]}
+        missing = [c for c in names if c not in data]
+        if missing:
+            raise BadRequest(422, f"{key}: missing column(s) {', '.join(missing[:5])}")
+        columns = [data[c] for c in names]
+        if not all(isinstance(c, list) for c in columns) or len({len(c) for c in columns}) != 1:
+            raise BadRequest(422, f"{key}: every column must be a list of the same length")
+        return rows_to_array([list(r) for r in zip(*columns, strict=True)], len(names), max_rows,
+                             key)
+    if isinstance(data, list) and data and isinstance(data[0], dict) or key == "dataframe_records":
+        if not isinstance(data, list):
+            raise BadRequest(422, f"{key} must be a list of records")
+        if len(data) > max_rows:
+            raise BadRequest(413, f"{len(data)} rows in one request; the limit is {max_rows}")
+        rows = []
+        for i, record in enumerate(data):
+            if not isinstance(record, dict):
+                raise BadRequest(422, f"{key}[{i}] must be an object of column: value")
+            try:
+                rows.append([record[c] for c in names])
+            except KeyError as exc:
+                raise BadRequest(422, f"{key}[{i}]: missing column {exc.args[0]}") from None
+        return rows_to_array(rows, len(names), max_rows, key)
+    return rows_to_array(data, len(names), max_rows, key)
+
+
+def _reorder(columns: Any, rows: Any, names: tuple[str, ...], max_rows: int) -> np.ndarray:
+    if not isinstance(columns, list) or not all(isinstance(c, str) for c in columns):
+        raise BadRequest(422, "dataframe_split.columns must be a list of column names")
+    index = {c: i for i, c in enumerate(columns)}
+    missing = [c for c in names if c not in index]
+    if missing:
+        raise BadRequest(422, f"dataframe_split: missing column(s) {', '.join(missing[:5])}")
+    array = rows_to_array(rows, len(columns), max_rows, "dataframe_split.data")
+    return np.ascontiguousarray(array[:, [index[c] for c in names]])
+
+
+def parse_labels(payload: Any, max_rows: int, num_classes: int | None
+                 ) -> tuple[list[tuple[str, int]], list[dict], bool]:
+    """-> (valid (id, label) pairs, per-row errors, overwrite)."""
+    body = expect_object(payload, {"labels", "overwrite"}, {"labels"})
+    labels, overwrite = body["labels"], body.get("overwrite", False)
+    if not isinstance(overwrite, bool):
+        raise BadRequest(422, "overwrite must be true or false")
+    if not isinstance(labels, list) or not labels:
+        raise BadRequest(422, "labels must be a non-empty list of {id, label}")
+    if len(labels) > max_rows:
+        raise BadRequest(413, f"{len(labels)} labels in one request; the limit is {max_rows}")
+    valid, errors = [], []
+    for i, item in enumerate(labels):
+        pid = item.get("id") if isinstance(item, dict) else None
+        label = item.get("label") if isinstance(item, dict) else None
+        if not isinstance(item, dict) or set(item) - {"id", "label"}:
+            errors.append({"index": i, "id": pid if isinstance(pid, str) else None,
+                           "status": "invalid", "detail": "each item is {id, label}"})
+        elif not isinstance(pid, str) or not _ID.match(pid):
+            errors.append({"index": i, "id": None, "status": "invalid",
+                           "detail": "id must be 1-128 printable ASCII characters"})
+        elif isinstance(label, bool) or not isinstance(label, int) or label < 0 or (
+            num_classes is not None and label >= num_classes
+        ):
+            limit = f"0..{num_classes - 1}" if num_classes else ">= 0"
+            errors.append({"index": i, "id": pid, "status": "invalid_label",
+                           "detail": f"label must be an integer in {limit}"})
+        else:
+            valid.append((pid, label))
+    return valid, errors, overwrite

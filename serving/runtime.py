@@ -1,0 +1,270 @@
+"""What runs behind the routes: the model (hot-swapped), the micro-batcher, the log writer."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import queue
+import shutil
+import tempfile
+import threading
+import time
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from pipeline.model import Predictor
+from pipeline.store import PredictionStore, StoreUnavailable
+from serving import metrics
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class LoadedModel:
+    predictor: Predictor
+    name: str
+    version: str
+    run_id: str | None
+    data_hash: str | None
+    loaded_at: float
+
+    def info(self) -> dict:
+        return {
+            "model_name": self.name,
+            "model_version": self.version,
+            "run_id": self.run_id,
+            "data_hash": self.data_hash,
+            "loaded_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(self.loaded_at)),
+            "n_features": self.predictor.cfg.n_features,
+            "num_classes": self.predictor.cfg.num_classes,
+        }
+
+
+class ModelManager:
+    """Holds the serving model; loads new versions off the request path and swaps atomically.
+
+    A batch takes `self.current` once, so every request finishes on the version it started
+    with. A failed load leaves the old model serving and is reported in `last_error`.
+    """
+
+    def __init__(self, settings) -> None:
+        self.settings = settings
+        self.current: LoadedModel | None = None
+        self.last_error: str | None = None
+        self.last_error_at: float | None = None
+        self._lock = threading.Lock()
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def load(self, ref: str) -> LoadedModel:
+        from pipeline.registry import download_model
+
+        tmp = Path(tempfile.mkdtemp(prefix="mlops-serve-"))
+        try:
+            model_dir, mv = download_model(self.settings.model_name, ref, tmp)
+            predictor = Predictor.from_dir(model_dir)
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+        predictor.predict_proba(np.zeros((8, predictor.cfg.n_features), np.float32))  # warm up
+        return LoadedModel(predictor, self.settings.model_name, str(mv.version), mv.run_id,
+                           (mv.tags or {}).get("data_hash"), time.time())
+
+    def refresh(self, ref: str | None = None) -> bool:
+        """Load `ref` (default: the configured alias/version) if it names another version."""
+        from pipeline.registry import alias_version
+
+        ref = ref or self.settings.model_ref
+        with self._lock:  # one load at a time; requests never wait on this lock
+            try:
+                target = ref if ref.isdigit() else alias_version(self.settings.model_name, ref)
+                if target is None:
+                    raise LookupError(f"{self.settings.model_name}@{ref} does not exist yet")
+                if self.current is not None and self.current.version == target:
+                    return False
+                loaded = self.load(target)
+            except Exception as exc:  # noqa: BLE001 - any failure keeps the old model
+                self.last_error = f"loading {self.settings.model_name}@{ref}: {exc}"
+                self.last_error_at = time.time()
+                metrics.LOAD_FAILURES.inc()
+                log.error("model load failed, still serving %s: %s",
+                          self.current.version if self.current else "nothing", self.last_error)
+                raise
+            previous = self.current
+            self.current = loaded  # the atomic swap
+            self.last_error = None
+            metrics.MODEL_VERSION.set(float(loaded.version))
+            log.info("serving %s v%s (was %s)", loaded.name, loaded.version,
+                     previous.version if previous else "none")
+            return True
+
+    def start_polling(self) -> None:
+        interval = self.settings.reload_interval_s
+        if interval <= 0:
+            return
+
+        def poll() -> None:
+            while not self._stop.wait(interval):
+                try:
+                    self.refresh()
+                except Exception:  # noqa: BLE001 - reported by refresh(); keep polling
+                    pass
+
+        self._thread = threading.Thread(target=poll, name="model-poller", daemon=True)
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+
+
+class NoModel(RuntimeError):
+    pass
+
+
+class MicroBatcher:
+    """Gathers concurrent requests into one forward pass.
+
+    Rows that queue up while a pass runs form the next batch (up to `max_rows`); when
+    requests are known to be on their way (parsed but not yet queued), it waits for them at
+    most `max_wait_s`. One inference thread: passes never compete for the cores.
+    """
+
+    def __init__(self, manager: ModelManager, max_rows: int, max_wait_s: float) -> None:
+        self.manager = manager
+        self.max_rows = max_rows
+        self.max_wait_s = max_wait_s
+        self.arriving = 0  # requests inside a handler that will call predict()
+        self._queue: asyncio.Queue | None = None
+        self._task: asyncio.Task | None = None
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="inference")
+
+    def start(self) -> None:
+        self._queue = asyncio.Queue()
+        self._task = asyncio.get_running_loop().create_task(self._run())
+
+    async def stop(self) -> None:
+        if self._task:
+            self._task.cancel()
+            try:
+                await self._task
+            except asyncio.CancelledError:
+                pass
+        self._executor.shutdown(wait=True)
+
+    async def predict(self, rows: np.ndarray) -> tuple[np.ndarray, LoadedModel]:
+        assert self._queue is not None
+        future = asyncio.get_running_loop().create_future()
+        self._queue.put_nowait((rows, future))
+        return await future
+
+    async def _run(self) -> None:
+        assert self._queue is not None
+        loop = asyncio.get_running_loop()
+        while True:
+            items = [await self._queue.get()]
+            count = len(items[0][0])
+            deadline = loop.time() + self.max_wait_s
+            while count < self.max_rows:
+                if not self._queue.empty():
+                    items.append(self._queue.get_nowait())
+                elif self.arriving > 0 and loop.time() < deadline:
+                    await asyncio.sleep(0.0005)
+                    continue
+                else:
+                    break
+                count += len(items[-1][0])
+            await self._forward(items, count)
+
+    async def _forward(self, items: list, count: int) -> None:
+        model = self.manager.current  # one version for the whole batch
+        try:
+            if model is None:
+                raise NoModel("no model is loaded yet")
+            batch = items[0][0] if len(items) == 1 else np.concatenate([x for x, _ in items])
+            metrics.BATCH_ROWS.observe(count)
+            probs = await asyncio.get_running_loop().run_in_executor(
+                self._executor, model.predictor.predict_proba, batch
+            )
+        except Exception as exc:  # noqa: BLE001 - handed to each waiting request
+            for _, fut in items:
+                if not fut.done():
+                    fut.set_exception(exc)
+            return
+        start = 0
+        for x, fut in items:
+            if not fut.done():
+                fut.set_result((probs[start:start + len(x)], model))
+            start += len(x)
+
+
+class LogWriter:
+    """A background thread that commits prediction rows to the store in groups.
+
+    `submit` returns a Future that resolves once the rows are committed (or fails with
+    StoreUnavailable); in durable mode the response waits for it.
+    """
+
+    def __init__(self, store: PredictionStore, max_queue: int, max_group: int = 2048) -> None:
+        self.store = store
+        self.max_group = max_group
+        self._queue: queue.Queue = queue.Queue(maxsize=max_queue)
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="log-writer", daemon=True)
+        self.last_error: str | None = None
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def submit(self, rows: list[dict]) -> Future:
+        future: Future = Future()
+        try:
+            self._queue.put_nowait((rows, future, time.monotonic()))
+        except queue.Full:
+            future.set_exception(StoreUnavailable("prediction log queue is full"))
+            return future
+        metrics.LOG_QUEUE.inc(len(rows))
+        return future
+
+    @property
+    def depth(self) -> int:
+        return self._queue.qsize()
+
+    def close(self, timeout: float = 30.0) -> None:
+        """Stop after draining everything already submitted (graceful shutdown)."""
+        self._stop.set()
+        self._thread.join(timeout)
+
+    def _run(self) -> None:
+        while not (self._stop.is_set() and self._queue.empty()):
+            try:
+                group = [self._queue.get(timeout=0.05)]
+            except queue.Empty:
+                continue
+            rows = len(group[0][0])
+            while rows < self.max_group:
+                try:
+                    group.append(self._queue.get_nowait())
+                except queue.Empty:
+                    break
+                rows += len(group[-1][0])
+            self._commit(group, rows)
+
+    def _commit(self, group: list, rows: int) -> None:
+        metrics.LOG_QUEUE.dec(rows)
+        try:
+            self.store.insert([r for batch, _, _ in group for r in batch])
+        except StoreUnavailable as exc:
+            self.last_error = str(exc)
+            metrics.LOG_FAILURES.inc()
+            log.error("prediction log commit failed: %s", exc)
+            for _, fut, _ in group:
+                fut.set_exception(exc)
+            return
+        self.last_error = None
+        now = time.monotonic()
+        metrics.LOGGED.inc(rows)
+        for _, fut, submitted in group:
+            metrics.COMMIT_LAG.observe(now - submitted)
+            fut.set_result(None)
