@@ -281,9 +281,15 @@ def serve(
     os.environ.setdefault("MLOPS_ROOT", str(settings.root))
     if workers > 1 and "PROMETHEUS_MULTIPROC_DIR" not in os.environ:
         os.environ["PROMETHEUS_MULTIPROC_DIR"] = tempfile.mkdtemp(prefix="mlops-metrics-")
-    uvicorn.run("serving.app:create_app", factory=True, host=host or settings.host,
-                port=port or settings.port, workers=workers, log_level="info",
-                timeout_graceful_shutdown=30)
+    uvicorn.run(
+        "serving.app:create_app",
+        factory=True,
+        host=host or settings.host,
+        port=port or settings.port,
+        workers=workers,
+        log_level="info",
+        timeout_graceful_shutdown=30,
+    )
 
 
 @app.command()
@@ -365,9 +371,20 @@ def ui(
     if uri.startswith(("http://", "https://")):
         typer.echo(f"MLflow runs as a server already: open {uri}")
         return
-    cmd = [sys.executable, "-m", "mlflow", "ui", "--backend-store-uri", uri,
-           "--default-artifact-root", settings.artifact_location, "--host", host,
-           "--port", str(port)]
+    cmd = [
+        sys.executable,
+        "-m",
+        "mlflow",
+        "ui",
+        "--backend-store-uri",
+        uri,
+        "--default-artifact-root",
+        settings.artifact_location,
+        "--host",
+        host,
+        "--port",
+        str(port),
+    ]
     typer.echo(f"MLflow UI on http://{host}:{port} (store {uri}); Ctrl-C stops it")
     raise typer.Exit(subprocess.call(cmd))
 

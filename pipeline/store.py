@@ -57,7 +57,7 @@ class PredictionStore:
         elif self.dialect == "postgresql":
             kwargs["connect_args"] = {"connect_timeout": 3}
             if url.startswith("postgresql://"):  # psycopg 3 is what we ship
-                url = "postgresql+psycopg://" + url[len("postgresql://"):]
+                url = "postgresql+psycopg://" + url[len("postgresql://") :]
         self.engine = sa.create_engine(url, **kwargs)
         if self.dialect == "sqlite":
             event.listen(self.engine, "connect", _sqlite_pragmas)
@@ -100,8 +100,9 @@ class PredictionStore:
             rows = conn.execute(sa.select(predictions).where(predictions.c.id.in_(ids)))
             return {r.id: dict(r._mapping) for r in rows}
 
-    def add_labels(self, labels: Sequence[tuple[str, int]], overwrite: bool = False
-                   ) -> list[LabelOutcome]:
+    def add_labels(
+        self, labels: Sequence[tuple[str, int]], overwrite: bool = False
+    ) -> list[LabelOutcome]:
         """Join ground-truth labels to logged predictions, all in one transaction.
 
         A different label for an already labelled id is a conflict; unless `overwrite`,
@@ -187,7 +188,7 @@ def _label_outcomes(labels, existing, overwrite):
     outcomes, updates, seen = [], [], {}
     for pid, label in labels:
         if pid not in existing:
-            outcomes.append(LabelOutcome(pid, "unknown_id", "no prediction was logged with this id"))
+            outcomes.append(LabelOutcome(pid, "unknown_id", "no prediction logged with this id"))
             continue
         current = seen.get(pid, existing[pid])
         if current is None:
@@ -198,8 +199,9 @@ def _label_outcomes(labels, existing, overwrite):
         elif overwrite:
             outcomes.append(LabelOutcome(pid, "overwritten", f"was {current}"))
         else:
-            outcomes.append(LabelOutcome(pid, "conflict",
-                                         f"already labelled {current}; send overwrite=true"))
+            outcomes.append(
+                LabelOutcome(pid, "conflict", f"already labelled {current}; send overwrite=true")
+            )
             continue
         seen[pid] = label
         updates.append((pid, label))

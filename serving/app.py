@@ -33,24 +33,63 @@ from serving.runtime import LogWriter, MicroBatcher, ModelManager, NoModel
 log = logging.getLogger(__name__)
 
 JSON_BODY = {"requestBody": {"required": True, "content": {"application/json": {"schema": {}}}}}
-PREDICT_DOC = {"requestBody": {"required": True, "content": {"application/json": {"schema": {
-    "type": "object", "required": ["instances"], "additionalProperties": False,
-    "properties": {
-        "instances": {"type": "array", "items": {"type": "array", "items": {"type": "number"}}},
-        "ids": {"type": "array", "items": {"type": "string"}},
-    }}}}}}
-FEEDBACK_DOC = {"requestBody": {"required": True, "content": {"application/json": {"schema": {
-    "type": "object", "required": ["labels"], "additionalProperties": False,
-    "properties": {
-        "labels": {"type": "array", "items": {"type": "object", "properties": {
-            "id": {"type": "string"}, "label": {"type": "integer"}}}},
-        "overwrite": {"type": "boolean"},
-    }}}}}}
+PREDICT_DOC = {
+    "requestBody": {
+        "required": True,
+        "content": {
+            "application/json": {
+                "schema": {
+                    "type": "object",
+                    "required": ["instances"],
+                    "additionalProperties": False,
+                    "properties": {
+                        "instances": {
+                            "type": "array",
+                            "items": {"type": "array", "items": {"type": "number"}},
+                        },
+                        "ids": {"type": "array", "items": {"type": "string"}},
+                    },
+                }
+            }
+        },
+    }
+}
+FEEDBACK_DOC = {
+    "requestBody": {
+        "required": True,
+        "content": {
+            "application/json": {
+                "schema": {
+                    "type": "object",
+                    "required": ["labels"],
+                    "additionalProperties": False,
+                    "properties": {
+                        "labels": {
+                            "type": "array",
+                            "items": {
+                                "type": "object",
+                                "properties": {
+                                    "id": {"type": "string"},
+                                    "label": {"type": "integer"},
+                                },
+                            },
+                        },
+                        "overwrite": {"type": "boolean"},
+                    },
+                }
+            }
+        },
+    }
+}
 
 
 def json_response(data: Any, status: int = 200, headers: dict | None = None) -> Response:
-    return Response(orjson.dumps(data, option=orjson.OPT_SERIALIZE_NUMPY), status_code=status,
-                    media_type="application/json", headers=headers)
+    return Response(
+        orjson.dumps(data, option=orjson.OPT_SERIALIZE_NUMPY),
+        status_code=status,
+        media_type="application/json",
+        headers=headers,
+    )
 
 
 def error(status: int, detail: str, **extra: Any) -> Response:
@@ -63,8 +102,9 @@ class State:
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
         self.manager = ModelManager(settings)
-        self.batcher = MicroBatcher(self.manager, settings.batch_max_rows,
-                                    settings.batch_max_wait_ms / 1000)
+        self.batcher = MicroBatcher(
+            self.manager, settings.batch_max_rows, settings.batch_max_wait_ms / 1000
+        )
         self.store = PredictionStore(settings.prediction_db)
         self.writer = LogWriter(self.store, settings.log_queue_max)
 
@@ -82,7 +122,11 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         torch.set_num_threads(threads)
         state = State(settings)
         app.state.mlops = state
-        await asyncio.to_thread(state.store.create)
+        try:
+            await asyncio.to_thread(state.store.create)
+            state.writer.schema_ready = True
+        except StoreUnavailable as exc:  # serve anyway: /predict answers 503 until it is back
+            log.error("%s", exc)
         state.writer.start()
         state.batcher.start()
         try:
@@ -104,8 +148,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:
 
     @app.exception_handler(RequestValidationError)
     async def on_validation(_request: Request, exc: RequestValidationError) -> Response:
-        return error(422, "invalid request", errors=orjson.loads(orjson.dumps(
-            exc.errors(), default=str)))
+        return error(
+            422, "invalid request", errors=orjson.loads(orjson.dumps(exc.errors(), default=str))
+        )
 
     @app.exception_handler(BadRequest)
     async def on_bad_request(_request: Request, exc: BadRequest) -> Response:
@@ -161,16 +206,16 @@ def _routes(settings: Settings):
         """A model is loaded and requests can be served."""
         model = state.manager.current
         if model is None:
-            return json_response({"ready": False, "detail": state.manager.last_error or
-                                  "no model loaded"}, 503)
+            return json_response(
+                {"ready": False, "detail": state.manager.last_error or "no model loaded"}, 503
+            )
         return json_response({"ready": True, "model_version": model.version})
 
     @router.get("/model", tags=["ops"])
     async def model_info(state: StateDep) -> Response:
         """Name, version, run, data version and load time of the serving model."""
         model = state.manager.current
-        body = model.info() if model else {"model_name": settings.model_name,
-                                            "model_version": None}
+        body = model.info() if model else {"model_name": settings.model_name, "model_version": None}
         body["last_load_error"] = state.manager.last_error
         body["log_mode"] = settings.log_mode
         return json_response(body)
@@ -181,19 +226,26 @@ def _routes(settings: Settings):
         content, media = metrics.render()
         return Response(content, media_type=media)
 
-    @router.post("/predict", tags=["predict"], openapi_extra=PREDICT_DOC,
-                 dependencies=[Depends(_require_api_key)])
+    @router.post(
+        "/predict",
+        tags=["predict"],
+        openapi_extra=PREDICT_DOC,
+        dependencies=[Depends(_require_api_key)],
+    )
     async def predict(request: Request, state: StateDep) -> Response:
         """Predict rows of raw features; every row is logged under its id."""
         start = time.perf_counter()
         state.batcher.arriving += 1
         try:
             model = _model_or_503(state)
-            payload = expect_object(parse_json(await request.body(),
-                                               request.headers.get("content-type")),
-                                    {"instances", "ids"}, {"instances"})
-            rows = rows_to_array(payload["instances"], model.predictor.cfg.n_features,
-                                 settings.max_rows_per_request)
+            payload = expect_object(
+                parse_json(await request.body(), request.headers.get("content-type")),
+                {"instances", "ids"},
+                {"instances"},
+            )
+            rows = rows_to_array(
+                payload["instances"], model.predictor.cfg.n_features, settings.max_rows_per_request
+            )
             ids = parse_ids(payload.get("ids"), len(rows))
         finally:
             state.batcher.arriving -= 1
@@ -211,8 +263,12 @@ def _routes(settings: Settings):
         }
         return json_response(body, headers={"X-Model-Version": used.version})
 
-    @router.post("/invocations", tags=["predict"], openapi_extra=JSON_BODY,
-                 dependencies=[Depends(_require_api_key)])
+    @router.post(
+        "/invocations",
+        tags=["predict"],
+        openapi_extra=JSON_BODY,
+        dependencies=[Depends(_require_api_key)],
+    )
     async def invocations(request: Request, state: StateDep) -> Response:
         """MLflow's scoring protocol, answered in MLflow's shape; rows are logged too."""
         start = time.perf_counter()
@@ -220,8 +276,9 @@ def _routes(settings: Settings):
         try:
             model = _model_or_503(state)
             payload = parse_json(await request.body(), request.headers.get("content-type"))
-            rows = parse_invocations(payload, model.predictor.feature_names,
-                                     settings.max_rows_per_request)
+            rows = parse_invocations(
+                payload, model.predictor.feature_names, settings.max_rows_per_request
+            )
         finally:
             state.batcher.arriving -= 1
         probs, used = await _infer(state, rows)
@@ -234,26 +291,39 @@ def _routes(settings: Settings):
         ]
         return json_response({"predictions": records}, headers={"X-Model-Version": used.version})
 
-    @router.post("/feedback", tags=["feedback"], openapi_extra=FEEDBACK_DOC,
-                 dependencies=[Depends(_require_api_key)])
+    @router.post(
+        "/feedback",
+        tags=["feedback"],
+        openapi_extra=FEEDBACK_DOC,
+        dependencies=[Depends(_require_api_key)],
+    )
     async def feedback(request: Request, state: StateDep) -> Response:
         """Ground-truth labels for logged predictions, joined by id."""
         model = state.manager.current
         payload = parse_json(await request.body(), request.headers.get("content-type"))
         valid, errors, overwrite = parse_labels(
-            payload, settings.max_rows_per_request,
-            model.predictor.cfg.num_classes if model else None)
-        outcomes = await asyncio.to_thread(state.store.add_labels, valid, overwrite) if valid \
-            else []
+            payload,
+            settings.max_rows_per_request,
+            model.predictor.cfg.num_classes if model else None,
+        )
+        outcomes = (
+            await asyncio.to_thread(state.store.add_labels, valid, overwrite) if valid else []
+        )
         results = [{"id": o.id, "status": o.status, "detail": o.detail} for o in outcomes]
         results += errors
         counts: dict[str, int] = {}
         for r in results:
             counts[r["status"]] = counts.get(r["status"], 0) + 1
         if counts.get("conflict"):
-            return json_response({"detail": "some ids already carry a different label; nothing "
-                                  "was applied (send overwrite=true to replace them)",
-                                  "results": results, "counts": counts}, 409)
+            return json_response(
+                {
+                    "detail": "some ids already carry a different label; nothing "
+                    "was applied (send overwrite=true to replace them)",
+                    "results": results,
+                    "counts": counts,
+                },
+                409,
+            )
         return json_response({"results": results, "counts": counts})
 
     @router.post("/admin/reload", tags=["admin"], dependencies=[Depends(_require_admin)])
@@ -263,8 +333,10 @@ def _routes(settings: Settings):
             changed = await asyncio.to_thread(state.manager.refresh, version)
         except Exception as exc:  # noqa: BLE001 - reported, old model keeps serving
             current = state.manager.current
-            return error(503, f"reload failed, still serving "
-                              f"v{current.version if current else 'nothing'}: {exc}")
+            return error(
+                503,
+                f"reload failed, still serving v{current.version if current else 'nothing'}: {exc}",
+            )
         model = state.manager.current
         return json_response({"changed": changed, **(model.info() if model else {})})
 
@@ -274,8 +346,9 @@ def _routes(settings: Settings):
 def _model_or_503(state: State):
     model = state.manager.current
     if model is None:
-        raise BadRequest(503, f"no model loaded ({state.manager.last_error or 'starting'}); "
-                              "see /ready")
+        raise BadRequest(
+            503, f"no model loaded ({state.manager.last_error or 'starting'}); see /ready"
+        )
     return model
 
 
@@ -293,8 +366,16 @@ async def _log(state: State, ids, rows, labels, probs, used, start: float) -> No
     now = time.time()
     feature_lists, prob_lists = rows.tolist(), probs.tolist()
     log_rows = [
-        {"id": i, "created_at": now, "model_name": used.name, "model_version": used.version,
-         "features": f, "label": int(lbl), "probabilities": p, "latency_ms": latency_ms}
+        {
+            "id": i,
+            "created_at": now,
+            "model_name": used.name,
+            "model_version": used.version,
+            "features": f,
+            "label": int(lbl),
+            "probabilities": p,
+            "latency_ms": latency_ms,
+        }
         for i, f, lbl, p in zip(ids, feature_lists, labels, prob_lists, strict=True)
     ]
     future = state.writer.submit(log_rows)
@@ -353,13 +434,28 @@ class GuardMiddleware:
         metrics.LATENCY.labels(route).observe(time.perf_counter() - start)
 
 
-_KNOWN = {"/predict", "/invocations", "/feedback", "/health", "/ready", "/model", "/metrics",
-          "/admin/reload"}
+_KNOWN = {
+    "/predict",
+    "/invocations",
+    "/feedback",
+    "/health",
+    "/ready",
+    "/model",
+    "/metrics",
+    "/admin/reload",
+}
 
 
 async def _send_json(send, status: int, body: dict) -> None:
     payload = orjson.dumps(body)
-    await send({"type": "http.response.start", "status": status,
-                "headers": [(b"content-type", b"application/json"),
-                            (b"content-length", str(len(payload)).encode())]})
+    await send(
+        {
+            "type": "http.response.start",
+            "status": status,
+            "headers": [
+                (b"content-type", b"application/json"),
+                (b"content-length", str(len(payload)).encode()),
+            ],
+        }
+    )
     await send({"type": "http.response.body", "body": payload})

@@ -15,26 +15,37 @@ from prometheus_client import (
 
 REQUESTS = Counter("mlops_requests_total", "HTTP requests", ["route", "status"])
 LATENCY = Histogram(
-    "mlops_request_seconds", "HTTP request latency", ["route"],
+    "mlops_request_seconds",
+    "HTTP request latency",
+    ["route"],
     buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5),
 )
 BATCH_ROWS = Histogram(
-    "mlops_batch_rows", "Rows per forward pass (micro-batching)",
+    "mlops_batch_rows",
+    "Rows per forward pass (micro-batching)",
     buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024),
 )
-LOG_QUEUE = Gauge("mlops_log_queue_depth", "Prediction rows waiting for the log writer",
-                  multiprocess_mode="livesum")
+LOG_QUEUE = Gauge(
+    "mlops_log_queue_depth",
+    "Prediction rows waiting for the log writer",
+    multiprocess_mode="livesum",
+)
 COMMIT_LAG = Histogram(
-    "mlops_log_commit_lag_seconds", "From prediction to committed log row",
+    "mlops_log_commit_lag_seconds",
+    "From prediction to committed log row",
     buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1, 5),
 )
 LOGGED = Counter("mlops_predictions_logged_total", "Prediction rows committed to the log")
 LOG_FAILURES = Counter("mlops_log_failures_total", "Failed log commits (store unavailable)")
-MODEL_VERSION = Gauge("mlops_model_version", "Loaded model version (numeric)",
-                      multiprocess_mode="max")
+MODEL_VERSION = Gauge(
+    "mlops_model_version", "Loaded model version (numeric)", multiprocess_mode="max"
+)
 LOAD_FAILURES = Counter("mlops_model_load_failures_total", "Failed model loads or reloads")
-DRIFT = Gauge("mlops_drift_score", "Latest input drift score (share of drifted features)",
-              multiprocess_mode="max")
+DRIFT = Gauge(
+    "mlops_drift_score",
+    "Latest input drift score (share of drifted features)",
+    multiprocess_mode="max",
+)
 
 
 def render() -> tuple[bytes, str]:

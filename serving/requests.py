@@ -48,8 +48,9 @@ def expect_object(payload: Any, allowed: set[str], required: set[str]) -> dict:
     return payload
 
 
-def rows_to_array(rows: Any, n_features: int, max_rows: int, field: str = "instances"
-                  ) -> np.ndarray:
+def rows_to_array(
+    rows: Any, n_features: int, max_rows: int, field: str = "instances"
+) -> np.ndarray:
     """A list of rows of numbers -> (n, n_features) float32, finite, or BadRequest."""
     if not isinstance(rows, list):
         raise BadRequest(422, f"{field} must be a list of rows, got {type(rows).__name__}")
@@ -60,28 +61,36 @@ def rows_to_array(rows: Any, n_features: int, max_rows: int, field: str = "insta
     try:
         array = np.asarray(rows)
     except (ValueError, TypeError, OverflowError):
-        raise BadRequest(422, f"{field}: every row must be a list of {n_features} numbers "
-                              "(rows of different lengths or mixed types)") from None
+        raise BadRequest(
+            422,
+            f"{field}: every row must be a list of {n_features} numbers "
+            "(rows of different lengths or mixed types)",
+        ) from None
     if array.ndim != 2:
         raise BadRequest(422, f"{field} must be a 2-D list (rows of numbers), got {array.ndim}-D")
     if array.dtype.kind not in "iuf":
         raise BadRequest(422, f"{field}: values must be numbers, found {_kind(array)}")
     if array.shape[1] != n_features:
-        raise BadRequest(422, f"{field}: each row needs {n_features} features, "
-                              f"got {array.shape[1]}")
+        raise BadRequest(
+            422, f"{field}: each row needs {n_features} features, got {array.shape[1]}"
+        )
     with np.errstate(over="ignore", invalid="ignore"):
         array = array.astype(np.float32)
     finite = np.isfinite(array)
     if not finite.all():
         row = int(np.argmin(finite.all(axis=1)))
-        raise BadRequest(422, f"{field}: row {row} holds a value that is not a finite float32 "
-                              "(NaN, Infinity or too large)")
+        raise BadRequest(
+            422,
+            f"{field}: row {row} holds a value that is not a finite float32 "
+            "(NaN, Infinity or too large)",
+        )
     return array
 
 
 def _kind(array: np.ndarray) -> str:
     return {"U": "strings", "S": "strings", "b": "booleans", "O": "non-numeric values"}.get(
-        array.dtype.kind, str(array.dtype))
+        array.dtype.kind, str(array.dtype)
+    )
 
 
 def parse_ids(ids: Any, n: int) -> list[str]:
@@ -91,8 +100,9 @@ def parse_ids(ids: Any, n: int) -> list[str]:
         raise BadRequest(422, f"ids must be a list of {n} strings, one per row")
     for i, value in enumerate(ids):
         if not isinstance(value, str) or not _ID.match(value):
-            raise BadRequest(422, f"ids[{i}] must be 1-{MAX_ID_LENGTH} printable ASCII characters "
-                                  "without spaces")
+            raise BadRequest(
+                422, f"ids[{i}] must be 1-{MAX_ID_LENGTH} printable ASCII characters without spaces"
+            )
     if len(set(ids)) != n:
         raise BadRequest(422, "ids must be unique within a request")
     return ids
@@ -105,8 +115,11 @@ def parse_invocations(payload: Any, names: tuple[str, ...], max_rows: int) -> np
         raise BadRequest(422, "expected a JSON object with one of " + ", ".join(sorted(keys)))
     present = keys & set(payload)
     if len(present) != 1:
-        raise BadRequest(422, "send exactly one of dataframe_split, dataframe_records, "
-                              f"instances, inputs (got {sorted(present) or 'none'})")
+        raise BadRequest(
+            422,
+            "send exactly one of dataframe_split, dataframe_records, "
+            f"instances, inputs (got {sorted(present) or 'none'})",
+        )
     unknown = set(payload) - keys - {"params"}
     if unknown:
         raise BadRequest(422, f"unknown field(s): {', '.join(sorted(unknown))}")
@@ -127,8 +140,9 @@ def parse_invocations(payload: Any, names: tuple[str, ...], max_rows: int) -> np
         columns = [data[c] for c in names]
         if not all(isinstance(c, list) for c in columns) or len({len(c) for c in columns}) != 1:
             raise BadRequest(422, f"{key}: every column must be a list of the same length")
-        return rows_to_array([list(r) for r in zip(*columns, strict=True)], len(names), max_rows,
-                             key)
+        return rows_to_array(
+            [list(r) for r in zip(*columns, strict=True)], len(names), max_rows, key
+        )
     if isinstance(data, list) and data and isinstance(data[0], dict) or key == "dataframe_records":
         if not isinstance(data, list):
             raise BadRequest(422, f"{key} must be a list of records")
@@ -157,8 +171,9 @@ def _reorder(columns: Any, rows: Any, names: tuple[str, ...], max_rows: int) -> 
     return np.ascontiguousarray(array[:, [index[c] for c in names]])
 
 
-def parse_labels(payload: Any, max_rows: int, num_classes: int | None
-                 ) -> tuple[list[tuple[str, int]], list[dict], bool]:
+def parse_labels(
+    payload: Any, max_rows: int, num_classes: int | None
+) -> tuple[list[tuple[str, int]], list[dict], bool]:
     """-> (valid (id, label) pairs, per-row errors, overwrite)."""
     body = expect_object(payload, {"labels", "overwrite"}, {"labels"})
     labels, overwrite = body["labels"], body.get("overwrite", False)
@@ -173,17 +188,38 @@ def parse_labels(payload: Any, max_rows: int, num_classes: int | None
         pid = item.get("id") if isinstance(item, dict) else None
         label = item.get("label") if isinstance(item, dict) else None
         if not isinstance(item, dict) or set(item) - {"id", "label"}:
-            errors.append({"index": i, "id": pid if isinstance(pid, str) else None,
-                           "status": "invalid", "detail": "each item is {id, label}"})
+            errors.append(
+                {
+                    "index": i,
+                    "id": pid if isinstance(pid, str) else None,
+                    "status": "invalid",
+                    "detail": "each item is {id, label}",
+                }
+            )
         elif not isinstance(pid, str) or not _ID.match(pid):
-            errors.append({"index": i, "id": None, "status": "invalid",
-                           "detail": "id must be 1-128 printable ASCII characters"})
-        elif isinstance(label, bool) or not isinstance(label, int) or label < 0 or (
-            num_classes is not None and label >= num_classes
+            errors.append(
+                {
+                    "index": i,
+                    "id": None,
+                    "status": "invalid",
+                    "detail": "id must be 1-128 printable ASCII characters",
+                }
+            )
+        elif (
+            isinstance(label, bool)
+            or not isinstance(label, int)
+            or label < 0
+            or (num_classes is not None and label >= num_classes)
         ):
             limit = f"0..{num_classes - 1}" if num_classes else ">= 0"
-            errors.append({"index": i, "id": pid, "status": "invalid_label",
-                           "detail": f"label must be an integer in {limit}"})
+            errors.append(
+                {
+                    "index": i,
+                    "id": pid,
+                    "status": "invalid_label",
+                    "detail": f"label must be an integer in {limit}",
+                }
+            )
         else:
             valid.append((pid, label))
     return valid, errors, overwrite

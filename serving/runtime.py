@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import queue
 import shutil
@@ -69,8 +70,14 @@ class ModelManager:
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
         predictor.predict_proba(np.zeros((8, predictor.cfg.n_features), np.float32))  # warm up
-        return LoadedModel(predictor, self.settings.model_name, str(mv.version), mv.run_id,
-                           (mv.tags or {}).get("data_hash"), time.time())
+        return LoadedModel(
+            predictor,
+            self.settings.model_name,
+            str(mv.version),
+            mv.run_id,
+            (mv.tags or {}).get("data_hash"),
+            time.time(),
+        )
 
     def refresh(self, ref: str | None = None) -> bool:
         """Load `ref` (default: the configured alias/version) if it names another version."""
@@ -89,15 +96,22 @@ class ModelManager:
                 self.last_error = f"loading {self.settings.model_name}@{ref}: {exc}"
                 self.last_error_at = time.time()
                 metrics.LOAD_FAILURES.inc()
-                log.error("model load failed, still serving %s: %s",
-                          self.current.version if self.current else "nothing", self.last_error)
+                log.error(
+                    "model load failed, still serving %s: %s",
+                    self.current.version if self.current else "nothing",
+                    self.last_error,
+                )
                 raise
             previous = self.current
             self.current = loaded  # the atomic swap
             self.last_error = None
             metrics.MODEL_VERSION.set(float(loaded.version))
-            log.info("serving %s v%s (was %s)", loaded.name, loaded.version,
-                     previous.version if previous else "none")
+            log.info(
+                "serving %s v%s (was %s)",
+                loaded.name,
+                loaded.version,
+                previous.version if previous else "none",
+            )
             return True
 
     def start_polling(self) -> None:
@@ -107,10 +121,8 @@ class ModelManager:
 
         def poll() -> None:
             while not self._stop.wait(interval):
-                try:
+                with contextlib.suppress(Exception):  # refresh() reports; keep polling
                     self.refresh()
-                except Exception:  # noqa: BLE001 - reported by refresh(); keep polling
-                    pass
 
         self._thread = threading.Thread(target=poll, name="model-poller", daemon=True)
         self._thread.start()
@@ -147,10 +159,8 @@ class MicroBatcher:
     async def stop(self) -> None:
         if self._task:
             self._task.cancel()
-            try:
+            with contextlib.suppress(asyncio.CancelledError):
                 await self._task
-            except asyncio.CancelledError:
-                pass
         self._executor.shutdown(wait=True)
 
     async def predict(self, rows: np.ndarray) -> tuple[np.ndarray, LoadedModel]:
@@ -195,7 +205,7 @@ class MicroBatcher:
         start = 0
         for x, fut in items:
             if not fut.done():
-                fut.set_result((probs[start:start + len(x)], model))
+                fut.set_result((probs[start : start + len(x)], model))
             start += len(x)
 
 
@@ -213,6 +223,7 @@ class LogWriter:
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="log-writer", daemon=True)
         self.last_error: str | None = None
+        self.schema_ready = False
 
     def start(self) -> None:
         self._thread.start()
@@ -254,6 +265,9 @@ class LogWriter:
     def _commit(self, group: list, rows: int) -> None:
         metrics.LOG_QUEUE.dec(rows)
         try:
+            if not self.schema_ready:  # the store may have been down at start-up
+                self.store.create()
+                self.schema_ready = True
             self.store.insert([r for batch, _, _ in group for r in batch])
         except StoreUnavailable as exc:
             self.last_error = str(exc)

@@ -1,0 +1,119 @@
+"""A real `mlops serve` process on loopback: hot swap under load, kill -9, several workers."""
+
+from __future__ import annotations
+
+import threading
+import time
+
+import httpx
+import mlflow
+import pytest
+
+from pipeline.config import get_settings
+from pipeline.registry import CHAMPION, configure_tracking
+from pipeline.store import PredictionStore
+
+pytestmark = [pytest.mark.slow, pytest.mark.integration]
+
+
+def _register_copy_of_v1(settings) -> str:
+    """A second version (same weights) registered and made champion, as a promotion would."""
+    configure_tracking(settings)
+    client = mlflow.MlflowClient()
+    v1 = client.get_model_version(settings.model_name, "1")
+    v2 = mlflow.register_model(v1.source, settings.model_name, tags=v1.tags)
+    client.set_registered_model_alias(settings.model_name, CHAMPION, v2.version)
+    return str(v2.version)
+
+
+def _load(url: str, rows, stop: threading.Event, out: list, prefix: str) -> None:
+    with httpx.Client(base_url=url, timeout=10) as http:
+        n = 0
+        while not stop.is_set():
+            pid = f"{prefix}-{n}"
+            try:
+                res = http.post("/predict", json={"instances": [rows[n % len(rows)]], "ids": [pid]})
+                out.append(
+                    (
+                        pid,
+                        res.status_code,
+                        res.headers.get("x-model-version"),
+                        res.json().get("model_version"),
+                    )
+                )
+            except httpx.HTTPError as exc:
+                out.append((pid, type(exc).__name__, None, None))
+            n += 1
+
+
+def test_hot_swap_under_load_drops_nothing(served, live_server, digits_rows):
+    server = live_server(env={"MLOPS_RELOAD_INTERVAL_S": "0.3"})
+    rows = digits_rows[:50].tolist()
+    stop, results = threading.Event(), []
+    threads = [
+        threading.Thread(target=_load, args=(server.url, rows, stop, results, f"t{i}"))
+        for i in range(4)
+    ]
+    for t in threads:
+        t.start()
+    time.sleep(1.5)
+    new = _register_copy_of_v1(get_settings())
+    deadline = time.monotonic() + 20
+    while (
+        time.monotonic() < deadline
+        and httpx.get(server.url + "/model").json()["model_version"] != new
+    ):
+        time.sleep(0.1)
+    time.sleep(1.0)
+    stop.set()
+    for t in threads:
+        t.join()
+
+    assert results and all(r[1] == 200 for r in results), [r for r in results if r[1] != 200][:5]
+    assert all(r[2] == r[3] for r in results)  # header and body name the same version
+    versions = [r[2] for r in results]
+    assert versions[0] == "1" and versions[-1] == new and set(versions) == {"1", new}
+    stored = PredictionStore(get_settings().prediction_db).get([r[0] for r in results])
+    assert {pid: row["model_version"] for pid, row in stored.items()} == {
+        r[0]: r[2] for r in results
+    }
+
+
+def test_kill_9_loses_no_acknowledged_prediction(served, live_server, digits_rows):
+    server = live_server()
+    rows = digits_rows[:50].tolist()
+    stop, results = threading.Event(), []
+    threads = [
+        threading.Thread(target=_load, args=(server.url, rows, stop, results, f"k{i}"))
+        for i in range(4)
+    ]
+    for t in threads:
+        t.start()
+    time.sleep(2.0)
+    server.kill9()  # mid-load, no graceful shutdown
+    stop.set()
+    for t in threads:
+        t.join()
+    acknowledged = [r[0] for r in results if r[1] == 200]
+    assert len(acknowledged) > 20
+    restarted = live_server()  # the store opens cleanly after the crash
+    assert httpx.get(restarted.url + "/ready").status_code == 200
+    stored = PredictionStore(get_settings().prediction_db).get(acknowledged)
+    assert set(stored) == set(acknowledged)
+
+
+def test_two_workers_log_each_id_exactly_once(served, live_server, digits_rows):
+    server = live_server(workers=2)
+    ids = [f"w-{i}" for i in range(60)]
+    with httpx.Client(base_url=server.url, timeout=10) as http:
+        for _attempt in range(2):  # every request sent twice: the retry must not duplicate
+            for i, pid in enumerate(ids):
+                res = http.post(
+                    "/predict",
+                    json={"instances": [digits_rows[i].tolist()], "ids": [pid]},
+                    headers={"connection": "close"},
+                )
+                assert res.status_code == 200, res.text
+        metrics = http.get("/metrics").text
+    assert PredictionStore(get_settings().prediction_db).count() == 60
+    assert "mlops_predictions_logged_total" in metrics

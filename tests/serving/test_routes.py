@@ -1,0 +1,278 @@
+"""Every route: happy path, refusals (401/403/404/413/415/422), and what reaches the store."""
+
+from __future__ import annotations
+
+import json
+
+import mlflow
+import numpy as np
+import pandas as pd
+import pytest
+from fastapi.testclient import TestClient
+
+from pipeline.config import get_settings
+from pipeline.store import PredictionStore
+from serving.app import create_app
+
+
+@pytest.fixture
+def client(served, monkeypatch):
+    monkeypatch.setenv("MLOPS_ADMIN_TOKEN", "admin-secret")
+    get_settings.cache_clear()
+    with TestClient(create_app(get_settings())) as c:
+        yield c
+
+
+def _store() -> PredictionStore:
+    return PredictionStore(get_settings().prediction_db)
+
+
+def _predict(client, rows, ids=None, **kw):
+    body = {"instances": np.asarray(rows).tolist()}
+    if ids is not None:
+        body["ids"] = ids
+    return client.post("/predict", json=body, **kw)
+
+
+def test_ops_routes(client):
+    assert client.get("/health").json() == {"status": "ok"}
+    assert client.get("/ready").json() == {"ready": True, "model_version": "1"}
+    info = client.get("/model").json()
+    assert info["model_version"] == "1" and info["n_features"] == 64 and info["run_id"]
+    assert info["data_hash"] and info["last_load_error"] is None
+    assert client.get("/no/such/route").status_code == 404
+
+
+def test_predict_answers_like_the_pipeline_and_logs_every_row(client, digits_rows):
+    from pipeline.registry import load_predictor
+
+    rows = digits_rows[:5]
+    res = _predict(client, rows, ids=[f"c-{i}" for i in range(5)])
+    assert res.status_code == 200
+    body = res.json()
+    assert res.headers["x-model-version"] == body["model_version"] == "1"
+    assert [p["id"] for p in body["predictions"]] == [f"c-{i}" for i in range(5)]
+    own, _ = load_predictor(get_settings().model_name, "1")
+    expected = own.predict_proba(rows)
+    np.testing.assert_allclose(
+        [p["probabilities"] for p in body["predictions"]], expected, atol=1e-6
+    )
+    assert [p["label"] for p in body["predictions"]] == expected.argmax(1).tolist()
+
+    stored = _store().get([f"c-{i}" for i in range(5)])
+    assert len(stored) == 5
+    row = stored["c-3"]
+    assert row["model_version"] == "1" and row["label"] == expected[3].argmax()
+    np.testing.assert_allclose(row["features"], rows[3])
+    assert row["latency_ms"] > 0 and row["true_label"] is None
+
+
+def test_generated_ids_and_idempotent_retries(client, digits_rows):
+    first = _predict(client, digits_rows[:3]).json()
+    ids = [p["id"] for p in first["predictions"]]
+    assert len(set(ids)) == 3
+    before = _store().count()
+    for _ in range(3):  # a client retrying the same ids
+        assert _predict(client, digits_rows[:2], ids=["r-1", "r-2"]).status_code == 200
+    assert _store().count() == before + 2
+
+
+@pytest.mark.parametrize(
+    ("body", "headers", "status", "message"),
+    [
+        (b'{"instances": [[1,2]]}', {"content-type": "text/plain"}, 415, "Content-Type"),
+        (b"{not json", None, 400, "not valid JSON"),
+        (b"", None, 400, "empty body"),
+        (b'{"instances": [[NaN' + b", 0" * 63 + b"]]}", None, 400, "not valid JSON"),
+        (b'{"instances": []}', None, 422, "empty"),
+        (b'{"instances": [[1, 2, 3]]}', None, 422, "needs 64 features"),
+        (b'{"instances": [1, 2, 3]}', None, 422, "2-D"),
+        (b'{"instances": [[[1]]]}', None, 422, "2-D"),
+        (b'{"instances": "abc"}', None, 422, "must be a list"),
+        (json.dumps({"instances": [["a"] * 64]}).encode(), None, 422, "strings"),
+        (json.dumps({"instances": [[1e39] * 64]}).encode(), None, 422, "not a finite"),
+        (json.dumps({"instances": [[0] * 64, [0] * 63]}).encode(), None, 422, "different lengths"),
+        (json.dumps({"instances": [[0] * 64], "extra": 1}).encode(), None, 422, "unknown field"),
+        (json.dumps({"rows": [[0] * 64]}).encode(), None, 422, "unknown field"),
+        (json.dumps([[0] * 64]).encode(), None, 422, "expected a JSON object"),
+        (
+            json.dumps({"instances": [[0] * 64] * 2, "ids": ["x", "x"]}).encode(),
+            None,
+            422,
+            "unique",
+        ),
+        (json.dumps({"instances": [[0] * 64], "ids": ["a b"]}).encode(), None, 422, "printable"),
+        (
+            json.dumps(
+                {"instances": [[0] * 64], "ids": ["1'; DROP TABLE predictions;--"]}
+            ).encode(),
+            None,
+            422,
+            "printable",
+        ),
+        (json.dumps({"instances": [[0] * 64] * 1025}).encode(), None, 413, "limit is 1024"),
+    ],
+)
+def test_bad_predict_requests_get_a_clear_4xx_and_log_nothing(
+    client, body, headers, status, message
+):
+    before = _store().count()
+    res = client.post(
+        "/predict", content=body, headers=headers or {"content-type": "application/json"}
+    )
+    assert res.status_code == status, res.text
+    assert message in res.json()["detail"]
+    assert _store().count() == before
+
+
+def test_oversized_body_is_413_before_parsing(client):
+    big = b'{"instances": [[' + b"0," * 3_000_000 + b"0]]}"
+    res = client.post("/predict", content=big, headers={"content-type": "application/json"})
+    assert res.status_code == 413 and "larger than" in res.json()["detail"]
+    assert client.get("/health").status_code == 200
+
+
+def test_invocations_speaks_mlflow_scoring_protocol(client, digits_rows):
+    rows = digits_rows[:4]
+    names = [f"pixel{i}" for i in range(64)]
+    pyfunc = mlflow.pyfunc.load_model(f"models:/{get_settings().model_name}/1")
+    expected = pyfunc.predict(pd.DataFrame(rows, columns=names)).to_dict(orient="records")
+    shuffled = names[::-1]
+    payloads = [
+        {"dataframe_split": {"columns": names, "data": rows.tolist()}},
+        {"dataframe_split": {"columns": shuffled, "data": rows[:, ::-1].tolist()}},
+        {"dataframe_records": [dict(zip(names, r, strict=True)) for r in rows.tolist()]},
+        {"instances": rows.tolist()},
+        {"inputs": rows.tolist()},
+        {"inputs": {n: rows[:, i].tolist() for i, n in enumerate(names)}},
+    ]
+    for payload in payloads:
+        res = client.post("/invocations", json=payload)
+        assert res.status_code == 200, (payload.keys(), res.text)
+        got = res.json()["predictions"]
+        assert [g["label"] for g in got] == [e["label"] for e in expected]
+        np.testing.assert_allclose(
+            [[g[f"prob_{k}"] for k in range(10)] for g in got],
+            [[e[f"prob_{k}"] for k in range(10)] for e in expected],
+            atol=1e-6,
+        )
+        assert res.headers["x-model-version"] == "1"
+    bad = client.post(
+        "/invocations", json={"dataframe_split": {"columns": names[:3], "data": [[1, 2, 3]]}}
+    )
+    assert bad.status_code == 422 and "missing column" in bad.json()["detail"]
+    both = client.post("/invocations", json={"inputs": [], "instances": []})
+    assert both.status_code == 422 and "exactly one" in both.json()["detail"]
+
+
+def test_feedback_outcomes(client, digits_rows):
+    _predict(client, digits_rows[:3], ids=["f-1", "f-2", "f-3"])
+    res = client.post(
+        "/feedback",
+        json={
+            "labels": [
+                {"id": "f-1", "label": 4},
+                {"id": "nope", "label": 1},
+                {"id": "f-2", "label": 12},
+                {"id": "f-3", "label": "7"},
+            ]
+        },
+    )
+    assert res.status_code == 200
+    status = {(r["id"], r["status"]) for r in res.json()["results"]}
+    assert status == {
+        ("f-1", "labelled"),
+        ("nope", "unknown_id"),
+        ("f-2", "invalid_label"),
+        ("f-3", "invalid_label"),
+    }
+    stored = _store().get(["f-1"])["f-1"]
+    assert stored["true_label"] == 4 and stored["labelled_at"] > 0
+
+    again = client.post("/feedback", json={"labels": [{"id": "f-1", "label": 4}]})
+    assert again.json()["results"][0]["status"] == "unchanged"
+
+    conflict = client.post(
+        "/feedback", json={"labels": [{"id": "f-1", "label": 5}, {"id": "f-3", "label": 2}]}
+    )
+    assert conflict.status_code == 409
+    assert _store().get(["f-1", "f-3"])["f-1"]["true_label"] == 4
+    assert _store().get(["f-3"])["f-3"]["true_label"] is None  # nothing applied
+
+    forced = client.post(
+        "/feedback", json={"labels": [{"id": "f-1", "label": 5}], "overwrite": True}
+    )
+    assert forced.json()["results"][0]["status"] == "overwritten"
+    assert _store().get(["f-1"])["f-1"]["true_label"] == 5
+    for bad in ({"labels": []}, {"labels": "x"}, {"nope": 1}, {"labels": [{}], "overwrite": 3}):
+        assert client.post("/feedback", json=bad).status_code == 422
+
+
+def test_admin_routes_need_the_token(client):
+    assert client.post("/admin/reload").status_code == 401
+    assert (
+        client.post("/admin/reload", headers={"authorization": "Bearer wrong"}).status_code == 401
+    )
+    ok = client.post("/admin/reload", headers={"authorization": "Bearer admin-secret"})
+    assert ok.status_code == 200 and ok.json()["model_version"] == "1"
+    assert "admin-secret" not in ok.text
+
+
+def test_admin_routes_closed_without_a_token(served, monkeypatch):
+    monkeypatch.delenv("MLOPS_ADMIN_TOKEN", raising=False)
+    get_settings.cache_clear()
+    with TestClient(create_app(get_settings())) as c:
+        res = c.post("/admin/reload", headers={"authorization": "Bearer anything"})
+        assert res.status_code == 403 and "disabled" in res.json()["detail"]
+
+
+def test_api_key_protects_predict_and_feedback(served, monkeypatch, digits_rows):
+    monkeypatch.setenv("MLOPS_API_KEY", "k-123")
+    get_settings.cache_clear()
+    with TestClient(create_app(get_settings())) as c:
+        assert _predict(c, digits_rows[:1]).status_code == 401
+        assert c.post("/feedback", json={"labels": [{"id": "a", "label": 1}]}).status_code == 401
+        assert _predict(c, digits_rows[:1], headers={"x-api-key": "k-123"}).status_code == 200
+        assert c.get("/health").status_code == 200  # ops routes stay open
+
+
+def test_failed_reload_keeps_the_old_model(client):
+    res = client.post("/admin/reload?version=99", headers={"authorization": "Bearer admin-secret"})
+    assert res.status_code == 503 and "still serving v1" in res.json()["detail"]
+    info = client.get("/model").json()
+    assert info["model_version"] == "1" and "99" in info["last_load_error"]
+    assert client.get("/ready").json()["ready"] is True
+    assert "mlops_model_load_failures_total 1.0" in client.get("/metrics").text
+
+
+def test_metrics_exposition(client, digits_rows):
+    _predict(client, digits_rows[:2])
+    text = client.get("/metrics").text
+    for name in (
+        'mlops_requests_total{route="/predict",status="200"}',
+        "mlops_request_seconds_bucket",
+        "mlops_batch_rows_bucket",
+        "mlops_log_queue_depth",
+        "mlops_log_commit_lag_seconds_bucket",
+        "mlops_model_version 1.0",
+    ):
+        assert name in text
+
+
+def test_store_down_fails_fast_with_503(served, monkeypatch, digits_rows):
+    monkeypatch.setenv("MLOPS_PREDICTION_DB_URL", "postgresql://mlops@127.0.0.1:1/none")
+    get_settings.cache_clear()
+    with TestClient(create_app(get_settings())) as c:
+        res = _predict(c, digits_rows[:1])
+        assert res.status_code == 503
+        assert "prediction store unavailable, nothing was logged" in res.json()["detail"]
+        assert c.get("/health").status_code == 200
+
+
+def test_no_model_yet_is_503_not_a_crash(project, monkeypatch):
+    monkeypatch.setenv("MLOPS_RELOAD_INTERVAL_S", "0")
+    get_settings.cache_clear()
+    with TestClient(create_app(get_settings())) as c:
+        assert c.get("/ready").status_code == 503
+        res = c.post("/predict", json={"instances": [[0] * 64]})
+        assert res.status_code == 503 and "no model loaded" in res.json()["detail"]
