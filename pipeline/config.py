@@ -51,8 +51,10 @@ class Settings(BaseSettings):
     max_body_bytes: int = 4 * 1024 * 1024
     batch_max_rows: int = 512
     batch_max_wait_ms: float = 2.0
-    log_mode: Literal["durable", "async"] = Field(
-        default="durable", description="durable: answer after the log commit; async: before"
+    log_mode: Literal["durable", "async", "off"] = Field(
+        default="durable",
+        description="durable: answer after the log commit; async: before it; "
+        "off: no prediction log (benchmarks only: breaks the feedback loop)",
     )
     log_queue_max: int = 50_000
     torch_threads: int = Field(default=0, description="0: one per core, minus the event loop's")

@@ -1,0 +1,315 @@
+"""Serving benchmark: the same registered champion behind four paths, measured in one run.
+
+  (a) in-process torch inference (the limit), (b) `mlflow models serve --env-manager local
+  -w 1`, (c) `mlops serve` with 1 worker and durable logging, (d) the same with logging off.
+
+Load comes from a keep-alive client (wrk when installed, else a Python asyncio client) at
+concurrency 1, 8 and 32, with 1-row and 64-row requests, after a warm-up. Prints req/s,
+rows/s, p50/p99 and the ratios against MLflow's server.
+
+    python bench/serving.py [--duration 5] [--warmup 1]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+REPO = Path(__file__).resolve().parents[1]
+BIN = Path(sys.executable).parent
+NAME = "digits-classifier"
+
+
+def _port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _prepare(root: Path) -> dict:
+    shutil.copy(REPO / "params.yaml", root / "params.yaml")
+    env = {
+        **os.environ,
+        "MLOPS_ROOT": str(root),
+        "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+        "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}",
+    }  # mlflow execs `uvicorn`
+    env.pop("MLFLOW_TRACKING_URI", None)
+    for args in (["ingest"], ["preprocess"], ["train", "--epochs", "5", "--no-progress"]):
+        subprocess.run(
+            [str(BIN / "mlops"), *args], cwd=root, env=env, check=True, capture_output=True
+        )
+    return env
+
+
+def _wait(url: str, proc: subprocess.Popen, timeout: float = 120) -> None:
+    import httpx
+
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"server exited with {proc.returncode}")
+        try:
+            if httpx.get(url, timeout=1).status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.3)
+    raise TimeoutError(url)
+
+
+def _start(kind: str, root: Path, env: dict) -> tuple[subprocess.Popen, str, str]:
+    port = _port()
+    base = f"http://127.0.0.1:{port}"
+    log = open(root / f"{kind}.log", "wb")  # noqa: SIM115
+    if kind == "mlflow":
+        cmd = [
+            str(BIN / "mlflow"),
+            "models",
+            "serve",
+            "-m",
+            f"models:/{NAME}@champion",
+            "--env-manager",
+            "local",
+            "-w",
+            "1",
+            "-h",
+            "127.0.0.1",
+            "-p",
+            str(port),
+        ]
+        env = {**env, "MLFLOW_TRACKING_URI": f"sqlite:///{root / 'mlflow.db'}"}
+        ready, path = base + "/ping", "/invocations"
+    else:
+        cmd = [str(BIN / "mlops"), "serve", "--port", str(port), "--workers", "1"]
+        env = {
+            **env,
+            "MLOPS_LOG_MODE": "durable" if kind == "durable" else "off",
+            "MLOPS_PREDICTION_DB_URL": f"sqlite:///{root / (kind + '.db')}",
+        }
+        ready, path = base + "/ready", "/predict"
+    proc = subprocess.Popen(
+        cmd, cwd=root, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
+    )
+    _wait(ready, proc)
+    return proc, base + path, kind
+
+
+def _body(kind: str, rows: np.ndarray) -> bytes:
+    if kind == "mlflow":
+        names = [f"pixel{i}" for i in range(rows.shape[1])]
+        return json.dumps({"dataframe_split": {"columns": names, "data": rows.tolist()}}).encode()
+    return json.dumps({"instances": rows.tolist()}).encode()
+
+
+WRK_SCRIPT = """
+wrk.method = "POST"
+wrk.headers["Content-Type"] = "application/json"
+local f = io.open("%s", "rb"); wrk.body = f:read("*a"); f:close()
+done = function(summary, latency, requests)
+  local e = summary.errors
+  io.write(string.format("RESULT %%d %%d %%f %%f %%d\\n", summary.requests, summary.duration,
+    latency:percentile(50), latency:percentile(99),
+    e.status + e.connect + e.read + e.write + e.timeout))
+end
+"""
+
+
+def _load_wrk(url: str, body: bytes, conc: int, seconds: float, tmp: Path) -> dict:
+    body_file = tmp / f"body-{len(body)}.json"
+    body_file.write_bytes(body)
+    script = tmp / "post.lua"
+    script.write_text(WRK_SCRIPT % body_file)
+    out = subprocess.run(
+        [
+            "wrk",
+            "-t1",
+            f"-c{conc}",
+            f"-d{max(1, round(seconds))}s",
+            "--latency",
+            "-s",
+            str(script),
+            url,
+        ],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
+    line = next(ln for ln in out.splitlines() if ln.startswith("RESULT"))
+    n, duration_us, p50, p99, errors = line.split()[1:]
+    return {
+        "requests": int(n),
+        "seconds": int(duration_us) / 1e6,
+        "p50_ms": float(p50) / 1000,
+        "p99_ms": float(p99) / 1000,
+        "errors": int(errors),
+    }
+
+
+def _load_python(url: str, body: bytes, conc: int, seconds: float, _tmp: Path) -> dict:
+    import aiohttp
+
+    async def run() -> dict:
+        latencies, errors = [], 0
+        deadline = time.perf_counter() + seconds
+        async with aiohttp.ClientSession(headers={"Content-Type": "application/json"}) as http:
+
+            async def worker() -> None:
+                nonlocal errors
+                while time.perf_counter() < deadline:
+                    start = time.perf_counter()
+                    async with http.post(url, data=body) as res:
+                        await res.read()
+                        errors += res.status != 200
+                    latencies.append(time.perf_counter() - start)
+
+            start = time.perf_counter()
+            await asyncio.gather(*(worker() for _ in range(conc)))
+            elapsed = time.perf_counter() - start
+        lat = np.array(latencies) * 1000
+        return {
+            "requests": len(lat),
+            "seconds": elapsed,
+            "p50_ms": float(np.percentile(lat, 50)),
+            "p99_ms": float(np.percentile(lat, 99)),
+            "errors": errors,
+        }
+
+    return asyncio.run(run())
+
+
+def _in_process(root: Path, rows: np.ndarray, seconds: float) -> list[dict]:
+    sys.path.insert(0, str(REPO))
+    os.environ["MLOPS_ROOT"] = str(root)
+    os.environ["MLFLOW_TRACKING_URI"] = f"sqlite:///{root / 'mlflow.db'}"
+    from pipeline.registry import load_predictor
+
+    predictor, _ = load_predictor(NAME, "champion")
+    out = []
+    for n in (1, 64):
+        x = rows[:n]
+        for _ in range(50):
+            predictor.predict_proba(x)
+        calls, start = 0, time.perf_counter()
+        while time.perf_counter() - start < seconds:
+            predictor.predict_proba(x)
+            calls += 1
+        elapsed = time.perf_counter() - start
+        out.append(
+            {
+                "path": "in-process torch",
+                "conc": 1,
+                "rows": n,
+                "req_s": calls / elapsed,
+                "rows_s": calls * n / elapsed,
+                "p50_ms": elapsed / calls * 1000,
+                "p99_ms": float("nan"),
+                "errors": 0,
+            }
+        )
+    return out
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--duration", type=float, default=5)
+    parser.add_argument("--warmup", type=float, default=1)
+    parser.add_argument("--concurrency", default="1,8,32")
+    args = parser.parse_args()
+    loader = _load_wrk if shutil.which("wrk") else _load_python
+    concurrency = [int(c) for c in args.concurrency.split(",")]
+    from pipeline.ingest import load_digits_frame
+
+    rows = load_digits_frame("stream").drop(columns="label").to_numpy(np.float32)
+    results: list[dict] = []
+    with tempfile.TemporaryDirectory() as tmp_name:
+        tmp = Path(tmp_name)
+        root = tmp / "project"
+        root.mkdir()
+        env = _prepare(root)
+        results += _in_process(root, rows, args.duration)
+        for kind in ("mlflow", "durable", "off"):
+            proc, url, _ = _start(kind, root, env)
+            try:
+                for n in (1, 64):
+                    body = _body(kind, rows[:n])
+                    for conc in concurrency:
+                        loader(url, body, conc, args.warmup, tmp)  # warm-up
+                        r = loader(url, body, conc, args.duration, tmp)
+                        label = {
+                            "mlflow": "mlflow models serve",
+                            "durable": "mlops serve (log on)",
+                            "off": "mlops serve (log off)",
+                        }[kind]
+                        results.append(
+                            {
+                                "path": label,
+                                "conc": conc,
+                                "rows": n,
+                                "req_s": r["requests"] / r["seconds"],
+                                "rows_s": r["requests"] * n / r["seconds"],
+                                "p50_ms": r["p50_ms"],
+                                "p99_ms": r["p99_ms"],
+                                "errors": r["errors"],
+                            }
+                        )
+                        print(
+                            f"  {label:24} c={conc:<3} rows={n:<3} "
+                            f"{results[-1]['req_s']:9.0f} req/s",
+                            file=sys.stderr,
+                        )
+            finally:
+                import signal
+
+                os.killpg(proc.pid, signal.SIGTERM)
+                proc.wait(30)
+    _report(results, loader.__name__)
+
+
+def _report(results: list[dict], loader: str) -> None:
+    print(f"\nload generator: {'wrk' if loader == '_load_wrk' else 'python asyncio (aiohttp)'}")
+    print(
+        f"{'path':26} {'conc':>4} {'rows':>4} {'req/s':>9} {'rows/s':>10} {'p50 ms':>8} "
+        f"{'p99 ms':>8} {'errors':>6}"
+    )
+    for r in results:
+        print(
+            f"{r['path']:26} {r['conc']:>4} {r['rows']:>4} {r['req_s']:9.0f} {r['rows_s']:10.0f}"
+            f" {r['p50_ms']:8.2f} {r['p99_ms']:8.2f} {r['errors']:>6}"
+        )
+
+    def pick(path: str, conc: int, rows: int) -> dict:
+        return next(
+            r for r in results if r["path"] == path and r["conc"] == conc and r["rows"] == rows
+        )
+
+    try:
+        ml1, us1 = pick("mlflow models serve", 8, 1), pick("mlops serve (log on)", 8, 1)
+        ml64, us64 = pick("mlflow models serve", 8, 64), pick("mlops serve (log on)", 8, 64)
+        off1 = pick("mlops serve (log off)", 8, 1)
+    except StopIteration:
+        return
+    ratios = {
+        "1-row req/s at c=8 vs MLflow (target >= 5x)": us1["req_s"] / ml1["req_s"],
+        "64-row rows/s at c=8 vs MLflow (target >= 4x)": us64["rows_s"] / ml64["rows_s"],
+        "1-row p99 at c=8 vs MLflow (target <= 0.33)": us1["p99_ms"] / ml1["p99_ms"],
+        "durable logging cost, 1-row c=8 (target <= 15%)": 1 - us1["req_s"] / off1["req_s"],
+    }
+    print()
+    for name, value in ratios.items():
+        print(f"{name:52} {value:6.2f}")
+
+
+if __name__ == "__main__":
+    main()
