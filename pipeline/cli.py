@@ -29,7 +29,17 @@ def main(verbose: Annotated[bool, typer.Option("--verbose", "-v")] = False) -> N
         datefmt="[%X]",
         handlers=[RichHandler(show_path=False, rich_tracebacks=False)],
     )
-    for noisy in ("alembic", "httpx", "urllib3", "git", "filelock"):
+    for noisy in (
+        "alembic",
+        "httpx",
+        "urllib3",
+        "git",
+        "filelock",
+        "dvc",
+        "dvc_data",
+        "dvc_objects",
+        "scmrepo",
+    ):
         logging.getLogger(noisy).setLevel(logging.WARNING)
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
     os.environ.setdefault("DO_NOT_TRACK", "1")
@@ -228,39 +238,57 @@ def evaluate(
 def run(
     rounds: Annotated[int, typer.Option(min=1)] = 2,
     source: Annotated[str | None, typer.Option(help="digits or a CSV/Parquet path")] = None,
-    trials: Annotated[int | None, typer.Option(min=0)] = None,
+    trials: Annotated[int | None, typer.Option(min=0, help="Optuna trials per round")] = None,
     epochs: Annotated[int | None, typer.Option(min=1)] = None,
+    drift: Annotated[bool, typer.Option(help="distort the production stream")] = False,
 ) -> None:
-    """Run the whole loop for N rounds and print one summary row per round."""
-    from pipeline.ingest import DataFileError
-    from pipeline.ingest import ingest as run_ingest
-    from pipeline.preprocess import preprocess as run_preprocess
+    """Run the whole loop for N rounds (a Prefect flow) and print one row per round."""
+    from rich.console import Console
+    from rich.table import Table
 
     settings, params = _context()
-    source = source or params["data"]["source"]
-    try:
-        report = run_ingest(source, settings.raw_dir, settings.quarantine_dir, params)
-    except DataFileError as exc:
-        raise _fail(str(exc)) from exc
-    _write_ingest_report(settings, report)
-    split = run_preprocess(Path(report.snapshot), settings.processed_dir, params)
-    typer.echo(f"data version {report.data_hash[:10]}: {split['rows']}")
-    trials = params.get("tune", {}).get("trials", 0) if trials is None else trials
-    row = _train_and_promote(
-        settings,
-        params,
-        trials,
-        epochs,
-        params["train"].get("warm_start", False),
-        True,
-        True,
-        False,
+    _prefect_env()
+    from flows.loop import loop_flow
+
+    with _registry_errors():
+        rows = loop_flow(
+            rounds=rounds,
+            source=source or params["data"]["source"],
+            trials=trials,
+            epochs=epochs,
+            drift=drift,
+        )
+    table = Table(
+        "round",
+        "data version",
+        "rows",
+        "model",
+        "test accuracy",
+        "promoted",
+        "serving",
+        "drift",
+        title=f"{settings.model_name}: the loop",
     )
-    typer.echo(
-        f"round 1: data {report.data_hash[:10]}, rows {report.rows_ok}, "
-        f"model v{row['version']}, test accuracy {row['accuracy']:.4f}, "
-        f"promoted {'yes' if row['promoted'] else 'no'}"
-    )
+    for r in rows:
+        drift_score = r.get("drift_score")
+        table.add_row(
+            str(r["round"]),
+            r["data_version"],
+            str(r["rows"]),
+            f"v{r['model_version']}",
+            f"{r['test_accuracy']:.4f}",
+            "yes" if r["promoted"] else "no",
+            f"v{r['serving']}",
+            "-" if drift_score is None else f"{drift_score:.2f}",
+        )
+    Console().print(table)
+
+
+def _prefect_env() -> None:
+    """Prefect's own settings: no telemetry, and our library's logs in its run logs."""
+    os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+    os.environ.setdefault("DO_NOT_TRACK", "1")
+    os.environ.setdefault("PREFECT_LOGGING_EXTRA_LOGGERS", "pipeline")
 
 
 @app.command()
@@ -294,8 +322,63 @@ def serve(
 
 @app.command()
 def schedule() -> None:
-    """Serve the Prefect deployments (scheduled retraining, monitor)."""
-    raise _not_yet("schedule")
+    """Serve the retraining (cron) and monitor (interval) deployments on a Prefect API.
+
+    Uses PREFECT_API_URL; when it is unset, starts `prefect server start` on 127.0.0.1:4200.
+    """
+    settings, params = _context()
+    _prefect_env()
+    if not os.environ.get("PREFECT_API_URL"):
+        os.environ["PREFECT_API_URL"] = _start_prefect_server(settings)
+    from prefect import serve as prefect_serve
+
+    from flows.deployments import build_deployments
+
+    deployments = build_deployments(params)
+    typer.echo(
+        f"serving {', '.join(d.name for d in deployments)} on "
+        f"{os.environ['PREFECT_API_URL']} (UI: {os.environ['PREFECT_API_URL'][:-4]})"
+    )
+    prefect_serve(*deployments)
+
+
+def _start_prefect_server(settings) -> str:
+    import subprocess
+    import sys
+    import time
+
+    import httpx
+
+    url = "http://127.0.0.1:4200/api"
+    try:
+        if httpx.get(url + "/health", timeout=2).status_code == 200:
+            return url
+    except httpx.HTTPError:
+        pass
+    log_path = settings.data_dir / "prefect-server.log"
+    log_path.parent.mkdir(parents=True, exist_ok=True)
+    subprocess.Popen(
+        [
+            str(Path(sys.executable).parent / "prefect"),
+            "server",
+            "start",
+            "--host",
+            "127.0.0.1",
+            "--port",
+            "4200",
+        ],
+        stdout=log_path.open("ab"),
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+    )
+    for _ in range(240):
+        try:
+            if httpx.get(url + "/health", timeout=1).status_code == 200:
+                typer.echo(f"started a Prefect server at {url[:-4]} (log: {log_path})")
+                return url
+        except httpx.HTTPError:
+            time.sleep(0.5)
+    raise _fail(f"the Prefect server did not start; see {log_path}")
 
 
 @app.command()
@@ -390,15 +473,50 @@ def ui(
 
 
 @app.command()
-def lineage(prediction_id: str) -> None:
-    """Trace a prediction back to its model, run, commit and data."""
-    raise _not_yet("lineage")
+def lineage(
+    prediction_id: str,
+    as_json: Annotated[bool, typer.Option("--json")] = False,
+) -> None:
+    """Trace a prediction back: model version -> MLflow run -> git commit -> data version."""
+    from pipeline.reproduce import trace
+
+    settings, _ = _context()
+    with _registry_errors():
+        info = trace(settings, prediction_id)
+    if as_json:
+        typer.echo(json.dumps(info, indent=2, default=str))
+        return
+    p, m, r, c, d = info["prediction"], info["model"], info["run"], info["code"], info["data"]
+    truth = "" if p["true_label"] is None else f" (ground truth {p['true_label']})"
+    typer.echo(f"prediction {p['id']}: label {p['label']}{truth}")
+    typer.echo(f"  -> model     {m['name']} v{m['version']}  ({m['source']})")
+    typer.echo(f"  -> MLflow run {r['id']}  test accuracy {r['test_accuracy']}")
+    typer.echo(f"  -> git commit {c['git_commit']}{' (dirty)' if c['git_dirty'] == 'true' else ''}")
+    typer.echo(f"  -> data       {d['hash']}  (source {d['source']})")
+    for key, value in d["where"].items():
+        typer.echo(f"       {key}: {value}")
 
 
 @app.command()
 def reproduce(version: str) -> None:
-    """Restore the data VERSION was trained on and retrain it."""
-    raise _not_yet("reproduce")
+    """Restore the exact data VERSION was trained on (through DVC) and retrain it on the CPU."""
+    from pipeline.lineage import DataVersionError
+    from pipeline.reproduce import reproduce as run_reproduce
+
+    settings, params = _context()
+    with _registry_errors():
+        try:
+            out = run_reproduce(settings, params, version)
+        except DataVersionError as exc:
+            raise _fail(str(exc)) from exc
+    typer.echo(f"data {out['data_hash']} restored to {out['data_dir']} (hash verified)")
+    typer.echo(
+        f"test accuracy: original {out['original_test_accuracy']}, "
+        f"reproduced {out['reproduced_test_accuracy']}: "
+        f"{'identical' if out['match'] else 'DIFFERENT'}"
+    )
+    if not out["match"]:
+        raise typer.Exit(3 if out["original_device"] == "cpu" else 0)
 
 
 if __name__ == "__main__":

@@ -80,6 +80,11 @@ class Settings(BaseSettings):
         return self.data_dir / "reports"
 
     @property
+    def loop_dir(self) -> Path:
+        """The loop's DVC-versioned data: bootstrap pool + pulled feedback."""
+        return self.data_dir / "loop"
+
+    @property
     def models_dir(self) -> Path:
         return self.root / "models"
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import subprocess
+from contextlib import contextmanager, redirect_stdout
 from pathlib import Path
 
 from pipeline.ingest import file_md5
@@ -51,3 +52,85 @@ def lineage_tags(root: Path, data_hash: str, source: str, device: str, warm_star
         "device": device,
         "warm_start": str(warm_start).lower(),
     }
+
+
+# --- DVC data versions ------------------------------------------------------------------------
+
+
+class DataVersionError(RuntimeError):
+    pass
+
+
+@contextmanager
+def _quiet_dvc():
+    """DVC prints git hints ("To track the changes with git...") meant for its own CLI."""
+    import io
+    import logging
+
+    loggers = [logging.getLogger(n) for n in ("dvc", "dvc_data", "dvc_objects", "scmrepo")]
+    levels = [lg.level for lg in loggers]
+    for lg in loggers:
+        lg.setLevel(logging.WARNING)
+    try:
+        with redirect_stdout(io.StringIO()):
+            yield
+    finally:
+        for lg, level in zip(loggers, levels, strict=True):
+            lg.setLevel(level)
+
+
+def ensure_dvc_repo(root: Path) -> None:
+    """The loop versions its data with DVC: make `root` a git + DVC repository if it is not."""
+    from dvc.repo import Repo
+
+    if (root / ".dvc").is_dir():
+        return
+    if not (root / ".git").exists():
+        subprocess.run(["git", "init", "-q"], cwd=root, check=True)
+    with _quiet_dvc():
+        Repo.init(str(root))
+    with Repo(str(root)) as repo, repo.config.edit() as conf:
+        conf["core"]["analytics"] = "false"
+
+
+def version_data(root: Path, data_dir: Path, push: bool = True) -> str:
+    """`dvc add` the directory (a new data version) and push it; returns DVC's hash of it."""
+    from dvc.repo import Repo
+
+    target = str(data_dir.relative_to(root))
+    with _quiet_dvc(), Repo(str(root)) as repo:
+        repo.add(target)
+        digest = _dvc_hash(data_dir)
+        if push and repo.config["core"].get("remote"):
+            repo.push(targets=[target + ".dvc"])
+    return digest
+
+
+def _dvc_hash(data_dir: Path) -> str:
+    import yaml
+
+    dvcfile = data_dir.with_name(data_dir.name + ".dvc")
+    return yaml.safe_load(dvcfile.read_text())["outs"][0]["md5"]
+
+
+def restore_data(root: Path, data_dir: Path, digest: str) -> None:
+    """Put the data version `digest` (a directory's `.dir` hash or a file's) at `data_dir`
+    through DVC (its cache, else the remote), then check what is there hashes to `digest`."""
+    import yaml
+    from dvc.repo import Repo
+
+    data_dir.parent.mkdir(parents=True, exist_ok=True)
+    dvcfile = data_dir.with_name(data_dir.name + ".dvc")
+    spec = {"outs": [{"md5": digest, "path": data_dir.name, "hash": "md5"}]}
+    dvcfile.write_text(yaml.safe_dump(spec, sort_keys=False))
+    target = str(dvcfile.relative_to(root))
+    with _quiet_dvc(), Repo(str(root)) as repo:
+        try:
+            repo.checkout(targets=[target], force=True)
+        except Exception:  # noqa: BLE001 - not in the local cache: fetch it from the remote
+            repo.pull(targets=[target], force=True)
+        repo.add(str(data_dir.relative_to(root)))  # re-hash what is on disk
+    if _dvc_hash(data_dir) != digest:
+        raise DataVersionError(
+            f"restored {data_dir} hashes to {_dvc_hash(data_dir)}, expected {digest}"
+        )

@@ -119,25 +119,62 @@ def features_labels(frame: pd.DataFrame, schema: Schema) -> tuple[np.ndarray, np
 
 def preprocess(raw: Path, out_dir: Path, params: dict) -> dict:
     """Split the raw snapshot, fit the preprocessor on train, write splits + state + report."""
-    frame = pd.read_parquet(raw)
-    schema = Schema(tuple(c for c in frame.columns if c != LABEL), params["data"]["num_classes"])
+    return preprocess_frames(pd.read_parquet(raw), out_dir, params, file_md5(raw))
+
+
+def preprocess_frames(
+    base: pd.DataFrame,
+    out_dir: Path,
+    params: dict,
+    data_hash: str,
+    extra: pd.DataFrame | None = None,
+) -> dict:
+    """Split `base` into train/val/test; `extra` rows (feedback) join train and val only, so
+    the test split stays the same across data versions and rounds compare like with like.
+
+    Cached by data hash: when out_dir already holds this data version's output made with the
+    same split parameters, nothing is recomputed.
+    """
+    key = {"data_hash": data_hash, "seed": params["seed"], "split": params["split"]}
+    cached = _cached_report(out_dir, key)
+    if cached is not None:
+        log.info("preprocess: data version %s already processed (cached)", data_hash[:10])
+        return cached
+    schema = Schema(tuple(c for c in base.columns if c != LABEL), params["data"]["num_classes"])
     split = params["split"]
-    parts = split_frame(frame, split["val_size"], split["test_size"], params["seed"])
+    parts = split_frame(base, split["val_size"], split["test_size"], params["seed"])
+    if extra is not None and len(extra):
+        extra = extra.loc[:, [LABEL, *schema.feature_names]]
+        val_share = split["val_size"] / (1 - split["test_size"])
+        picks = np.random.default_rng(params["seed"]).random(len(extra)) < val_share
+        parts["train"] = pd.concat([parts["train"], extra[~picks]], ignore_index=True)
+        parts["val"] = pd.concat([parts["val"], extra[picks]], ignore_index=True)
     train_x, _ = features_labels(parts["train"], schema)
     preprocessor = Preprocessor.fit(train_x, schema)
     for name, part in parts.items():
         write_parquet_atomic(part, out_dir / f"{name}.parquet")
     preprocessor.save(out_dir / "preprocessor.json")
     report = {
-        "data_hash": file_md5(raw),
+        **key,
         "rows": {name: len(part) for name, part in parts.items()},
+        "feedback_rows": 0 if extra is None else len(extra),
         "n_features": schema.n_features,
         "image_side": schema.image_side,
         "num_classes": schema.num_classes,
     }
     write_json_atomic(report, out_dir / "report.json")
-    log.info("preprocessed %s: %s, image side %s", raw, report["rows"], schema.image_side)
+    log.info(
+        "preprocessed data %s: %s, image side %s", data_hash[:10], report["rows"], schema.image_side
+    )
     return report
+
+
+def _cached_report(out_dir: Path, key: dict) -> dict | None:
+    path = out_dir / "report.json"
+    if not path.exists() or not all((out_dir / f"{s}.parquet").exists() for s in SPLITS):
+        return None
+    report = json.loads(path.read_text())
+    return report if all(report.get(k) == v for k, v in key.items()) else None
 
 
 def augment_batch(batch, max_shift: int, noise_std: float, generator=None):

@@ -14,6 +14,7 @@ import logging
 import os
 import tempfile
 import time
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -182,7 +183,9 @@ def log_model(run_id: str, predictor: Predictor, example_rows: np.ndarray) -> st
     probs = predictor.predict_proba(example.to_numpy())
     output = pd.DataFrame(probs, columns=[f"prob_{i}" for i in range(probs.shape[1])])
     output.insert(0, "label", probs.argmax(1))
-    with tempfile.TemporaryDirectory() as tmp:
+    with tempfile.TemporaryDirectory() as tmp, warnings.catch_warnings():
+        # MLflow hints about integer output columns and type hints: not relevant to this model.
+        warnings.simplefilter("ignore", UserWarning)
         model_dir = Path(tmp) / "model_dir"  # the artifact keeps this directory's name
         predictor.save(model_dir)
         with mlflow.start_run(run_id=run_id):

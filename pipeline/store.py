@@ -39,6 +39,16 @@ predictions = sa.Table(
 )
 
 
+drift_reports = sa.Table(
+    "drift_reports",
+    metadata,
+    sa.Column("seq", sa.Integer, primary_key=True, autoincrement=True),
+    sa.Column("created_at", sa.Float(precision=53), nullable=False),
+    sa.Column("score", sa.Float, nullable=False),
+    sa.Column("report", sa.Text, nullable=False),  # JSON
+)
+
+
 class StoreUnavailable(RuntimeError):
     """The prediction store cannot be written or read right now."""
 
@@ -198,6 +208,22 @@ class PredictionStore:
             stmt = stmt.where(predictions.c.true_label.is_not(None))
         with self._read() as conn:
             return int(conn.execute(stmt).scalar_one())
+
+    def add_drift(self, score: float, report: str) -> None:
+        try:
+            with self.engine.begin() as conn:
+                conn.execute(
+                    drift_reports.insert().values(
+                        created_at=time.time(), score=score, report=report
+                    )
+                )
+        except sa.exc.SQLAlchemyError as exc:
+            raise StoreUnavailable(f"prediction store {self.safe_url}: {_short(exc)}") from exc
+
+    def latest_drift(self) -> float | None:
+        stmt = sa.select(drift_reports.c.score).order_by(drift_reports.c.seq.desc()).limit(1)
+        with self._read() as conn:
+            return conn.execute(stmt).scalar_one_or_none()
 
     def ping(self) -> None:
         with self._read() as conn:

@@ -230,6 +230,12 @@ def _routes(settings: Settings):
     @router.get("/metrics", tags=["ops"])
     async def prometheus(state: StateDep) -> Response:
         """Prometheus metrics."""
+        try:
+            score = await asyncio.to_thread(state.store.latest_drift)
+            if score is not None:
+                metrics.DRIFT.set(score)
+        except Exception:  # noqa: BLE001 - metrics must answer even when the store is down
+            pass
         content, media = metrics.render()
         return Response(content, media_type=media)
 

@@ -1,0 +1,118 @@
+"""The closed loop as a Prefect flow; its body reads like the diagram:
+
+data source -> data processing -> training -> optimisation -> deployment -> feedback -> data source
+"""
+
+from __future__ import annotations
+
+import time
+
+import numpy as np
+from prefect import flow, get_run_logger
+from prefect.artifacts import create_markdown_artifact
+
+from flows.tasks import (
+    _context,
+    check_drift,
+    deploy,
+    ingest_bootstrap,
+    preprocess_data,
+    promote,
+    pull_feedback,
+    send_labels,
+    send_traffic,
+    start_api,
+    stop_api,
+    train_model,
+    version_data,
+)
+
+
+def production_stream(
+    params: dict, rounds: int, drift: bool
+) -> list[tuple[np.ndarray, np.ndarray]]:
+    """The digits the bootstrap pool left out, in `rounds` chunks: what clients will send.
+
+    With `drift`, every image is shifted two pixels right (zeros shifted in), a change of
+    the input distribution that the drift check must see.
+    """
+    from pipeline.ingest import load_digits_frame
+
+    stream = load_digits_frame("stream", params["data"]["bootstrap_fraction"], params["seed"])
+    x = stream.drop(columns="label").to_numpy(np.float32)
+    y = stream["label"].to_numpy()
+    if drift:
+        images = x.reshape(-1, 8, 8)
+        shifted = np.zeros_like(images)
+        shifted[:, :, 2:] = images[:, :, :-2]
+        x = shifted.reshape(-1, 64)
+    return [
+        (xs, ys)
+        for xs, ys in zip(np.array_split(x, rounds), np.array_split(y, rounds), strict=True)
+    ]
+
+
+@flow(name="mlops-loop", flow_run_name="loop: {rounds} rounds on {source}", log_prints=True)
+def loop_flow(
+    rounds: int = 2,
+    source: str = "digits",
+    trials: int | None = None,
+    epochs: int | None = None,
+    drift: bool = False,
+) -> list[dict]:
+    settings, params = _context()
+    trials = params.get("tune", {}).get("trials", 0) if trials is None else trials
+    warm = params["train"].get("warm_start", False)
+    if source != "digits":
+        get_run_logger().warning(
+            "source %s: no production stream to simulate; the loop "
+            "trains once per round on the data it has",
+            source,
+        )
+    stream = production_stream(params, rounds, drift) if source == "digits" else []
+
+    ingest_bootstrap(source)
+    server = start_api()
+    summary: list[dict] = []
+    try:
+        for round_no in range(1, rounds + 1):
+            data_hash = version_data()  # data source
+            split = preprocess_data(data_hash)  # data processing
+            model = train_model(round_no, trials, epochs, warm)  # training + optimisation
+            decision = promote(model["version"])
+            serving = deploy(server)  # deployment
+            row = {
+                "round": round_no,
+                "data_version": data_hash[:10],
+                "rows": split["rows"]["train"] + split["rows"]["val"] + split["rows"]["test"],
+                "feedback_rows": split["feedback_rows"],
+                "model_version": model["version"],
+                "test_accuracy": model["accuracy"],
+                "promoted": decision["promoted"],
+                "serving": serving,
+            }
+            if stream:  # feedback
+                x, y = stream[round_no - 1]
+                started = time.time()
+                traffic = send_traffic(server, x, round_no)
+                send_labels(server, traffic["ids"], y, round_no)
+                row["drift_score"] = check_drift(started).get("score")
+                row["pulled"] = pull_feedback()["new"]  # -> data source
+            summary.append(row)
+            _publish(row, decision)
+        if stream:
+            version_data()  # the last pull becomes a data version too: nothing is left unversioned
+    finally:
+        stop_api(server)
+    return summary
+
+
+def _publish(row: dict, decision: dict) -> None:
+    lines = ["| field | value |", "| --- | --- |"]
+    lines += [f"| {k} | {v} |" for k, v in row.items()]
+    lines.append(f"| promotion | {decision['reason']} |")
+    create_markdown_artifact(
+        "\n".join(lines),
+        key=f"loop-round-{row['round']}",
+        description=f"round {row['round']} of the loop",
+    )

@@ -1,0 +1,170 @@
+"""`mlops lineage` and `mlops reproduce`: walk a prediction back to its data, and rebuild a
+model version from that data with the same parameters."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import fields
+
+import pandas as pd
+
+log = logging.getLogger(__name__)
+
+
+def trace(settings, prediction_id: str) -> dict:
+    """prediction -> model version -> MLflow run -> git commit -> data version -> location."""
+    import mlflow
+
+    from pipeline.registry import RegistryError, configure_tracking, with_retries
+    from pipeline.store import PredictionStore
+
+    store = PredictionStore(settings.prediction_db)
+    try:
+        row = store.get([prediction_id]).get(prediction_id)
+    finally:
+        store.dispose()
+    if row is None:
+        raise RegistryError(f"no prediction with id {prediction_id!r} in {store.safe_url}")
+    configure_tracking(settings)
+    client = mlflow.MlflowClient()
+    mv = with_retries(
+        "reading the model version",
+        lambda: client.get_model_version(row["model_name"], row["model_version"]),
+    )
+    run = client.get_run(mv.run_id)
+    tags = run.data.tags
+    data_hash = tags.get("data_hash", "unknown")
+    return {
+        "prediction": {
+            "id": prediction_id,
+            "label": row["label"],
+            "true_label": row["true_label"],
+            "created_at": row["created_at"],
+        },
+        "model": {"name": row["model_name"], "version": row["model_version"], "source": mv.source},
+        "run": {
+            "id": mv.run_id,
+            "experiment_id": run.info.experiment_id,
+            "params": dict(run.data.params),
+            "test_accuracy": run.data.metrics.get("test_accuracy"),
+        },
+        "code": {"git_commit": tags.get("git_commit"), "git_dirty": tags.get("git_dirty")},
+        "data": {
+            "hash": data_hash,
+            "source": tags.get("data_source"),
+            "where": _where(settings, data_hash),
+        },
+    }
+
+
+def _where(settings, data_hash: str) -> dict:
+    """Where the bytes of a data version live: the DVC cache and the default remote."""
+    digest = data_hash.removesuffix(".dir")
+    cache = (
+        settings.root
+        / ".dvc"
+        / "cache"
+        / "files"
+        / "md5"
+        / digest[:2]
+        / (digest[2:] + (".dir" if data_hash.endswith(".dir") else ""))
+    )
+    where = {
+        "dvc_cache": str(cache),
+        "in_cache": cache.exists(),
+        "restore": f"mlops reproduce <version>  (or a .dvc file with md5 {data_hash} "
+        "and `dvc checkout`)",
+    }
+    try:
+        from dvc.repo import Repo
+
+        with Repo(str(settings.root)) as repo:
+            name = repo.config["core"].get("remote")
+            if name:
+                where["dvc_remote"] = f"{name}: {repo.config['remote'][name]['url']}"
+    except Exception:  # noqa: BLE001 - not a DVC repo: the cache path is all there is
+        pass
+    return where
+
+
+def reproduce(settings, params: dict, version: str) -> dict:
+    """Restore the exact data `version` was trained on (hash verified) and retrain it with
+    the same parameters on the CPU; returns the original and the reproduced metrics."""
+    import mlflow
+    import torch
+
+    from pipeline.feedback import BOOTSTRAP, FEEDBACK, ID
+    from pipeline.lineage import restore_data
+    from pipeline.model import CHECKPOINT, Predictor
+    from pipeline.preprocess import features_labels, preprocess_frames
+    from pipeline.registry import configure_tracking, download_model, with_retries
+    from pipeline.train import SplitData, TrainParams, train_model
+
+    configure_tracking(settings)
+    client = mlflow.MlflowClient()
+    mv = with_retries(
+        "reading the model version", lambda: client.get_model_version(settings.model_name, version)
+    )
+    run = client.get_run(mv.run_id)
+    digest = run.data.tags["data_hash"]
+    work = settings.data_dir / "reproduce" / f"v{version}"
+    is_dir = digest.endswith(".dir")
+    target = work / ("loop" if is_dir else "dataset.parquet")
+    restore_data(settings.root, target, digest)
+    if is_dir:
+        feedback = target / FEEDBACK
+        base = pd.read_parquet(target / BOOTSTRAP)
+        extra = pd.read_parquet(feedback).drop(columns=[ID]) if feedback.exists() else None
+    else:
+        base, extra = pd.read_parquet(target), None
+    run_params = dict(run.data.params)
+    repro_params = {
+        **params,
+        "seed": int(run_params["seed"]),
+        "split": {
+            "val_size": float(run_params["split_val_size"]),
+            "test_size": float(run_params["split_test_size"]),
+        },
+    }
+    processed = work / "processed"
+    preprocess_frames(base, processed, repro_params, digest, extra)
+    tp = TrainParams(
+        **{
+            f.name: _cast(f.type, run_params[f.name])
+            for f in fields(TrainParams)
+            if f.name in run_params
+        }
+    )
+    init = None
+    if run.data.tags.get("warm_start") == "true":
+        model_dir, _ = download_model(settings.model_name, run.data.tags["warm_start_from"])
+        init = torch.load(model_dir / CHECKPOINT, map_location="cpu", weights_only=True)[
+            "state_dict"
+        ]
+    data = SplitData.load(processed)
+    result = train_model(data, tp, "cpu", init_state=init, show_progress=False)
+    predictor = Predictor(result.model, result.cfg, data.preprocessor)
+    x, y = features_labels(pd.read_parquet(processed / "test.parquet"), data.preprocessor.schema)
+    accuracy = float((predictor.predict(x) == y).mean())
+    original = run.data.metrics.get("test_accuracy")
+    return {
+        "version": version,
+        "data_hash": digest,
+        "data_dir": str(target),
+        "params": {k: getattr(tp, k) for k in ("epochs", "batch_size", "lr", "hidden")},
+        "original_test_accuracy": original,
+        "reproduced_test_accuracy": accuracy,
+        "match": original is not None and abs(original - accuracy) < 1e-12,
+        "original_device": run.data.tags.get("device"),
+    }
+
+
+def _cast(kind, value: str):
+    kind = str(kind)
+    if "bool" in kind:
+        return value == "True"
+    if "int" in kind:
+        return int(value)
+    if "float" in kind:
+        return float(value)
+    return value
