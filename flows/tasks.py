@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import os
 import secrets
 import signal
@@ -19,6 +20,14 @@ from prefect import get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 
 IO_RETRIES = {"retries": 3, "retry_delay_seconds": [2, 5, 15]}
+
+
+def _logger():
+    """Prefect's run logger inside a run; a plain logger when a task's .fn is called directly."""
+    try:
+        return get_run_logger()
+    except Exception:  # noqa: BLE001 - MissingContextError outside a run
+        return logging.getLogger("flows")
 
 
 def _context():
@@ -47,7 +56,7 @@ def ingest_bootstrap(source: str) -> dict:
         params,
         name=BOOTSTRAP.removesuffix(".parquet"),
     )
-    get_run_logger().info(
+    _logger().info(
         "%d rows from %s (%d quarantined)", report.rows_ok, source, report.rows_quarantined
     )
     return report.to_dict()
@@ -59,7 +68,7 @@ def version_data() -> str:
 
     settings, _ = _context()
     digest = dvc_version(settings.root, settings.loop_dir)
-    get_run_logger().info("data version %s", digest)
+    _logger().info("data version %s", digest)
     return digest
 
 
@@ -113,9 +122,7 @@ def promote(version: str) -> dict:
     pre = Preprocessor.load(settings.processed_dir / "preprocessor.json")
     x, y = raw_test_set(settings, pre.schema)
     d = promote_if_better(settings, version, x, y, params.get("promote", {}).get("margin", 0.0))
-    get_run_logger().info(
-        "v%s %s: %s", version, "promoted" if d.promoted else "not promoted", d.reason
-    )
+    _logger().info("v%s %s: %s", version, "promoted" if d.promoted else "not promoted", d.reason)
     return {"promoted": d.promoted, "champion_score": d.champion_score, "reason": d.reason}
 
 
@@ -165,7 +172,7 @@ def start_api() -> ApiServer:
             )
         try:
             if httpx.get(url + "/health", timeout=1).status_code == 200:
-                get_run_logger().info("API server on %s (pid %d)", url, proc.pid)
+                _logger().info("API server on %s (pid %d)", url, proc.pid)
                 return ApiServer(proc, url, token)
         except httpx.HTTPError:
             pass
@@ -185,7 +192,7 @@ def deploy(server: ApiServer) -> str:
     if res.status_code != 200:
         raise RuntimeError(f"reload failed: {res.status_code} {res.text[:300]}")
     version = res.json()["model_version"]
-    get_run_logger().info("API serves v%s", version)
+    _logger().info("API serves v%s", version)
     return version
 
 
@@ -235,7 +242,7 @@ def send_traffic(
         t.join()
     if errors:
         raise RuntimeError(f"{len(errors)} failed predictions, first: {errors[0]}")
-    get_run_logger().info("%d rows predicted by v%s", len(results), ",".join(sorted(versions)))
+    _logger().info("%d rows predicted by v%s", len(results), ",".join(sorted(versions)))
     return {"ids": list(results), "versions": sorted(versions)}
 
 
@@ -326,7 +333,7 @@ def check_drift(since: float) -> dict:
             mlflow.log_artifact(
                 str(drift_plot(report, reference, current, Path(tmp) / "drift.png")), "drift"
             )
-        get_run_logger().info(
+        _logger().info(
             "drift score %.2f (%s), class PSI %.3f, confidence %.3f -> %.3f",
             report.score,
             "DRIFT" if report.drifted else "ok",

@@ -125,7 +125,5 @@ def should_retrain(
         return True, f"{new_labels} new labels (threshold {cfg.min_new_labels})"
     if drift_score is not None and drift_score >= cfg.drift_threshold:
         return True, f"drift score {drift_score:.2f} >= {cfg.drift_threshold}"
-    return (
-        False,
-        f"{new_labels} new labels, drift {drift_score if drift_score is not None else 'n/a'}",
-    )
+    shown = "n/a" if drift_score is None else f"{drift_score:.2f}"
+    return False, f"{new_labels} new labels, drift {shown}: below both thresholds"

@@ -62,19 +62,25 @@ class DataVersionError(RuntimeError):
 
 
 @contextmanager
-def _quiet_dvc():
-    """DVC prints git hints ("To track the changes with git...") meant for its own CLI."""
+def _quiet_dvc(root: Path | None = None):
+    """Run DVC from `root` (it resolves paths against the working directory) and keep its
+    CLI hints ("To track the changes with git...") out of our output."""
     import io
     import logging
+    import os
 
     loggers = [logging.getLogger(n) for n in ("dvc", "dvc_data", "dvc_objects", "scmrepo")]
     levels = [lg.level for lg in loggers]
     for lg in loggers:
         lg.setLevel(logging.WARNING)
+    cwd = os.getcwd()
     try:
+        if root is not None:
+            os.chdir(root)
         with redirect_stdout(io.StringIO()):
             yield
     finally:
+        os.chdir(cwd)
         for lg, level in zip(loggers, levels, strict=True):
             lg.setLevel(level)
 
@@ -87,7 +93,7 @@ def ensure_dvc_repo(root: Path) -> None:
         return
     if not (root / ".git").exists():
         subprocess.run(["git", "init", "-q"], cwd=root, check=True)
-    with _quiet_dvc():
+    with _quiet_dvc(root):
         Repo.init(str(root))
     with Repo(str(root)) as repo, repo.config.edit() as conf:
         conf["core"]["analytics"] = "false"
@@ -98,7 +104,7 @@ def version_data(root: Path, data_dir: Path, push: bool = True) -> str:
     from dvc.repo import Repo
 
     target = str(data_dir.relative_to(root))
-    with _quiet_dvc(), Repo(str(root)) as repo:
+    with _quiet_dvc(root), Repo(str(root)) as repo:
         repo.add(target)
         digest = _dvc_hash(data_dir)
         if push and repo.config["core"].get("remote"):
@@ -124,7 +130,7 @@ def restore_data(root: Path, data_dir: Path, digest: str) -> None:
     spec = {"outs": [{"md5": digest, "path": data_dir.name, "hash": "md5"}]}
     dvcfile.write_text(yaml.safe_dump(spec, sort_keys=False))
     target = str(dvcfile.relative_to(root))
-    with _quiet_dvc(), Repo(str(root)) as repo:
+    with _quiet_dvc(root), Repo(str(root)) as repo:
         try:
             repo.checkout(targets=[target], force=True)
         except Exception:  # noqa: BLE001 - not in the local cache: fetch it from the remote

@@ -45,3 +45,21 @@ def params(project: Path) -> dict:
     from pipeline.config import load_params
 
     return load_params(project / "params.yaml")
+
+
+@pytest.fixture
+def pg_url():
+    """A fresh PostgreSQL database on the local server (dropped afterwards)."""
+    import uuid
+
+    psycopg = pytest.importorskip("psycopg")
+    admin = os.environ.get("MLOPS_TEST_PG_ADMIN", "postgresql://postgres@127.0.0.1:5432/postgres")
+    name = f"mlops_test_{uuid.uuid4().hex[:10]}"
+    try:
+        with psycopg.connect(admin, autocommit=True, connect_timeout=3) as conn:
+            conn.execute(f'CREATE DATABASE "{name}"')
+    except psycopg.OperationalError as exc:
+        pytest.skip(f"no PostgreSQL at {admin}: {exc}")
+    yield admin.rsplit("/", 1)[0] + f"/{name}"
+    with psycopg.connect(admin, autocommit=True) as conn:
+        conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')

@@ -102,8 +102,10 @@ def test_kill_9_loses_no_acknowledged_prediction(served, live_server, digits_row
     assert set(stored) == set(acknowledged)
 
 
-def test_two_workers_log_each_id_exactly_once(served, live_server, digits_rows):
-    server = live_server(workers=2)
+@pytest.mark.parametrize("backend", ["sqlite", "postgresql"])
+def test_two_workers_log_each_id_exactly_once(served, live_server, digits_rows, backend, request):
+    url = get_settings().prediction_db if backend == "sqlite" else request.getfixturevalue("pg_url")
+    server = live_server(workers=2, env={"MLOPS_PREDICTION_DB_URL": url})
     ids = [f"w-{i}" for i in range(60)]
     with httpx.Client(base_url=server.url, timeout=10) as http:
         for _attempt in range(2):  # every request sent twice: the retry must not duplicate
@@ -115,5 +117,5 @@ def test_two_workers_log_each_id_exactly_once(served, live_server, digits_rows):
                 )
                 assert res.status_code == 200, res.text
         metrics = http.get("/metrics").text
-    assert PredictionStore(get_settings().prediction_db).count() == 60
+    assert PredictionStore(url).count() == 60
     assert "mlops_predictions_logged_total" in metrics

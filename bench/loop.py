@@ -1,0 +1,99 @@
+"""Orchestration overhead: one default demo round through Prefect against the same pipeline
+steps called directly (each task's `.fn`), measured in one run, in fresh projects.
+
+    python bench/loop.py [--repeats 2]
+
+Prints both wall times and the overhead ratio (target: at most 15%).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+os.environ.setdefault("DO_NOT_TRACK", "1")
+os.environ["MLOPS_RELOAD_INTERVAL_S"] = "0"
+
+
+def _fresh_project(base: Path, name: str) -> Path:
+    from pipeline.config import get_settings
+
+    root = base / name
+    root.mkdir()
+    shutil.copy(REPO / "params.yaml", root / "params.yaml")
+    subprocess.run(["git", "init", "-q"], cwd=root, check=True)
+    os.environ["MLOPS_ROOT"] = str(root)
+    os.environ.pop("MLFLOW_TRACKING_URI", None)
+    get_settings.cache_clear()
+    return root
+
+
+def direct_round() -> None:
+    """The loop's round 1 with the very same steps, no orchestration."""
+    from flows import tasks as t
+    from flows.loop import production_stream
+
+    settings, params = t._context()
+    trials = params.get("tune", {}).get("trials", 0)
+    x, y = production_stream(params, 1, False)[0]
+    t.ingest_bootstrap.fn(params["data"]["source"])
+    server = t.start_api.fn()
+    try:
+        digest = t.version_data.fn()
+        t.preprocess_data.fn(digest)
+        model = t.train_model.fn(1, trials, None, False)
+        t.promote.fn(model["version"])
+        t.deploy.fn(server)
+        started = time.time()
+        traffic = t.send_traffic.fn(server, x, 1)
+        t.send_labels.fn(server, traffic["ids"], y, 1)
+        t.check_drift.fn(started)
+        t.pull_feedback.fn()
+        t.version_data.fn()
+    finally:
+        t.stop_api.fn(server)
+
+
+def prefect_round() -> None:
+    from flows.loop import loop_flow
+
+    loop_flow(rounds=1, source="digits")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--repeats", type=int, default=2)
+    args = parser.parse_args()
+    from prefect import flow
+
+    @flow
+    def warm() -> int:  # start Prefect's temporary API outside the measurement
+        return 1
+
+    warm()
+    times: dict[str, list[float]] = {"direct": [], "prefect": []}
+    with tempfile.TemporaryDirectory() as tmp:
+        for k in range(args.repeats):
+            for name, fn in (("direct", direct_round), ("prefect", prefect_round)):
+                _fresh_project(Path(tmp), f"{name}-{k}")
+                start = time.perf_counter()
+                fn()
+                times[name].append(time.perf_counter() - start)
+                print(f"{name:8} run {k + 1}: {times[name][-1]:.1f} s", file=sys.stderr)
+    direct, orchestrated = min(times["direct"]), min(times["prefect"])
+    print(f"direct pipeline calls : {direct:6.1f} s (best of {args.repeats})")
+    print(f"through Prefect       : {orchestrated:6.1f} s (best of {args.repeats})")
+    print(f"orchestration overhead: {orchestrated / direct - 1:6.1%} (target <= 15%)")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,75 @@
+"""`mlops run --rounds 2` end to end, as a user runs it: real MLflow SQLite, real git + DVC
+repository, real server process; then lineage of a real prediction and reproduction."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import sqlite3
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import REPO
+
+pytestmark = [pytest.mark.slow, pytest.mark.integration]
+BIN = Path(sys.executable).parent
+
+
+def _mlops(root: Path, *args: str, timeout: int = 600) -> subprocess.CompletedProcess:
+    env = {
+        **os.environ,
+        "MLOPS_ROOT": str(root),
+        "COLUMNS": "200",
+        "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}",
+    }
+    env.pop("MLFLOW_TRACKING_URI", None)
+    env.pop("PREFECT_API_URL", None)
+    return subprocess.run(
+        [str(BIN / "mlops"), *args],
+        cwd=root,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+
+
+def test_mlops_run_two_rounds_then_lineage_and_reproduce(tmp_path):
+    root = tmp_path / "demo"
+    root.mkdir()
+    shutil.copy(REPO / "params.yaml", root / "params.yaml")
+    subprocess.run(["git", "init", "-q"], cwd=root, check=True)
+
+    done = _mlops(root, "run", "--rounds", "2", "--trials", "1", "--epochs", "5")
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    table = [line for line in done.stdout.splitlines() if line.startswith("│")]
+    assert len(table) == 2, done.stdout[-2000:]
+    cells = [[c.strip() for c in line.strip("│").split("│")] for line in table]
+    assert [c[0] for c in cells] == ["1", "2"]
+    assert int(cells[1][2]) > int(cells[0][2])  # round 2 trained on the feedback too
+    assert "Traceback" not in done.stdout + done.stderr
+
+    pid = (
+        sqlite3.connect(root / "predictions.db")
+        .execute(
+            "SELECT id FROM predictions WHERE true_label IS NOT NULL AND model_version = '1' "
+            "LIMIT 1"
+        )
+        .fetchone()[0]
+    )
+    lineage = _mlops(root, "lineage", pid, "--json")
+    assert lineage.returncode == 0, lineage.stderr
+    info = json.loads(lineage.stdout)
+    assert info["model"]["version"] == "1" and info["data"]["hash"].endswith(".dir")
+    assert info["data"]["where"]["in_cache"] is True
+
+    repro = _mlops(root, "reproduce", "2")
+    assert repro.returncode == 0, repro.stdout + repro.stderr
+    assert "hash verified" in repro.stdout and "identical" in repro.stdout
+
+    missing = _mlops(root, "lineage", "no-such-id")
+    assert missing.returncode == 1 and "no prediction with id 'no-such-id'" in missing.stderr

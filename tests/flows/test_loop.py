@@ -1,0 +1,75 @@
+"""The loop, retraining and monitor flows under a real Prefect API, on tiny settings."""
+
+from __future__ import annotations
+
+import mlflow
+import pandas as pd
+import pytest
+
+from pipeline.config import get_settings
+from pipeline.feedback import FEEDBACK
+from pipeline.store import PredictionStore
+
+pytestmark = [pytest.mark.slow, pytest.mark.integration]
+
+
+def test_loop_flow_closes_the_loop(prefect_api, loop_project, monkeypatch):
+    from prefect.client.orchestration import get_client
+
+    from flows.loop import loop_flow
+    from flows.retrain import monitor_flow
+
+    monkeypatch.setenv("MLOPS_RELOAD_INTERVAL_S", "0")
+    rows = loop_flow(rounds=2, source="digits", trials=1, epochs=4)
+    settings = get_settings()
+
+    assert [r["round"] for r in rows] == [1, 2]
+    first, second = rows
+    assert first["promoted"] and first["serving"] == first["model_version"] == "1"
+    assert second["model_version"] == "2" and second["feedback_rows"] > 0
+    assert second["rows"] > first["rows"] and second["data_version"] != first["data_version"]
+    assert second["serving"] == ("2" if second["promoted"] else "1")
+
+    # every answered row was logged; labels were joined; feedback became data
+    store = PredictionStore(settings.prediction_db)
+    logged, labelled = store.count(), store.count(labelled=True)
+    assert logged == labelled == 1797 - 628
+    feedback = pd.read_parquet(settings.loop_dir / FEEDBACK)
+    assert len(feedback) == labelled and feedback["id"].is_unique
+    assert (settings.root / "data" / "loop.dvc").exists()
+
+    # model versions carry the data version they were trained on
+    client = mlflow.MlflowClient()
+    hashes = [
+        client.get_model_version(settings.model_name, v).tags["data_hash"] for v in ("1", "2")
+    ]
+    assert hashes[0][:10] == first["data_version"] and hashes[1][:10] == second["data_version"]
+    assert all(h.endswith(".dir") for h in hashes)
+
+    with get_client(sync_client=True) as prefect:
+        keys = {a.key for a in prefect.read_artifacts()}
+    assert {"loop-round-1", "loop-round-2"} <= keys
+
+    # the monitor: all labels are pulled already, no drift -> no retraining
+    decision = monitor_flow()
+    assert decision["retrain"] is False and decision["new_labels"] == 0
+
+
+def test_monitor_triggers_retraining_on_new_labels(prefect_api, loop_project, monkeypatch):
+    from flows.loop import loop_flow
+    from flows.retrain import monitor_flow
+
+    monkeypatch.setenv("MLOPS_RELOAD_INTERVAL_S", "0")
+    loop_flow(rounds=1, source="digits", trials=0, epochs=2)
+    settings = get_settings()
+    store = PredictionStore(settings.prediction_db)
+    # relabel 5 rows: the pull watermark moves past them, so they count as new labels
+    ids = [r["id"] for r in store.labelled_since(0)[:5]]
+    store.add_labels([(i, 0) for i in ids], overwrite=True)
+    params = settings.params_path.read_text().replace("min_new_labels: 200", "min_new_labels: 5")
+    settings.params_path.write_text(params.replace("cooldown_s: 600", "cooldown_s: 0"))
+
+    decision = monitor_flow()
+    assert decision["retrain"] is True and "5 new labels" in decision["reason"]
+    versions = mlflow.MlflowClient().search_model_versions(f"name='{settings.model_name}'")
+    assert len(versions) == 2  # the retraining run registered a second version

@@ -1,0 +1,117 @@
+"""Feedback pull: only labelled rows, de-duplicated, watermarked, safe when run twice at once."""
+
+from __future__ import annotations
+
+import threading
+import time
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from pipeline.feedback import FEEDBACK, pull_feedback, read_state, training_frames
+from pipeline.store import PredictionStore, encode_rows
+from pipeline.validate import Schema
+
+SCHEMA = Schema(tuple(f"pixel{i}" for i in range(64)), 10)
+
+
+@pytest.fixture
+def store(tmp_path) -> PredictionStore:
+    s = PredictionStore(f"sqlite:///{tmp_path / 'log.db'}").create()
+    yield s
+    s.dispose()
+
+
+def _log(store: PredictionStore, ids: list[str], features: np.ndarray | None = None) -> None:
+    x = (
+        features
+        if features is not None
+        else np.random.default_rng(0).random((len(ids), 64), dtype=np.float32) * 16
+    )
+    probs = np.full((len(ids), 10), 0.1, np.float32)
+    store.insert(
+        [
+            (i, time.time(), "m", "1", f, 3, p, 1.0)
+            for i, f, p in zip(ids, encode_rows(x), encode_rows(probs), strict=True)
+        ]
+    )
+
+
+def test_only_labelled_rows_come_back_with_the_true_label(store, tmp_path):
+    _log(store, ["a", "b", "c"])
+    store.add_labels([("a", 7), ("c", 1)])
+    report = pull_feedback(store, tmp_path / "loop", SCHEMA, tmp_path / "q")
+    assert (report.pulled, report.new, report.total_feedback) == (2, 2, 2)
+    frame = pd.read_parquet(tmp_path / "loop" / FEEDBACK)
+    assert dict(zip(frame["id"], frame["label"], strict=True)) == {"a": 7, "c": 1}
+    # the model predicted 3 for every row: never what comes back as the label
+    assert 3 not in set(frame["label"])
+
+
+def test_second_pull_adds_nothing_and_new_labels_are_added(store, tmp_path):
+    loop = tmp_path / "loop"
+    _log(store, ["a", "b"])
+    store.add_labels([("a", 1)])
+    first = pull_feedback(store, loop, SCHEMA, tmp_path / "q")
+    before = (loop / FEEDBACK).read_bytes()
+    second = pull_feedback(store, loop, SCHEMA, tmp_path / "q")
+    assert second.new == 0 and (loop / FEEDBACK).read_bytes() == before
+    assert read_state(loop)["watermark"] == first.watermark
+    store.add_labels([("b", 2)])
+    third = pull_feedback(store, loop, SCHEMA, tmp_path / "q")
+    assert third.new == 1 and third.total_feedback == 2
+
+
+def test_relabelled_id_keeps_one_row_with_the_newest_label(store, tmp_path):
+    loop = tmp_path / "loop"
+    _log(store, ["a"])
+    store.add_labels([("a", 1)])
+    pull_feedback(store, loop, SCHEMA, tmp_path / "q")
+    time.sleep(0.01)
+    store.add_labels([("a", 2)], overwrite=True)
+    report = pull_feedback(store, loop, SCHEMA, tmp_path / "q")
+    frame = pd.read_parquet(loop / FEEDBACK)
+    assert report.new == 1 and frame["id"].tolist() == ["a"] and frame["label"].tolist() == [2]
+
+
+def test_two_pulls_at_once_duplicate_nothing(store, tmp_path):
+    loop = tmp_path / "loop"
+    ids = [f"p{i}" for i in range(300)]
+    _log(store, ids)
+    store.add_labels([(i, k % 10) for k, i in enumerate(ids)])
+    threads = [
+        threading.Thread(target=pull_feedback, args=(store, loop, SCHEMA, tmp_path / "q"))
+        for _ in range(2)
+    ]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    frame = pd.read_parquet(loop / FEEDBACK)
+    assert len(frame) == 300 and frame["id"].is_unique
+
+
+def test_bad_logged_rows_are_quarantined_not_trained_on(store, tmp_path):
+    x = np.ones((2, 64), np.float32)
+    x[1, 5] = np.inf  # cannot come from the server, but the pull checks anyway
+    _log(store, ["ok", "bad"], x)
+    store.add_labels([("ok", 1), ("bad", 2)])
+    report = pull_feedback(store, tmp_path / "loop", SCHEMA, tmp_path / "q")
+    assert (report.new, report.quarantined) == (1, 1)
+    quarantined = pd.read_csv(tmp_path / "q" / "feedback.csv")
+    assert quarantined["id"].tolist() == ["bad"] and "non-finite" in quarantined["reason"][0]
+
+
+def test_training_frames_drop_ids(store, tmp_path):
+    loop = tmp_path / "loop"
+    loop.mkdir()
+    pd.DataFrame({"label": [1], **{f"pixel{i}": [0.0] for i in range(64)}}).to_parquet(
+        loop / "bootstrap.parquet"
+    )
+    _log(store, ["a"])
+    store.add_labels([("a", 4)])
+    pull_feedback(store, loop, SCHEMA, tmp_path / "q")
+    bootstrap, feedback = training_frames(loop)
+    assert list(feedback.columns) == list(bootstrap.columns)
+    assert feedback["label"].tolist() == [4]

@@ -1,0 +1,75 @@
+"""The prediction log on both backends: SQLite (WAL) and a real PostgreSQL."""
+
+from __future__ import annotations
+
+import time
+
+import numpy as np
+import pytest
+
+from pipeline.store import PredictionStore, StoreUnavailable, encode_rows
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def store(request, tmp_path):
+    url = (
+        f"sqlite:///{tmp_path / 'log.db'}"
+        if request.param == "sqlite"
+        else request.getfixturevalue("pg_url")
+    )
+    s = PredictionStore(url).create()
+    yield s
+    s.dispose()
+
+
+def _rows(ids, version="1"):
+    x = np.arange(len(ids) * 64, dtype=np.float32).reshape(len(ids), 64)
+    p = np.full((len(ids), 10), 0.1, np.float32)
+    return [
+        (i, time.time(), "m", version, f, 3, q, 2.5)
+        for i, f, q in zip(ids, encode_rows(x), encode_rows(p), strict=True)
+    ]
+
+
+def test_insert_is_idempotent_and_round_trips(store):
+    assert store.insert(_rows(["a", "b"])) == 2
+    assert store.insert(_rows(["b", "c"])) == 1  # b already stored: skipped, not duplicated
+    assert store.count() == 3
+    row = store.get(["b"])["b"]
+    assert row["features"] == list(map(float, range(64, 128)))
+    assert row["probabilities"] == pytest.approx([0.1] * 10)
+    assert row["model_version"] == "1" and row["latency_ms"] == 2.5
+
+
+def test_many_rows_in_one_group(store):
+    ids = [f"id-{i}" for i in range(1200)]  # more than one multi-row statement
+    assert store.insert(_rows(ids)) == 1200
+    assert store.count() == 1200
+
+
+def test_labels_and_watermark(store):
+    store.insert(_rows(["a", "b", "c"]))
+    out = store.add_labels([("a", 1), ("zzz", 2), ("a", 1)])
+    assert [o.status for o in out] == ["labelled", "unknown_id", "unchanged"]
+    conflict = store.add_labels([("a", 5), ("b", 2)])
+    assert {o.id: o.status for o in conflict} == {"a": "conflict", "b": "labelled"}
+    assert store.get(["b"])["b"]["true_label"] is None  # the whole request was refused
+    store.add_labels([("a", 5)], overwrite=True)
+    labelled = store.labelled_since(0)
+    assert [(r["id"], r["true_label"]) for r in labelled] == [("a", 5)]
+    assert store.labelled_since(labelled[-1]["labelled_at"]) == []
+
+
+def test_drift_scores(store):
+    assert store.latest_drift() is None
+    store.add_drift(0.1, "{}")
+    store.add_drift(0.7, "{}")
+    assert store.latest_drift() == pytest.approx(0.7)
+
+
+def test_unreachable_store_raises_store_unavailable():
+    store = PredictionStore("postgresql://nobody@127.0.0.1:1/none")
+    with pytest.raises(StoreUnavailable, match="prediction store postgresql"):
+        store.insert(_rows(["a"]))
+    with pytest.raises(StoreUnavailable):
+        store.count()
