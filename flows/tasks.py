@@ -131,7 +131,7 @@ def promote(version: str) -> dict:
 
 @dataclass
 class ApiServer:
-    proc: subprocess.Popen
+    proc: subprocess.Popen | None  # None: a server this flow did not start
     url: str
     token: str
 
@@ -144,8 +144,16 @@ def _free_port() -> int:
 
 @task(task_run_name="start API server", cache_policy=NO_CACHE)
 def start_api() -> ApiServer:
-    """A real `mlops serve` process on a free loopback port, following the champion."""
+    """A real `mlops serve` process on a free loopback port, following the champion; or the
+    running server named by MLOPS_API_URL (production topology)."""
     settings, _ = _context()
+    if settings.api_url:
+        if settings.admin_token is None:
+            raise RuntimeError("MLOPS_API_URL is set: MLOPS_ADMIN_TOKEN must be too")
+        _logger().info("using the running API server at %s", settings.api_url)
+        return ApiServer(
+            None, settings.api_url.rstrip("/"), settings.admin_token.get_secret_value()
+        )
     port, token = _free_port(), secrets.token_urlsafe(24)
     env = {
         **os.environ,
@@ -199,7 +207,7 @@ def deploy(server: ApiServer) -> str:
 @task(task_run_name="stop API server", cache_policy=NO_CACHE)
 def stop_api(server: ApiServer) -> None:
     """Graceful stop (the log writer drains), then a kill if it hangs."""
-    if server.proc.poll() is None:
+    if server.proc is not None and server.proc.poll() is None:
         os.killpg(server.proc.pid, signal.SIGTERM)
         try:
             server.proc.wait(30)

@@ -342,6 +342,50 @@ def schedule() -> None:
     prefect_serve(*deployments)
 
 
+@app.command()
+def worker(
+    pool: Annotated[str, typer.Option(help="Prefect process work pool to serve")] = "mlops",
+    register: Annotated[bool, typer.Option(help="(re-)register the deployments first")] = True,
+) -> None:
+    """Run flows on this machine: register the loop/retrain/monitor deployments on a process
+    work pool and start a Prefect worker polling it (needs PREFECT_API_URL)."""
+    import subprocess
+    import sys
+
+    settings, params = _context()
+    _prefect_env()
+    if not os.environ.get("PREFECT_API_URL"):
+        raise _fail("set PREFECT_API_URL to the Prefect server the worker should poll")
+    cmd = [
+        str(Path(sys.executable).parent / "prefect"),
+        "work-pool",
+        "create",
+        pool,
+        "--type",
+        "process",
+        "--overwrite",
+    ]
+    subprocess.run(cmd, check=False, capture_output=True)
+    if register:
+        from flows.deployments import register_on_pool
+
+        register_on_pool(pool, params)
+        typer.echo(f"deployments loop, retrain, monitor registered on work pool {pool!r}")
+    raise typer.Exit(
+        subprocess.call(
+            [
+                str(Path(sys.executable).parent / "prefect"),
+                "worker",
+                "start",
+                "--pool",
+                pool,
+                "--type",
+                "process",
+            ]
+        )
+    )
+
+
 def _start_prefect_server(settings) -> str:
     import subprocess
     import sys

@@ -57,6 +57,14 @@ class Settings(BaseSettings):
         "off: no prediction log (benchmarks only: breaks the feedback loop)",
     )
     log_queue_max: int = 50_000
+    api_url: str | None = Field(
+        default=None,
+        description="a running prediction server the loop deploys to "
+        "(with MLOPS_ADMIN_TOKEN); unset: the loop starts its own",
+    )
+    train_processes: int = Field(
+        default=1, description="> 1: train with torchrun DDP over this many processes"
+    )
     torch_threads: int = Field(default=0, description="0: one per core, minus the event loop's")
 
     @property

@@ -147,14 +147,13 @@ def fit(
 
     from pipeline.model import choose_device
     from pipeline.registry import configure_tracking
-    from pipeline.registry import register as register_model
     from pipeline.tune import tune
 
     device = choose_device(settings.device)
     data = SplitData.load(settings.processed_dir)
     tp = TrainParams.from_params(params, epochs=epochs)
+    experiment = configure_tracking(settings)
     if trials > 0:
-        experiment = configure_tracking(settings)
         tune_cfg = params.get("tune", {})
         with mlflow.start_run(experiment_id=experiment, run_name=f"{run_name}-tune"):
             best = tune(
@@ -166,6 +165,9 @@ def fit(
                 str(device),
             )
         tp = replace(tp, **best.best_params)
+    if settings.train_processes > 1:
+        candidate = fit_distributed(settings, tp, settings.train_processes, run_name)
+        return _register(settings, candidate) if register else candidate
     init_state, warm_from = champion_state(settings, tp.hidden) if warm_start else (None, None)
     run_id = start_run(
         settings,
@@ -192,15 +194,54 @@ def fit(
     except BaseException:
         mlflow.MlflowClient().set_terminated(run_id, status="FAILED")
         raise
-    if register:
-        tags = dict(mlflow.MlflowClient().get_run(run_id).data.tags)
-        lineage = {
-            k: tags[k]
-            for k in ("git_commit", "git_dirty", "data_hash", "data_source", "device", "warm_start")
-            if k in tags
-        }
-        candidate.version = register_model(candidate.model_uri, settings.model_name, lineage)
+    return _register(settings, candidate) if register else candidate
+
+
+def _register(settings, candidate: Candidate) -> Candidate:
+    import mlflow
+
+    from pipeline.registry import register as register_model
+
+    tags = dict(mlflow.MlflowClient().get_run(candidate.run_id).data.tags)
+    keys = ("git_commit", "git_dirty", "data_hash", "data_source", "device", "warm_start")
+    lineage = {k: tags[k] for k in keys if k in tags}
+    candidate.version = register_model(candidate.model_uri, settings.model_name, lineage)
     return candidate
+
+
+def fit_distributed(settings, tp: TrainParams, processes: int, run_name: str) -> Candidate:
+    """The final training under `torchrun` DDP; rank 0 logs the one run and the model."""
+    import os
+    import subprocess
+    import sys
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as tmp:
+        params_file, result_file = Path(tmp) / "train.json", Path(tmp) / "result.json"
+        params_file.write_text(json.dumps(asdict(tp)))
+        cmd = [
+            str(Path(sys.executable).parent / "torchrun"),
+            "--standalone",
+            "--nproc-per-node",
+            str(processes),
+            "-m",
+            "pipeline.train",
+            "--no-progress",
+            "--run-name",
+            run_name,
+            "--train-params",
+            str(params_file),
+            "--result",
+            str(result_file),
+        ]
+        env = {**os.environ, "MLOPS_ROOT": str(settings.root)}
+        env.setdefault("GLOO_SOCKET_IFNAME", "lo")
+        log.info("training with torchrun over %d processes", processes)
+        done = subprocess.run(cmd, env=env, cwd=settings.root, capture_output=True, text=True)
+        if done.returncode != 0:
+            raise RuntimeError(f"torchrun failed ({done.returncode}): {done.stderr[-2000:]}")
+        result = json.loads(result_file.read_text())
+    return Candidate(result["run_id"], result["model_uri"], result["metrics"])
 
 
 def _epoch_logger(run_id: str):

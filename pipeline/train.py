@@ -10,6 +10,7 @@ MLflow and writes the checkpoint.
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 import os
@@ -236,6 +237,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--out", type=Path, help="model directory (default: models/)")
     parser.add_argument("--run-name", default="train")
     parser.add_argument("--no-progress", action="store_true")
+    parser.add_argument("--train-params", type=Path, help="JSON of TrainParams (else params.yaml)")
+    parser.add_argument("--result", type=Path, help="rank 0 writes run id, model URI, metrics")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
 
@@ -253,7 +256,10 @@ def main(argv: list[str] | None = None) -> None:
         from pipeline.experiment import finish_run, start_run
 
         data = SplitData.load(settings.processed_dir)
-        tp = TrainParams.from_params(params, epochs=args.epochs)
+        if args.train_params:
+            tp = TrainParams(**json.loads(args.train_params.read_text()))
+        else:
+            tp = TrainParams.from_params(params, epochs=args.epochs)
         run_id = None
         if rank() == 0:
             run_id = start_run(
@@ -268,7 +274,17 @@ def main(argv: list[str] | None = None) -> None:
             data, tp, device, on_epoch=on_epoch, show_progress=not args.no_progress
         )
         if run_id:
-            finish_run(settings, run_id, result, data, args.out or settings.models_dir)
+            cand = finish_run(settings, run_id, result, data, args.out or settings.models_dir)
+            if args.result:
+                args.result.write_text(
+                    json.dumps(
+                        {
+                            "run_id": cand.run_id,
+                            "model_uri": cand.model_uri,
+                            "metrics": cand.metrics,
+                        }
+                    )
+                )
     finally:
         if is_distributed():
             dist.destroy_process_group()

@@ -55,3 +55,18 @@ def test_torchrun_two_cpu_processes_log_one_run(prepared, settings):
     assert steps == sorted(set(steps)) and 1 <= len(steps) <= 3  # one value per epoch, not per rank
     predictor = Predictor.from_dir(settings.models_dir)
     assert run.data.metrics["test_accuracy"] > 0.3 and predictor.cfg.kind == "cnn"
+
+
+def test_flows_reach_torchrun_through_a_setting(prepared, settings, params, monkeypatch):
+    """MLOPS_TRAIN_PROCESSES=2: fit() (what the flows call) trains under torchrun, one run."""
+    from pipeline.config import get_settings
+    from pipeline.experiment import fit
+
+    monkeypatch.setenv("MLOPS_TRAIN_PROCESSES", "2")
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    get_settings.cache_clear()
+    cand = fit(get_settings(), params, epochs=2, run_name="ddp-fit", show_progress=False)
+    assert cand.version == "1" and 0 < cand.metrics["accuracy"] <= 1
+    runs = mlflow.search_runs(experiment_names=[settings.model_name], output_format="list")
+    assert [r.info.run_name for r in runs] == ["ddp-fit"]
+    assert runs[0].data.tags["world_size"] == "2"

@@ -1,0 +1,100 @@
+"""docker-compose.yml cannot be started here (no Docker engine): check that it parses, that it
+has the services of the production topology, and that every command is one we really ship."""
+
+from __future__ import annotations
+
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+from typer.testing import CliRunner
+
+from pipeline.cli import app
+from tests.conftest import REPO
+
+BIN = Path(sys.executable).parent
+
+
+@pytest.fixture(scope="module")
+def compose() -> dict:
+    return yaml.safe_load((REPO / "docker-compose.yml").read_text())
+
+
+def test_services_volumes_health_and_restart(compose):
+    services = compose["services"]
+    assert set(services) == {
+        "postgres",
+        "minio",
+        "minio-init",
+        "mlflow",
+        "prefect-server",
+        "worker",
+        "api",
+    }
+    for name, svc in services.items():
+        assert "restart" in svc, name
+        if name not in {"minio-init", "worker"}:
+            assert "healthcheck" in svc, name
+    assert {"pgdata", "miniodata", "workdata"} <= set(compose["volumes"])
+    assert services["minio-init"]["restart"] == "no"
+
+
+def test_no_secret_is_committed(compose):
+    text = (REPO / "docker-compose.yml").read_text()
+    for key in ("PASSWORD", "SECRET", "TOKEN"):
+        for match in re.finditer(rf"{key}[A-Z_]*:\s*(\S+)", text):
+            assert match.group(1).startswith(("${", "$${")), match.group(0)
+    example = (REPO / "deploy" / ".env.example").read_text()
+    assert "POSTGRES_PASSWORD=" in example and "MLOPS_ADMIN_TOKEN=" in example
+    ignored = subprocess.run(["git", "check-ignore", ".env"], cwd=REPO, capture_output=True)
+    assert ignored.returncode == 0, ".env must be git-ignored"
+
+
+def test_the_databases_are_created(compose):
+    sql = (REPO / "deploy" / "postgres-init.sql").read_text()
+    for db in ("mlflow", "prefect", "predictions"):
+        assert f"CREATE DATABASE {db};" in sql
+    text = yaml.safe_dump(compose)
+    assert "5432/mlflow" in text and "5432/prefect" in text and "5432/predictions" in text
+
+
+def _options(args: list[str]) -> list[str]:
+    return [a for a in args if a.startswith("--")]
+
+
+@pytest.mark.parametrize("service", ["worker", "api"])
+def test_mlops_commands_exist(compose, service):
+    command = compose["services"][service]["command"]
+    assert command[0] == "mlops"
+    help_text = CliRunner().invoke(app, [command[1], "--help"], env={"COLUMNS": "200"})
+    assert help_text.exit_code == 0, help_text.output
+    for option in _options(command):
+        assert option in help_text.output, (service, option)
+
+
+@pytest.mark.parametrize(("service", "tool"), [("mlflow", "mlflow"), ("prefect-server", "prefect")])
+def test_tool_commands_exist(compose, service, tool):
+    command = compose["services"][service]["command"]
+    assert command[0] == tool
+    words = [c for c in command[1:] if not c.startswith("-")][:2]
+    sub = [w for w in words if w in {"server", "start"}]
+    done = subprocess.run(
+        [str(BIN / tool), *sub, "--help"],
+        capture_output=True,
+        text=True,
+        env={"COLUMNS": "200", "PATH": str(BIN)},
+        timeout=120,
+    )
+    assert done.returncode == 0, done.stderr
+    for option in _options(command):
+        assert option in done.stdout, (service, option)
+
+
+def test_dockerfile_installs_the_project():
+    dockerfile = (REPO / "deploy" / "Dockerfile").read_text()
+    assert "constraints.txt" in dockerfile and "pip install" in dockerfile
+    for path in ("pipeline", "flows", "serving", "params.yaml"):
+        assert f"COPY {path}" in dockerfile or f" {path} " in dockerfile
