@@ -42,6 +42,7 @@ class Settings(BaseSettings):
     )
     admin_token: SecretStr | None = None
     api_key: SecretStr | None = None
+    max_ingest_bytes: int = Field(default=2 * 1024**3, description="larger files are refused")
     host: str = "127.0.0.1"
     port: int = 8000
     # --- serving ---

@@ -31,6 +31,7 @@ from pipeline.validate import (
 log = logging.getLogger(__name__)
 
 TABLE_SUFFIXES = {".csv", ".parquet", ".pq"}
+MAX_FILE_BYTES = 2 * 1024**3  # a bigger file is refused before it is read (MLOPS_MAX_INGEST_BYTES)
 
 
 class DataFileError(ValueError):
@@ -75,12 +76,18 @@ def load_digits_frame(part: str = "all", fraction: float = 0.35, seed: int = 42)
     return (boot if part == "bootstrap" else stream).reset_index(drop=True)
 
 
-def read_table(path: Path) -> pd.DataFrame:
+def read_table(path: Path, max_bytes: int = MAX_FILE_BYTES) -> pd.DataFrame:
     """Read one CSV or Parquet file, turning every way it can be unreadable into DataFileError."""
     if not path.is_file():
         raise DataFileError(f"{path}: no such file")
-    if path.stat().st_size == 0:
+    size = path.stat().st_size
+    if size == 0:
         raise DataFileError(f"{path}: the file is empty")
+    if size > max_bytes:
+        raise DataFileError(
+            f"{path}: {size:,} bytes is over the ingest limit of {max_bytes:,} "
+            "(MLOPS_MAX_INGEST_BYTES); split the file or raise the limit"
+        )
     suffix = path.suffix.lower()
     if suffix in {".parquet", ".pq"}:
         return _read_parquet(path)
@@ -142,7 +149,9 @@ def source_files(source: Path) -> list[Path]:
     return [source]
 
 
-def load_source(source: str, params: dict) -> list[tuple[str, pd.DataFrame]]:
+def load_source(
+    source: str, params: dict, max_bytes: int = MAX_FILE_BYTES
+) -> list[tuple[str, pd.DataFrame]]:
     """(name, frame) per input file of the source."""
     if source == "digits":
         data = params["data"]
@@ -151,7 +160,7 @@ def load_source(source: str, params: dict) -> list[tuple[str, pd.DataFrame]]:
     path = Path(source)
     if not path.exists():
         raise DataFileError(f"{source}: no such file or directory (or use the built-in 'digits')")
-    return [(str(p), read_table(p)) for p in source_files(path)]
+    return [(str(p), read_table(p, max_bytes)) for p in source_files(path)]
 
 
 def validate_sources(
@@ -189,10 +198,15 @@ def ingest(
     params: dict,
     name: str | None = None,
     schema: Schema | None = None,
+    max_bytes: int | None = None,
 ) -> IngestReport:
     """Read, validate and snapshot a source as `raw_dir/<name>.parquet`."""
     name = name or params["data"]["name"]
-    frames = load_source(source, params)
+    if max_bytes is None:
+        from pipeline.config import get_settings
+
+        max_bytes = get_settings().max_ingest_bytes
+    frames = load_source(source, params, max_bytes)
     schema, clean, quarantine, reports = validate_sources(
         frames, params["data"]["num_classes"], schema
     )

@@ -19,6 +19,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import Response
 
 from pipeline.config import Settings, get_settings
+from pipeline.registry import RegistryError
 from pipeline.store import PredictionStore, StoreUnavailable, encode_rows
 from serving import metrics
 from serving.requests import (
@@ -342,8 +343,11 @@ def _routes(settings: Settings):
     @router.post("/admin/reload", tags=["admin"], dependencies=[Depends(_require_admin)])
     async def reload(state: StateDep, version: str | None = None) -> Response:
         """Load the configured alias now (or ?version=N); the old model serves until then."""
+        current = state.manager.current
         try:
             changed = await asyncio.to_thread(state.manager.refresh, version)
+        except (LookupError, RegistryError) as exc:  # no such version or alias
+            return error(404, f"{exc}; still serving v{current.version if current else '-'}")
         except Exception as exc:  # noqa: BLE001 - reported, old model keeps serving
             current = state.manager.current
             return error(

@@ -1,0 +1,70 @@
+"""Soak: a longer version of tests/reliability/test_load.py. M clients send N predictions
+(1-row and batched, client ids) then the labels, against `mlops serve` on SQLite or
+PostgreSQL with 1 or 2 workers; prints throughput and what was lost (must be 0).
+
+    python bench/soak.py [--n 20000] [--clients 16] [--workers 1] [--pg postgresql://...]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--n", type=int, default=20_000)
+    parser.add_argument("--clients", type=int, default=16)
+    parser.add_argument("--workers", type=int, default=1)
+    parser.add_argument("--pg", help="PostgreSQL URL of an empty database (default: SQLite)")
+    args = parser.parse_args()
+
+    from pipeline.ingest import load_digits_frame
+    from pipeline.store import PredictionStore
+    from tests.reliability.load import run_load
+    from tests.serving.conftest import LiveServer
+
+    stream = load_digits_frame("stream")
+    rows = stream.drop(columns="label").to_numpy("float32")
+    labels = stream["label"].to_numpy()
+    with tempfile.TemporaryDirectory() as tmp:
+        root = Path(tmp) / "project"
+        root.mkdir()
+        shutil.copy(REPO / "params.yaml", root / "params.yaml")
+        env = {**os.environ, "MLOPS_ROOT": str(root)}
+        env.pop("MLFLOW_TRACKING_URI", None)
+        mlops = str(Path(sys.executable).parent / "mlops")
+        for step in (["ingest"], ["preprocess"], ["train", "--epochs", "5", "--no-progress"]):
+            subprocess.run([mlops, *step], cwd=root, env=env, check=True, capture_output=True)
+        db = args.pg or f"sqlite:///{root / 'soak.db'}"
+        server = LiveServer(root, workers=args.workers, env={"MLOPS_PREDICTION_DB_URL": db}).start()
+        try:
+            result = run_load(server.url, rows, labels, args.n, args.clients, prefix="soak")
+        finally:
+            server.stop()
+        store = PredictionStore(db)
+        stored, labelled = store.count(), store.count(labelled=True)
+        missing = set(result.acknowledged) - set(store.get(result.acknowledged))
+    print(f"store {db.split(':')[0]}, {args.workers} worker(s), {args.clients} clients")
+    print(
+        f"predictions sent {args.n}, acknowledged {len(result.acknowledged)}, "
+        f"errors {len(result.failures)}"
+    )
+    print(f"rows stored {stored}, labels joined {labelled}, acknowledged but lost {len(missing)}")
+    print(
+        f"{len(result.acknowledged) / result.seconds:.0f} predicted rows/s over "
+        f"{result.seconds:.1f} s (labels included)"
+    )
+    sys.exit(0 if not missing and not result.failures and stored == args.n else 1)
+
+
+if __name__ == "__main__":
+    main()
