@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import json
 import logging
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
 
 import numpy as np
@@ -202,9 +202,14 @@ def _register(settings, candidate: Candidate) -> Candidate:
 
     from pipeline.registry import register as register_model
 
-    tags = dict(mlflow.MlflowClient().get_run(candidate.run_id).data.tags)
+    run = mlflow.MlflowClient().get_run(candidate.run_id)
+    tags = dict(run.data.tags)
     keys = ("git_commit", "git_dirty", "data_hash", "data_source", "device", "warm_start")
     lineage = {k: tags[k] for k in keys if k in tags}
+    train_keys = [f.name for f in fields(TrainParams)]
+    lineage["params"] = json.dumps(
+        {k: run.data.params[k] for k in train_keys if k in run.data.params}, sort_keys=True
+    )
     candidate.version = register_model(candidate.model_uri, settings.model_name, lineage)
     return candidate
 

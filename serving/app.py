@@ -248,25 +248,17 @@ def _routes(settings: Settings):
     )
     async def predict(request: Request, state: StateDep) -> Response:
         """Predict rows of raw features; every row is logged under its id."""
-        start = time.perf_counter()
-        state.batcher.arriving += 1
-        try:
-            model = _model_or_503(state)
+
+        def parse(body: bytes, content_type: str | None, model) -> tuple[np.ndarray, list[str]]:
             payload = expect_object(
-                parse_json(await request.body(), request.headers.get("content-type")),
-                {"instances", "ids"},
-                {"instances"},
+                parse_json(body, content_type), {"instances", "ids"}, {"instances"}
             )
             rows = rows_to_array(
                 payload["instances"], model.predictor.cfg.n_features, settings.max_rows_per_request
             )
-            ids = parse_ids(payload.get("ids"), len(rows))
-        finally:
-            state.batcher.arriving -= 1
-        probs, used = await _infer(state, rows)
-        labels = probs.argmax(axis=1).tolist()
-        prob_lists = probs.tolist()
-        await _log(state, ids, rows, labels, probs, used, start)
+            return rows, parse_ids(payload.get("ids"), len(rows))
+
+        ids, labels, prob_lists, used = await _serve_rows(state, request, parse)
         body = {
             "model_name": used.name,
             "model_version": used.version,
@@ -285,20 +277,16 @@ def _routes(settings: Settings):
     )
     async def invocations(request: Request, state: StateDep) -> Response:
         """MLflow's scoring protocol, answered in MLflow's shape; rows are logged too."""
-        start = time.perf_counter()
-        state.batcher.arriving += 1
-        try:
-            model = _model_or_503(state)
-            payload = parse_json(await request.body(), request.headers.get("content-type"))
+
+        def parse(body: bytes, content_type: str | None, model) -> tuple[np.ndarray, list[str]]:
             rows = parse_invocations(
-                payload, model.predictor.feature_names, settings.max_rows_per_request
+                parse_json(body, content_type),
+                model.predictor.feature_names,
+                settings.max_rows_per_request,
             )
-        finally:
-            state.batcher.arriving -= 1
-        probs, used = await _infer(state, rows)
-        labels, prob_lists = probs.argmax(axis=1).tolist(), probs.tolist()
-        ids = parse_ids(None, len(rows))
-        await _log(state, ids, rows, labels, probs, used, start)
+            return rows, parse_ids(None, len(rows))
+
+        _, labels, prob_lists, used = await _serve_rows(state, request, parse)
         records = [
             {"label": lbl, **{f"prob_{k}": v for k, v in enumerate(p)}}
             for lbl, p in zip(labels, prob_lists, strict=True)
@@ -358,6 +346,22 @@ def _routes(settings: Settings):
         return json_response({"changed": changed, **(model.info() if model else {})})
 
     return router
+
+
+async def _serve_rows(state: State, request: Request, parse):
+    """Parse (counted as arriving, for the micro-batcher), infer, log; returns
+    (ids, labels, probability lists, the model that answered)."""
+    start = time.perf_counter()
+    state.batcher.arriving += 1
+    try:
+        model = _model_or_503(state)
+        rows, ids = parse(await request.body(), request.headers.get("content-type"), model)
+    finally:
+        state.batcher.arriving -= 1
+    probs, used = await _infer(state, rows)
+    labels = probs.argmax(axis=1).tolist()
+    await _log(state, ids, rows, labels, probs, used, start)
+    return ids, labels, probs.tolist(), used
 
 
 def _model_or_503(state: State):

@@ -81,10 +81,13 @@ class ModelManager:
 
     def refresh(self, ref: str | None = None) -> bool:
         """Load `ref` (default: the configured alias/version) if it names another version."""
+        import mlflow
+
         from pipeline.registry import alias_version
 
         ref = ref or self.settings.model_ref
         with self._lock:  # one load at a time; requests never wait on this lock
+            mlflow.set_tracking_uri(self.settings.tracking_uri)  # this server's store, always
             try:
                 target = ref if ref.isdigit() else alias_version(self.settings.model_name, ref)
                 if target is None:

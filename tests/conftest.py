@@ -17,6 +17,15 @@ os.environ.setdefault("MLFLOW_ENABLE_TELEMETRY", "false")
 os.environ.setdefault("GIT_PYTHON_REFRESH", "quiet")
 
 
+@pytest.fixture(autouse=True)
+def _no_tracking_uri_leaks(monkeypatch):
+    """`mlflow.set_tracking_uri` also sets MLFLOW_TRACKING_URI in os.environ, which every
+    later subprocess would inherit: each test starts and ends without it."""
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    yield
+    os.environ.pop("MLFLOW_TRACKING_URI", None)
+
+
 @pytest.fixture
 def project(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     """A fresh project root with the repo's params.yaml; settings point at it."""

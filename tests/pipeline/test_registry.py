@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import time
 
 import mlflow
@@ -102,6 +103,7 @@ def test_lineage_tags_params_and_artifacts(prepared, settings, params):
         assert tags["warm_start"] == "false" and tags["device"] == "cpu"
         assert tags["data_source"] == "digits" and "git_commit" in tags
     assert run.data.params["lr"] == str(params["train"]["lr"])
+    assert json.loads(mv.tags["params"])["epochs"] == "3"
     assert 0.5 < run.data.metrics["test_accuracy"] <= 1
     history = client.get_metric_history(cand.run_id, "val_loss")
     assert [m.step for m in history] == list(range(1, len(history) + 1))

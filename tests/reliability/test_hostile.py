@@ -26,6 +26,7 @@ TOKEN = "s3cret-admin-token-for-tests"
 @pytest.fixture(scope="module")
 def app_client(base_project):
     old = dict(os.environ)
+    os.environ.pop("MLFLOW_TRACKING_URI", None)
     os.environ.update(
         MLOPS_ROOT=str(base_project),
         MLOPS_RELOAD_INTERVAL_S="0",

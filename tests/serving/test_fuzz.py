@@ -65,6 +65,7 @@ def client(base_project):
     import os
 
     old = dict(os.environ)
+    os.environ.pop("MLFLOW_TRACKING_URI", None)
     os.environ.update(
         MLOPS_ROOT=str(base_project),
         MLOPS_RELOAD_INTERVAL_S="0",

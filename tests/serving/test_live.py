@@ -119,3 +119,22 @@ def test_two_workers_log_each_id_exactly_once(served, live_server, digits_rows, 
         metrics = http.get("/metrics").text
     assert PredictionStore(url).count() == 60
     assert "mlops_predictions_logged_total" in metrics
+
+
+def test_graceful_shutdown_drains_the_async_log(served, live_server, digits_rows):
+    """async mode answers before the commit; a SIGTERM still writes every answered row."""
+    server = live_server(env={"MLOPS_LOG_MODE": "async"})
+    ids = [f"d-{i}" for i in range(300)]
+    with httpx.Client(base_url=server.url, timeout=10) as http:
+        for start in range(0, len(ids), 20):
+            res = http.post(
+                "/predict",
+                json={
+                    "instances": digits_rows[start : start + 20].tolist(),
+                    "ids": ids[start : start + 20],
+                },
+            )
+            assert res.status_code == 200
+    server.stop()  # SIGTERM: uvicorn's graceful shutdown runs the lifespan's drain
+    assert server.proc.returncode is not None
+    assert set(PredictionStore(get_settings().prediction_db).get(ids)) == set(ids)
