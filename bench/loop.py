@@ -54,7 +54,7 @@ def direct_round() -> None:
         t.promote.fn(model["version"])
         t.deploy.fn(server)
         started = time.time()
-        traffic = t.send_traffic.fn(server, x, 1)
+        traffic = t.send_traffic.fn(server, x, 1, run_tag="bench")
         t.send_labels.fn(server, traffic["ids"], y, 1)
         t.check_drift.fn(started)
         t.pull_feedback.fn()

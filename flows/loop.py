@@ -6,6 +6,7 @@ data source -> data processing -> training -> optimisation -> deployment -> feed
 from __future__ import annotations
 
 import time
+import uuid
 
 import numpy as np
 from prefect import flow, get_run_logger
@@ -71,6 +72,7 @@ def loop_flow(
         )
     stream = production_stream(params, rounds, drift) if source == "digits" else []
 
+    run_tag = uuid.uuid4().hex[:8]  # this run's client ids are its own
     ingest_bootstrap(source)
     server = start_api()
     summary: list[dict] = []
@@ -94,7 +96,7 @@ def loop_flow(
             if stream:  # feedback
                 x, y = stream[round_no - 1]
                 started = time.time()
-                traffic = send_traffic(server, x, round_no)
+                traffic = send_traffic(server, x, round_no, run_tag=run_tag)
                 send_labels(server, traffic["ids"], y, round_no)
                 row["drift_score"] = check_drift(started).get("score")
                 row["pulled"] = pull_feedback()["new"]  # -> data source

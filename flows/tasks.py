@@ -220,10 +220,19 @@ def stop_api(server: ApiServer) -> None:
 
 @task(task_run_name="simulated clients: round {round_no}", cache_policy=NO_CACHE)
 def send_traffic(
-    server: ApiServer, x: np.ndarray, round_no: int, clients: int = 4, batch: int = 8
+    server: ApiServer,
+    x: np.ndarray,
+    round_no: int,
+    clients: int = 4,
+    batch: int = 8,
+    run_tag: str = "demo",
 ) -> dict:
-    """Clients send the production stream through /predict (client ids, a few in parallel)."""
-    chunks = [(f"r{round_no}-{i}", x[i : i + batch]) for i in range(0, len(x), batch)]
+    """Clients send the production stream through /predict (client ids, a few in parallel).
+
+    Ids are `{run_tag}-r{round}-{batch start}-{k}`: unique per loop run, so a second
+    `mlops run` on the same project logs new predictions instead of retries of old ones.
+    """
+    chunks = [(f"{run_tag}-r{round_no}-{i}", x[i : i + batch]) for i in range(0, len(x), batch)]
     results: dict[str, int] = {}
     versions: set[str] = set()
     errors: list[str] = []
@@ -271,8 +280,8 @@ def send_labels(server: ApiServer, ids: list[str], y: np.ndarray, round_no: int)
 
 
 def _row_of(pid: str) -> int:
-    """ids are r{round}-{batch start}-{k}: the row's position in this round's chunk."""
-    _, start, k = pid.split("-")
+    """The row's position in this round's chunk, from an id made by send_traffic."""
+    start, k = pid.rsplit("-", 2)[1:]
     return int(start) + int(k)
 
 

@@ -54,6 +54,11 @@ def test_loop_flow_closes_the_loop(prefect_api, loop_project, monkeypatch):
     decision = monitor_flow()
     assert decision["retrain"] is False and decision["new_labels"] == 0
 
+    # a second run on the same project logs its own predictions (new client ids)
+    loop_flow(rounds=1, source="digits", trials=0, epochs=2)
+    assert store.count() == store.count(labelled=True) == 2 * (1797 - 628)
+    assert len(pd.read_parquet(settings.loop_dir / FEEDBACK)) == 2 * (1797 - 628)
+
 
 def test_monitor_triggers_retraining_on_new_labels(prefect_api, loop_project, monkeypatch):
     from flows.loop import loop_flow
