@@ -297,6 +297,7 @@ def serve(
     port: Annotated[int | None, typer.Option(help="default MLOPS_PORT (8000)")] = None,
     workers: Annotated[int, typer.Option(min=1, help="uvicorn worker processes")] = 1,
     model: Annotated[str | None, typer.Option(help="alias or version (default champion)")] = None,
+    access_log: Annotated[bool, typer.Option(help="uvicorn's per-request log lines")] = False,
 ) -> None:
     """Start the prediction server (FastAPI + uvicorn) on the champion."""
     import tempfile

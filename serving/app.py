@@ -172,15 +172,17 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     return app
 
 
-def get_state(request: Request) -> State:
+async def get_state(request: Request) -> State:
+    # async on purpose: FastAPI runs plain-`def` dependencies in a thread pool, one hop per
+    # request that the event loop would pay for.
     return request.app.state.mlops
 
 
 StateDep = Annotated[State, Depends(get_state)]
 
 
-def _require_api_key(request: Request) -> None:
-    key = get_state(request).settings.api_key
+async def _require_api_key(request: Request) -> None:
+    key = request.app.state.mlops.settings.api_key
     if key is None:
         return
     sent = request.headers.get("x-api-key", "")
@@ -188,8 +190,8 @@ def _require_api_key(request: Request) -> None:
         raise BadRequest(401, "missing or wrong X-API-Key")
 
 
-def _require_admin(request: Request) -> None:
-    token = get_state(request).settings.admin_token
+async def _require_admin(request: Request) -> None:
+    token = request.app.state.mlops.settings.admin_token
     if token is None:
         raise BadRequest(403, "admin routes are disabled: set MLOPS_ADMIN_TOKEN to enable them")
     scheme, _, sent = request.headers.get("authorization", "").partition(" ")

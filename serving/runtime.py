@@ -227,8 +227,10 @@ class LogWriter:
         self._thread = threading.Thread(target=self._run, name="log-writer", daemon=True)
         self.last_error: str | None = None
         self.schema_ready = False
+        self._checkpoints: threading.Event | None = None
 
     def start(self) -> None:
+        self._checkpoints = self.store.start_checkpoints()
         self._thread.start()
 
     def submit(self, rows: list[dict]) -> Future:
@@ -249,6 +251,8 @@ class LogWriter:
         """Stop after draining everything already submitted (graceful shutdown)."""
         self._stop.set()
         self._thread.join(timeout)
+        if self._checkpoints is not None:
+            self._checkpoints.set()
 
     def _run(self) -> None:
         while not (self._stop.is_set() and self._queue.empty()):
