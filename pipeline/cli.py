@@ -108,10 +108,6 @@ def preprocess(
     typer.echo(json.dumps(report["rows"]))
 
 
-def _not_yet(what: str) -> typer.Exit:
-    return _fail(f"`mlops {what}` is not available yet in this version", code=2)
-
-
 def _registry_errors():
     """Turn registry failures into one clear line and exit 1."""
     from contextlib import contextmanager
