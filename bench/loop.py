@@ -94,8 +94,10 @@ def main() -> None:
 
     for label, pick in (("best", min), ("median", statistics.median)):
         direct, orchestrated = pick(times["direct"]), pick(times["prefect"])
-        print(f"{label:6}: direct {direct:5.1f} s, through Prefect {orchestrated:5.1f} s, "
-              f"orchestration overhead {orchestrated / direct - 1:6.1%} (target <= 15%)")
+        print(
+            f"{label:6}: direct {direct:5.1f} s, through Prefect {orchestrated:5.1f} s, "
+            f"orchestration overhead {orchestrated / direct - 1:6.1%} (target <= 15%)"
+        )
 
 
 if __name__ == "__main__":

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Annotated
 
@@ -108,20 +109,15 @@ def preprocess(
     typer.echo(json.dumps(report["rows"]))
 
 
+@contextmanager
 def _registry_errors():
     """Turn registry failures into one clear line and exit 1."""
-    from contextlib import contextmanager
-
     from pipeline.registry import RegistryError, RegistryUnavailable
 
-    @contextmanager
-    def guard():
-        try:
-            yield
-        except (RegistryError, RegistryUnavailable) as exc:
-            raise _fail(str(exc)) from exc
-
-    return guard()
+    try:
+        yield
+    except (RegistryError, RegistryUnavailable) as exc:
+        raise _fail(str(exc)) from exc
 
 
 @app.command()

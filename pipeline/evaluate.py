@@ -75,6 +75,7 @@ def cross_validate(frame, params: dict, k: int = 5, device: str = "cpu") -> dict
     """Stratified k-fold CV of the whole preprocess+train path: mean and spread of accuracy."""
     from sklearn.model_selection import StratifiedKFold, train_test_split
 
+    from pipeline.model import Predictor
     from pipeline.preprocess import Preprocessor, features_labels
     from pipeline.train import SplitData, TrainParams, train_model
     from pipeline.validate import LABEL, Schema
@@ -96,8 +97,6 @@ def cross_validate(frame, params: dict, k: int = 5, device: str = "cpu") -> dict
         pre = Preprocessor.fit(features_labels(parts["train"], schema)[0], schema)
         data = SplitData.from_frames(parts, pre)
         result = train_model(data, tp, device, show_progress=False)
-        from pipeline.model import Predictor
-
         probs = Predictor(result.model, result.cfg, pre, device).predict_proba(
             features_labels(parts["test"], schema)[0]
         )

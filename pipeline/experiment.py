@@ -79,13 +79,14 @@ def finish_run(
     from pipeline.registry import log_evaluation, log_model
 
     predictor = Predictor(result.model, result.cfg, data.preprocessor, "cpu")
-    probs = predictor.predict_proba(raw_test_set(settings, data.preprocessor.schema)[0])
+    raw_x, _ = raw_test_set(settings, data.preprocessor.schema)
+    probs = predictor.predict_proba(raw_x)
     metrics = classification_metrics(data.y["test"], probs, result.cfg.num_classes)
     predictor.save(out_dir)
     client = mlflow.MlflowClient()
     log_evaluation(run_id, metrics, result.history, data.y["test"], probs, result.cfg.num_classes)
     client.log_batch(run_id, metrics=_train_summary(result))
-    model_uri = log_model(run_id, predictor, raw_test_set(settings, data.preprocessor.schema)[0])
+    model_uri = log_model(run_id, predictor, raw_x)
     client.set_terminated(run_id)
     log.info(
         "test accuracy %.4f, macro F1 %.4f (run %s)",

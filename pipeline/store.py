@@ -244,10 +244,6 @@ class PredictionStore:
         with self._read() as conn:
             return conn.execute(stmt).scalar_one_or_none()
 
-    def ping(self) -> None:
-        with self._read() as conn:
-            conn.execute(sa.text("SELECT 1"))
-
     @contextmanager
     def _read(self):
         try:

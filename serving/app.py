@@ -152,7 +152,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             state.store.dispose()
 
     app = FastAPI(title="mlops-loop prediction server", version="1", lifespan=lifespan)
-    app.add_middleware(GuardMiddleware, max_body=settings.max_body_bytes)
+    known: set[str] = set()  # filled below, once the routes exist
+    app.add_middleware(GuardMiddleware, max_body=settings.max_body_bytes, known=known)
 
     @app.exception_handler(RequestValidationError)
     async def on_validation(_request: Request, exc: RequestValidationError) -> Response:
@@ -168,7 +169,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     async def on_store_down(_request: Request, exc: StoreUnavailable) -> Response:
         return error(503, f"prediction store unavailable, nothing was logged: {exc}")
 
-    app.include_router(_routes(settings))
+    router = _routes(settings)
+    app.include_router(router)
+    known.update(route.path for route in router.routes)  # metrics label by route, bounded
     return app
 
 
@@ -411,13 +414,13 @@ async def _log(
 class GuardMiddleware:
     """Pure ASGI: body-size limit (413) and per-route request metrics, before any parsing."""
 
-    def __init__(self, app, max_body: int) -> None:
-        self.app, self.max_body = app, max_body
+    def __init__(self, app, max_body: int, known: set[str]) -> None:
+        self.app, self.max_body, self.known = app, max_body, known  # known: the app's paths
 
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
-        route = scope["path"] if scope["path"] in _KNOWN else "other"
+        route = scope["path"] if scope["path"] in self.known else "other"
         start = time.perf_counter()
         status_holder = {"status": 500}
         headers = dict(scope.get("headers") or [])
@@ -455,18 +458,6 @@ class GuardMiddleware:
                 await _send_json(send, exc.status, {"detail": exc.detail})
         metrics.REQUESTS.labels(route, str(status_holder["status"])).inc()
         metrics.LATENCY.labels(route).observe(time.perf_counter() - start)
-
-
-_KNOWN = {
-    "/predict",
-    "/invocations",
-    "/feedback",
-    "/health",
-    "/ready",
-    "/model",
-    "/metrics",
-    "/admin/reload",
-}
 
 
 async def _send_json(send, status: int, body: dict) -> None:

@@ -55,7 +55,6 @@ class ModelManager:
         self.settings = settings
         self.current: LoadedModel | None = None
         self.last_error: str | None = None
-        self.last_error_at: float | None = None
         self._lock = threading.Lock()
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
@@ -97,7 +96,6 @@ class ModelManager:
                 loaded = self.load(target)
             except Exception as exc:  # noqa: BLE001 - any failure keeps the old model
                 self.last_error = f"loading {self.settings.model_name}@{ref}: {exc}"
-                self.last_error_at = time.time()
                 metrics.LOAD_FAILURES.inc()
                 log.error(
                     "model load failed, still serving %s: %s",
@@ -242,10 +240,6 @@ class LogWriter:
             return future
         metrics.LOG_QUEUE.inc(len(rows))
         return future
-
-    @property
-    def depth(self) -> int:
-        return self._queue.qsize()
 
     def close(self, timeout: float = 30.0) -> None:
         """Stop after draining everything already submitted (graceful shutdown)."""

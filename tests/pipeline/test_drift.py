@@ -39,7 +39,8 @@ def test_shifted_images_are_drift():
     )
     assert report.drifted and report.score > 0.5
     assert report.confidence_drop == pytest.approx(0.35, abs=1e-6)
-    assert "pixel2" not in report.drifted_features or "pixel7" in report.drifted_features
+    # the shift empties the two left columns: pixels that carry ink in the reference
+    assert {"pixel2", "pixel10", "pixel58"} <= set(report.drifted_features)
 
 
 def test_too_few_rows_is_refused():

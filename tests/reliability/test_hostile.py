@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import hmac
 import json
-import os
 from pathlib import Path
 
 import httpx
@@ -17,7 +16,7 @@ from hypothesis import strategies as st
 from pipeline.config import get_settings
 from pipeline.ingest import DataFileError, file_md5, ingest
 from pipeline.store import PredictionStore
-from serving.app import create_app
+from tests.serving.conftest import in_process_app
 
 pytestmark = pytest.mark.reliability
 TOKEN = "s3cret-admin-token-for-tests"
@@ -25,20 +24,8 @@ TOKEN = "s3cret-admin-token-for-tests"
 
 @pytest.fixture(scope="module")
 def app_client(base_project):
-    old = dict(os.environ)
-    os.environ.pop("MLFLOW_TRACKING_URI", None)
-    os.environ.update(
-        MLOPS_ROOT=str(base_project),
-        MLOPS_RELOAD_INTERVAL_S="0",
-        MLOPS_ADMIN_TOKEN=TOKEN,
-        MLOPS_PREDICTION_DB_URL=f"sqlite:///{base_project}/hostile.db",
-    )
-    get_settings.cache_clear()
-    with TestClient(create_app(get_settings())) as client:
+    with in_process_app(base_project, "hostile.db", MLOPS_ADMIN_TOKEN=TOKEN) as client:
         yield client
-    os.environ.clear()
-    os.environ.update(old)
-    get_settings.cache_clear()
 
 
 def _operations(client: TestClient) -> list[tuple[str, str, dict | None]]:

@@ -8,6 +8,7 @@ import socket
 import subprocess
 import sys
 import time
+from contextlib import contextmanager
 from pathlib import Path
 
 import httpx
@@ -48,6 +49,33 @@ def served(base_project, tmp_path, monkeypatch):
     get_settings.cache_clear()
     yield root
     get_settings.cache_clear()
+
+
+@contextmanager
+def in_process_app(root: Path, db_name: str, **env: str):
+    """The app with its lifespan, in this process, on `root`'s champion and its own log
+    database; for module-scoped clients (the environment is restored afterwards)."""
+    from fastapi.testclient import TestClient
+
+    from pipeline.config import get_settings
+    from serving.app import create_app
+
+    old = dict(os.environ)
+    os.environ.pop("MLFLOW_TRACKING_URI", None)
+    os.environ.update(
+        MLOPS_ROOT=str(root),
+        MLOPS_RELOAD_INTERVAL_S="0",
+        MLOPS_PREDICTION_DB_URL=f"sqlite:///{root / db_name}",
+        **env,
+    )
+    get_settings.cache_clear()
+    try:
+        with TestClient(create_app(get_settings())) as client:
+            yield client
+    finally:
+        os.environ.clear()
+        os.environ.update(old)
+        get_settings.cache_clear()
 
 
 @pytest.fixture

@@ -3,12 +3,10 @@
 from __future__ import annotations
 
 import pytest
-from fastapi.testclient import TestClient
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from pipeline.config import get_settings
-from serving.app import create_app
+from tests.serving.conftest import in_process_app
 
 json_scalars = (
     st.none()
@@ -62,21 +60,8 @@ fuzz = settings(
 
 @pytest.fixture(scope="module")
 def client(base_project):
-    import os
-
-    old = dict(os.environ)
-    os.environ.pop("MLFLOW_TRACKING_URI", None)
-    os.environ.update(
-        MLOPS_ROOT=str(base_project),
-        MLOPS_RELOAD_INTERVAL_S="0",
-        MLOPS_PREDICTION_DB_URL=f"sqlite:///{base_project}/fuzz.db",
-    )
-    get_settings.cache_clear()
-    with TestClient(create_app(get_settings())) as c:
+    with in_process_app(base_project, "fuzz.db") as c:
         yield c
-    os.environ.clear()
-    os.environ.update(old)
-    get_settings.cache_clear()
 
 
 @pytest.mark.parametrize("route", ["/predict", "/invocations", "/feedback"])
