@@ -309,6 +309,7 @@ def serve(
         port=port or settings.port,
         workers=workers,
         log_level="info",
+        access_log=access_log,
         timeout_graceful_shutdown=30,
     )
 

@@ -95,8 +95,10 @@ def free_port() -> int:
 class LiveServer:
     """`mlops serve` as a real process on a loopback port."""
 
-    def __init__(self, root: Path, workers: int = 1, env: dict | None = None) -> None:
-        self.root, self.port = root, free_port()
+    def __init__(
+        self, root: Path, workers: int = 1, env: dict | None = None, args: tuple = ()
+    ) -> None:
+        self.root, self.port, self.args = root, free_port(), list(args)
         self.url = f"http://127.0.0.1:{self.port}"
         self.env = {**os.environ, "MLOPS_ROOT": str(root), **(env or {})}
         self.workers = workers
@@ -106,7 +108,7 @@ class LiveServer:
         mlops = str(Path(sys.executable).parent / "mlops")
         self.log = open(self.root / f"server-{self.port}.log", "ab")  # noqa: SIM115
         self.proc = subprocess.Popen(
-            [mlops, "serve", "--port", str(self.port), "--workers", str(self.workers)],
+            [mlops, "serve", "--port", str(self.port), "--workers", str(self.workers), *self.args],
             cwd=self.root,
             env=self.env,
             stdout=self.log,

@@ -96,6 +96,7 @@ def test_kill_9_loses_no_acknowledged_prediction(served, live_server, digits_row
         t.join()
     acknowledged = [r[0] for r in results if r[1] == 200]
     assert len(acknowledged) > 20
+    assert '"POST /predict' not in server.logs()  # no access log unless asked for
     restarted = live_server()  # the store opens cleanly after the crash
     assert httpx.get(restarted.url + "/ready").status_code == 200
     stored = PredictionStore(get_settings().prediction_db).get(acknowledged)
@@ -123,7 +124,7 @@ def test_two_workers_log_each_id_exactly_once(served, live_server, digits_rows, 
 
 def test_graceful_shutdown_drains_the_async_log(served, live_server, digits_rows):
     """async mode answers before the commit; a SIGTERM still writes every answered row."""
-    server = live_server(env={"MLOPS_LOG_MODE": "async"})
+    server = live_server(env={"MLOPS_LOG_MODE": "async"}, args=["--access-log"])
     ids = [f"d-{i}" for i in range(300)]
     with httpx.Client(base_url=server.url, timeout=10) as http:
         for start in range(0, len(ids), 20):
@@ -137,4 +138,5 @@ def test_graceful_shutdown_drains_the_async_log(served, live_server, digits_rows
             assert res.status_code == 200
     server.stop()  # SIGTERM: uvicorn's graceful shutdown runs the lifespan's drain
     assert server.proc.returncode is not None
+    assert server.logs().count('"POST /predict HTTP/1.1" 200') >= 5  # --access-log
     assert set(PredictionStore(get_settings().prediction_db).get(ids)) == set(ids)
