@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import time
+import uuid
 
 import numpy as np
 import pytest
 
-from pipeline.store import PredictionStore, StoreUnavailable, encode_rows
+from pipeline.store import PredictionStore, StoreUnavailable, encode_rows, new_ids
 
 
 @pytest.fixture(params=["sqlite", "postgresql"])
@@ -39,6 +40,19 @@ def test_insert_is_idempotent_and_round_trips(store):
     assert row["features"] == list(map(float, range(64, 128)))
     assert row["probabilities"] == pytest.approx([0.1] * 10)
     assert row["model_version"] == "1" and row["latency_ms"] == 2.5
+
+
+def test_new_ids_are_unique_rfc_uuid7_in_time_order():
+    first = new_ids(500)
+    time.sleep(0.002)  # the next millisecond
+    later = new_ids(500)
+    assert len(set(first + later)) == 1000
+    for value in first[:20] + later[:20]:
+        parsed = uuid.UUID(hex=value)
+        assert parsed.version == 7 and parsed.variant == uuid.RFC_4122 and parsed.hex == value
+    assert max(first) < min(later)  # inserts append at the index's right-hand edge
+    stamp = int(later[0][:12], 16) / 1000
+    assert abs(stamp - time.time()) < 5
 
 
 def test_many_rows_in_one_group(store):
