@@ -404,11 +404,9 @@ async def _log(
         (i, now, used.name, used.version, f, lbl, p, latency_ms)
         for i, f, lbl, p in zip(ids, encode_rows(rows), labels, encode_rows(probs), strict=True)
     ]
-    future = state.writer.submit(log_rows)
-    if state.settings.log_mode == "durable":
-        await asyncio.wrap_future(future)  # answer only once the rows are committed
-    elif future.done() and future.exception():
-        raise future.exception()
+    future = state.writer.submit(log_rows, wait=state.settings.log_mode == "durable")
+    if future is not None:
+        await future  # durable: answer only once the rows are committed
 
 
 class GuardMiddleware:
