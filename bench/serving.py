@@ -7,7 +7,7 @@ Load comes from a keep-alive client (wrk when installed, else a Python asyncio c
 concurrency 1, 8 and 32, with 1-row and 64-row requests, after a warm-up. Prints req/s,
 rows/s, p50/p99 and the ratios against MLflow's server.
 
-    python bench/serving.py [--duration 5] [--warmup 1]
+    python bench/serving.py [--duration 5] [--warmup 1] [--paths mlflow,durable,off]
 """
 
 from __future__ import annotations
@@ -221,12 +221,29 @@ def _in_process(root: Path, rows: np.ndarray, seconds: float) -> list[dict]:
     return out
 
 
+LABELS = {
+    "mlflow": "mlflow models serve",
+    "durable": "mlops serve (log on)",
+    "off": "mlops serve (log off)",
+}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--duration", type=float, default=5)
     parser.add_argument("--warmup", type=float, default=1)
     parser.add_argument("--concurrency", default="1,8,32")
+    parser.add_argument(
+        "--paths", default="mlflow,durable,off", help="servers to measure (a subset, to iterate)"
+    )
+    parser.add_argument(
+        "--repeats",
+        type=int,
+        default=1,
+        help="measure each cell this many times, the paths taking turns; report the medians",
+    )
     args = parser.parse_args()
+    paths = [p for p in LABELS if p in args.paths.split(",")]
     loader = _load_wrk if shutil.which("wrk") else _load_python
     concurrency = [int(c) for c in args.concurrency.split(",")]
     from pipeline.ingest import load_digits_frame
@@ -239,46 +256,56 @@ def main() -> None:
         root.mkdir()
         env = _prepare(root)
         results += _in_process(root, rows, args.duration)
-        for kind in ("mlflow", "durable", "off"):
-            proc, url, _ = _start(kind, root, env)
-            try:
-                for n in (1, 64):
-                    body = _body(kind, rows[:n])
-                    for conc in concurrency:
-                        loader(url, body, conc, args.warmup, tmp)  # warm-up
-                        r = loader(url, body, conc, args.duration, tmp)
-                        label = {
-                            "mlflow": "mlflow models serve",
-                            "durable": "mlops serve (log on)",
-                            "off": "mlops serve (log off)",
-                        }[kind]
-                        results.append(
-                            {
-                                "path": label,
-                                "conc": conc,
-                                "rows": n,
-                                "req_s": r["requests"] / r["seconds"],
-                                "rows_s": r["requests"] * n / r["seconds"],
-                                "p50_ms": r["p50_ms"],
-                                "p99_ms": r["p99_ms"],
-                                "errors": r["errors"],
-                            }
-                        )
+        # All servers run at once, idle but for the one under load, and take turns cell by
+        # cell: a slow minute on a shared machine then hits every path, not just one.
+        servers: dict[str, tuple[subprocess.Popen, str]] = {}
+        try:
+            for kind in paths:
+                proc, url, _ = _start(kind, root, env)
+                servers[kind] = (proc, url)
+            for n in (1, 64):
+                for conc in concurrency:
+                    runs: dict[str, list[dict]] = {kind: [] for kind in paths}
+                    for _ in range(args.repeats):
+                        for kind in paths:
+                            url, body = servers[kind][1], _body(kind, rows[:n])
+                            loader(url, body, conc, args.warmup, tmp)  # warm-up
+                            runs[kind].append(loader(url, body, conc, args.duration, tmp))
+                    for kind in paths:
+                        results.append(_cell(LABELS[kind], conc, n, runs[kind]))
                         print(
-                            f"  {label:24} c={conc:<3} rows={n:<3} "
+                            f"  {LABELS[kind]:24} c={conc:<3} rows={n:<3} "
                             f"{results[-1]['req_s']:9.0f} req/s",
                             file=sys.stderr,
                         )
-            finally:
-                import signal
+        finally:
+            import signal
 
+            for proc, _ in servers.values():
                 os.killpg(proc.pid, signal.SIGTERM)
                 proc.wait(30)
-    _report(results, loader.__name__)
+    _report(results, loader.__name__, args.repeats)
 
 
-def _report(results: list[dict], loader: str) -> None:
+def _cell(label: str, conc: int, n: int, runs: list[dict]) -> dict:
+    """The medians over repeated measurements of one path at one load."""
+    req_s = float(np.median([r["requests"] / r["seconds"] for r in runs]))
+    return {
+        "path": label,
+        "conc": conc,
+        "rows": n,
+        "req_s": req_s,
+        "rows_s": req_s * n,
+        "p50_ms": float(np.median([r["p50_ms"] for r in runs])),
+        "p99_ms": float(np.median([r["p99_ms"] for r in runs])),
+        "errors": sum(r["errors"] for r in runs),
+    }
+
+
+def _report(results: list[dict], loader: str, repeats: int) -> None:
     print(f"\nload generator: {'wrk' if loader == '_load_wrk' else 'python asyncio (aiohttp)'}")
+    if repeats > 1:
+        print(f"each server cell: the median of {repeats} turns")
     print(
         f"{'path':26} {'conc':>4} {'rows':>4} {'req/s':>9} {'rows/s':>10} {'p50 ms':>8} "
         f"{'p99 ms':>8} {'errors':>6}"
@@ -294,18 +321,21 @@ def _report(results: list[dict], loader: str) -> None:
             r for r in results if r["path"] == path and r["conc"] == conc and r["rows"] == rows
         )
 
-    try:
-        ml1, us1 = pick("mlflow models serve", 8, 1), pick("mlops serve (log on)", 8, 1)
-        ml64, us64 = pick("mlflow models serve", 8, 64), pick("mlops serve (log on)", 8, 64)
-        off1 = pick("mlops serve (log off)", 8, 1)
-    except StopIteration:
-        return
-    ratios = {
-        "1-row req/s at c=8 vs MLflow (target >= 5x)": us1["req_s"] / ml1["req_s"],
-        "64-row rows/s at c=8 vs MLflow (target >= 4x)": us64["rows_s"] / ml64["rows_s"],
-        "1-row p99 at c=8 vs MLflow (target <= 0.33)": us1["p99_ms"] / ml1["p99_ms"],
-        "durable logging cost, 1-row c=8 (target <= 15%)": 1 - us1["req_s"] / off1["req_s"],
-    }
+    def ratio(name: str, path: str, rows: int, key: str, base: str, invert: bool = False):
+        try:
+            ours, theirs = pick(path, 8, rows), pick(base, 8, rows)
+        except StopIteration:  # that path was not measured in this run
+            return
+        value = ours[key] / theirs[key]
+        ratios[name] = 1 - value if invert else value
+
+    ratios: dict[str, float] = {}
+    on, off, ml = "mlops serve (log on)", "mlops serve (log off)", "mlflow models serve"
+    ratio("1-row req/s at c=8 vs MLflow (target >= 5x)", on, 1, "req_s", ml)
+    ratio("64-row rows/s at c=8 vs MLflow (target >= 4x)", on, 64, "rows_s", ml)
+    ratio("1-row p99 at c=8 vs MLflow (target <= 0.33)", on, 1, "p99_ms", ml)
+    ratio("durable logging cost, 1-row c=8 (target <= 15%)", on, 1, "req_s", off, invert=True)
+    ratio("durable logging cost, 64-row c=8 (target <= 15%)", on, 64, "rows_s", off, invert=True)
     print()
     for name, value in ratios.items():
         print(f"{name:52} {value:6.2f}")
