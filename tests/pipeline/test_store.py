@@ -81,6 +81,26 @@ def test_drift_scores(store):
     assert store.latest_drift() == pytest.approx(0.7)
 
 
+def test_insert_survives_its_connection_dying(pg_url):
+    """A database restart kills the connection kept for inserts: the next insert opens a
+    new one instead of failing the requests it carries."""
+    import sqlalchemy as sa
+
+    store = PredictionStore(pg_url).create()
+    try:
+        store.insert(_rows(["a"]))
+        pid = store._insert_conn.driver_connection.info.backend_pid
+        with sa.create_engine(
+            pg_url.replace("postgresql://", "postgresql+psycopg://")
+        ).connect() as admin:
+            assert admin.execute(sa.text(f"SELECT pg_terminate_backend({pid})")).scalar()
+        assert store.insert(_rows(["b"])) == 1
+        assert store._insert_conn.driver_connection.info.backend_pid != pid
+        assert store.count() == 2
+    finally:
+        store.dispose()
+
+
 def test_unreachable_store_raises_store_unavailable():
     store = PredictionStore("postgresql://nobody@127.0.0.1:1/none")
     with pytest.raises(StoreUnavailable, match="prediction store postgresql"):
