@@ -67,6 +67,11 @@ class Settings(BaseSettings):
         default=1, description="> 1: train with torchrun DDP over this many processes"
     )
     torch_threads: int = Field(default=0, description="0: one per core, minus the event loop's")
+    otel: bool = Field(
+        default=False,
+        description="FastAPI's OpenTelemetry spans and metrics, for an OTel SDK you configure; "
+        "off, the server skips that per-request check (/metrics is always on)",
+    )
 
     @property
     def data_dir(self) -> Path:

@@ -226,6 +226,18 @@ def test_admin_routes_closed_without_a_token(served, monkeypatch):
         assert res.status_code == 403 and "disabled" in res.json()["detail"]
 
 
+@pytest.mark.parametrize("otel", [False, True])
+def test_fastapi_telemetry_only_when_asked_for(served, monkeypatch, otel):
+    """MLOPS_OTEL hands FastAPI's OpenTelemetry hooks back; off, they never run."""
+    monkeypatch.setenv("MLOPS_OTEL", str(otel).lower())
+    get_settings.cache_clear()
+    app = create_app(get_settings())
+    config = getattr(app, "_telemetry", None)
+    if config is None:
+        pytest.skip("this FastAPI has no built-in telemetry")
+    assert config["tracing"] is otel and config["metrics"] is otel and config["logs"] is otel
+
+
 def test_api_key_protects_predict_and_feedback(served, monkeypatch, digits_rows):
     monkeypatch.setenv("MLOPS_API_KEY", "k-123")
     get_settings.cache_clear()
