@@ -149,7 +149,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         finally:
             state.manager.stop()
             await state.batcher.stop()
-            await asyncio.to_thread(state.writer.close)  # drain: nothing acknowledged is lost
+            await state.writer.close()  # drain: nothing acknowledged is lost
             state.store.dispose()
 
     app = FastAPI(

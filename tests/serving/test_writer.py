@@ -1,0 +1,105 @@
+"""The log writer on a real SQLite store: grouping, back-pressure, failures, draining."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+import time
+
+import numpy as np
+import pytest
+
+from pipeline.store import PredictionStore, StoreUnavailable, encode_rows
+from serving.runtime import LogWriter
+
+
+class RecordingStore(PredictionStore):
+    """A real store that records each insert's size and can be held or made to fail."""
+
+    def __init__(self, url: str) -> None:
+        super().__init__(url)
+        self.calls: list[int] = []
+        self.gate = threading.Event()
+        self.gate.set()
+        self.fail = False
+
+    def insert(self, rows):
+        self.gate.wait(10)
+        self.calls.append(len(rows))
+        if self.fail:
+            raise StoreUnavailable("down for the test")
+        return super().insert(rows)
+
+
+def _rows(prefix: str, n: int = 1) -> list[tuple]:
+    x = np.ones((n, 4), np.float32)
+    return [
+        (f"{prefix}-{i}", time.time(), "m", "1", f, 0, f, 1.0) for i, f in enumerate(encode_rows(x))
+    ]
+
+
+@pytest.fixture
+def store(tmp_path):
+    s = RecordingStore(f"sqlite:///{tmp_path / 'log.db'}").create()
+    yield s
+    s.dispose()
+
+
+def test_one_iterations_submissions_are_one_commit(store):
+    async def main():
+        writer = LogWriter(store, max_queue=100)
+        writer.start()
+        # as after one forward pass: several handlers submit in the same loop iteration
+        futures = [writer.submit(_rows(f"r{i}")) for i in range(5)]
+        await asyncio.gather(*futures)
+        await writer.close()
+
+    asyncio.run(main())
+    assert store.calls == [5]
+    assert store.count() == 5
+
+
+def test_back_pressure_then_recovery(store):
+    async def main():
+        writer = LogWriter(store, max_queue=3)
+        writer.start()
+        store.gate.clear()  # the store stalls
+        waiting = [writer.submit(_rows(f"a{i}")) for i in range(3)]
+        with pytest.raises(StoreUnavailable, match="queue is full"):
+            writer.submit(_rows("refused"))
+        store.gate.set()
+        await asyncio.gather(*waiting)
+        await asyncio.wait_for(writer.submit(_rows("after")), 5)  # room again
+        await writer.close()
+
+    asyncio.run(main())
+    assert store.count() == 4 and not store.get(["refused-0"])
+
+
+def test_a_failed_commit_fails_its_requests_only(store):
+    async def main():
+        writer = LogWriter(store, max_queue=100)
+        writer.start()
+        store.fail = True
+        with pytest.raises(StoreUnavailable, match="down for the test"):
+            await writer.submit(_rows("lost"))
+        assert writer.last_error and "down" in writer.last_error
+        store.fail = False
+        await writer.submit(_rows("kept"))
+        assert writer.last_error is None
+        await writer.close()
+
+    asyncio.run(main())
+    assert set(store.get(["lost-0", "kept-0"])) == {"kept-0"}
+
+
+def test_close_drains_unawaited_async_submissions(store):
+    async def main():
+        writer = LogWriter(store, max_queue=1000)
+        writer.start()
+        for i in range(50):  # async mode: nobody waits for the commit
+            assert writer.submit(_rows(f"q{i}", 3), wait=False) is None
+        await writer.close()
+
+    asyncio.run(main())
+    assert store.count() == 150
