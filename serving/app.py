@@ -467,8 +467,9 @@ class GuardMiddleware:
             except BadRequest as exc:
                 status_holder["status"] = exc.status
                 await _send_json(send, exc.status, {"detail": exc.detail})
-        metrics.REQUESTS.labels(route, str(status_holder["status"])).inc()
-        metrics.LATENCY.labels(route).observe(time.perf_counter() - start)
+        status = str(status_holder["status"])
+        metrics.REQUESTS.labels(route, status).inc()
+        metrics.LATENCY.labels(route, status).observe(time.perf_counter() - start)
 
 
 async def _send_json(send, status: int, body: dict) -> None:

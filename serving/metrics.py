@@ -17,7 +17,7 @@ REQUESTS = Counter("mlops_requests_total", "HTTP requests", ["route", "status"])
 LATENCY = Histogram(
     "mlops_request_seconds",
     "HTTP request latency",
-    ["route"],
+    ["route", "status"],
     buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5),
 )
 BATCH_ROWS = Histogram(

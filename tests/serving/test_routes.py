@@ -267,10 +267,12 @@ def test_failed_reload_keeps_the_old_model(client):
 
 def test_metrics_exposition(client, digits_rows):
     _predict(client, digits_rows[:2])
+    client.post("/predict", json={"instances": [[1, 2]]})  # a 422
     text = client.get("/metrics").text
     for name in (
         'mlops_requests_total{route="/predict",status="200"}',
-        "mlops_request_seconds_bucket",
+        'mlops_request_seconds_count{route="/predict",status="200"}',
+        'mlops_request_seconds_count{route="/predict",status="422"}',
         "mlops_batch_rows_bucket",
         "mlops_log_queue_depth",
         "mlops_log_commit_lag_seconds_bucket",
