@@ -5,9 +5,12 @@
 
 Load comes from a keep-alive client (wrk when installed, else a Python asyncio client) at
 concurrency 1, 8 and 32, with 1-row and 64-row requests, after a warm-up. Prints req/s,
-rows/s, p50/p99 and the ratios against MLflow's server.
+rows/s, p50/p99 and the ratios against MLflow's server and against logging off. All servers
+run at once and take turns cell by cell (ABBA order with --repeats), each figure the median
+of its turns, so a slow minute on a shared machine does not land on one path only.
 
-    python bench/serving.py [--duration 5] [--warmup 1] [--paths mlflow,durable,off]
+    python bench/serving.py [--duration 5] [--warmup 1] [--repeats 1]
+                            [--concurrency 1,8,32] [--paths mlflow,durable,off]
 """
 
 from __future__ import annotations
@@ -266,8 +269,9 @@ def main() -> None:
             for n in (1, 64):
                 for conc in concurrency:
                     runs: dict[str, list[dict]] = {kind: [] for kind in paths}
-                    for _ in range(args.repeats):
-                        for kind in paths:
+                    for turn in range(args.repeats):
+                        # ABBA order: neither path always runs first after a switch
+                        for kind in paths if turn % 2 == 0 else paths[::-1]:
                             url, body = servers[kind][1], _body(kind, rows[:n])
                             loader(url, body, conc, args.warmup, tmp)  # warm-up
                             runs[kind].append(loader(url, body, conc, args.duration, tmp))
