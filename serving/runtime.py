@@ -296,11 +296,13 @@ class LogWriter:
                 self.store.create()
                 self.schema_ready = True
             self.store.insert([r for batch, _, _ in group for r in batch])
-        except StoreUnavailable as exc:
-            error = exc
-            self.last_error = str(exc)
+        except Exception as exc:  # noqa: BLE001 - the writer must outlive any one commit
+            # Anything else (a driver bug, a value the database refuses) fails these
+            # requests the same way: otherwise they would wait for a thread that died.
+            error = exc if isinstance(exc, StoreUnavailable) else StoreUnavailable(repr(exc))
+            self.last_error = str(error)
             metrics.LOG_FAILURES.inc()
-            log.error("prediction log commit failed: %s", exc)
+            log.error("prediction log commit failed: %s", error)
         else:
             self.last_error = None
             metrics.LOGGED.inc(rows)

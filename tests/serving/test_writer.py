@@ -21,13 +21,13 @@ class RecordingStore(PredictionStore):
         self.calls: list[int] = []
         self.gate = threading.Event()
         self.gate.set()
-        self.fail = False
+        self.fail: Exception | None = None
 
     def insert(self, rows):
         self.gate.wait(10)
         self.calls.append(len(rows))
         if self.fail:
-            raise StoreUnavailable("down for the test")
+            raise self.fail
         return super().insert(rows)
 
 
@@ -80,17 +80,20 @@ def test_a_failed_commit_fails_its_requests_only(store):
     async def main():
         writer = LogWriter(store, max_queue=100)
         writer.start()
-        store.fail = True
+        store.fail = StoreUnavailable("down for the test")
         with pytest.raises(StoreUnavailable, match="down for the test"):
             await writer.submit(_rows("lost"))
         assert writer.last_error and "down" in writer.last_error
-        store.fail = False
-        await writer.submit(_rows("kept"))
+        store.fail = TypeError("an unexpected bug")  # not a store error: still answered
+        with pytest.raises(StoreUnavailable, match="unexpected bug"):
+            await asyncio.wait_for(writer.submit(_rows("lost-too")), 5)
+        store.fail = None
+        await writer.submit(_rows("kept"))  # the writer thread survived both
         assert writer.last_error is None
         await writer.close()
 
     asyncio.run(main())
-    assert set(store.get(["lost-0", "kept-0"])) == {"kept-0"}
+    assert set(store.get(["lost-0", "lost-too-0", "kept-0"])) == {"kept-0"}
 
 
 def test_close_drains_unawaited_async_submissions(store):
