@@ -86,15 +86,25 @@ def _quiet_dvc(root: Path | None = None):
 
 
 def ensure_dvc_repo(root: Path) -> None:
-    """The loop versions its data with DVC: make `root` a git + DVC repository if it is not."""
+    """The loop versions its data with DVC: make `root` a DVC project if it is not.
+
+    Inside an existing git work tree (a folder of the user's own repository), DVC is set up
+    as a subdirectory project of that repository; elsewhere `root` becomes a new git repo.
+    """
     from dvc.repo import Repo
 
     if (root / ".dvc").is_dir():
         return
-    if not (root / ".git").exists():
+    enclosing = subprocess.run(
+        ["git", "rev-parse", "--show-toplevel"], cwd=root, capture_output=True, text=True
+    )
+    inside = (
+        enclosing.returncode == 0 and Path(enclosing.stdout.strip()).resolve() != root.resolve()
+    )
+    if not inside and not (root / ".git").exists():
         subprocess.run(["git", "init", "-q"], cwd=root, check=True)
     with _quiet_dvc(root):
-        Repo.init(str(root))
+        Repo.init(str(root), subdir=inside)
     with Repo(str(root)) as repo, repo.config.edit() as conf:
         conf["core"]["analytics"] = "false"
 

@@ -89,3 +89,30 @@ def test_changed_params_rerun_only_what_depends_on_them(dvc_repo: Path):
     out = _sh(repo, "dvc", "repro")
     assert "Stage 'ingest' didn't change" in out
     assert "Running stage 'preprocess'" in out and "Running stage 'train'" in out
+
+
+@pytest.mark.parametrize("inside_a_repo", [False, True])
+def test_loop_root_becomes_a_dvc_project_without_nesting_git(tmp_path: Path, inside_a_repo):
+    """A root inside the user's own git repository gets a DVC subdirectory project of that
+    repository, not a git repository of its own; elsewhere it gets both."""
+    from pipeline.lineage import ensure_dvc_repo, version_data
+
+    outer = tmp_path / "outer"
+    root = outer / "experiments" / "digits"
+    root.mkdir(parents=True)
+    if inside_a_repo:
+        subprocess.run(["git", "init", "-q"], cwd=outer, check=True)
+    ensure_dvc_repo(root)
+    assert (root / ".dvc").is_dir()
+    assert (root / ".git").exists() is not inside_a_repo
+    data = root / "data" / "loop"
+    data.mkdir(parents=True)
+    (data / "rows.csv").write_text("label,x\n1,0.5\n")
+    digest = version_data(root, data, push=False)
+    assert digest.endswith(".dir") and (root / "data" / "loop.dvc").exists()
+    toplevel = subprocess.run(
+        ["git", "rev-parse", "--show-toplevel"], cwd=root, capture_output=True, text=True
+    ).stdout.strip()
+    assert Path(toplevel).resolve() == (outer if inside_a_repo else root).resolve()
+    ensure_dvc_repo(root)  # a second call changes nothing
+    assert (root / ".git").exists() is not inside_a_repo
