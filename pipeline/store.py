@@ -133,9 +133,10 @@ class PredictionStore:
         already stored; returns how many were new. Committed when it returns.
 
         The server's hot path, so it bypasses the engine: one DBAPI connection kept open
-        for inserts, in autocommit mode, and one multi-row statement per 4,000 rows (the
-        writer's groups fit in one). SQLAlchemy's checkout, begin and reset cost ~200 us per
-        commit, all of it holding the GIL the event loop needs.
+        for inserts, in autocommit mode, and one multi-row statement per 4,000 rows (most
+        of the writer's groups fit in one; larger ones get an explicit transaction).
+        SQLAlchemy's checkout, begin and reset cost ~200 us per commit, all of it holding
+        the GIL the event loop needs.
         """
         if not rows:
             return 0
