@@ -22,7 +22,9 @@ from pipeline.model import ModelConfig, build_model
 
 def _throughput(device: torch.device, side: int, steps: int, batch: int, bf16: bool) -> float:
     torch.manual_seed(0)
-    cfg = ModelConfig(n_features=side * side, num_classes=10, image_side=side)
+    cfg = ModelConfig(
+        n_features=side * side, num_classes=10, hidden=64, dropout=0.25, image_side=side
+    )
     model = build_model(cfg).to(device)
     if dist.is_initialized():
         model = torch.nn.parallel.DistributedDataParallel(model, device_ids=[device.index])

@@ -42,24 +42,25 @@ def direct_round() -> None:
     """The loop's round 1 with the very same steps, no orchestration."""
     from flows import tasks as t
     from flows.loop import production_stream
+    from pipeline.config import get_settings, load_params
 
-    settings, params = t._context()
-    trials = params.get("tune", {}).get("trials", 0)
+    settings = get_settings()
+    params = load_params(settings.params_path)
     x, y = production_stream(params, 1, False)[0]
-    t.ingest_bootstrap.fn(params["data"]["source"])
-    server = t.start_api.fn()
+    t.ingest_source.fn(settings, params, params.data.source)
+    server = t.start_api.fn(settings)
     try:
-        digest = t.version_data.fn()
-        t.preprocess_data.fn(digest)
-        model = t.train_model.fn(1, trials, None, False)
-        t.promote.fn(model["version"])
+        digest = t.version_data.fn(settings)
+        t.preprocess_data.fn(settings, params, digest)
+        model = t.train_model.fn(settings, params, 1, params.tune.trials, None, False)
+        t.promote.fn(settings, params, model["version"])
         t.deploy.fn(server)
         started = time.time()
         traffic = t.send_traffic.fn(server, x, 1, run_tag="bench")
         t.send_labels.fn(server, traffic["ids"], y, 1)
-        t.check_drift.fn(started)
-        t.pull_feedback.fn()
-        t.version_data.fn()
+        t.check_drift.fn(settings, params, started)
+        t.pull_feedback.fn(settings)
+        t.version_data.fn(settings)
     finally:
         t.stop_api.fn(server)
 

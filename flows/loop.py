@@ -10,13 +10,12 @@ import uuid
 
 import numpy as np
 from prefect import flow, get_run_logger
-from prefect.artifacts import create_markdown_artifact
 
+from flows.report import publish_summary
 from flows.tasks import (
-    _context,
     check_drift,
     deploy,
-    ingest_bootstrap,
+    ingest_source,
     preprocess_data,
     promote,
     pull_feedback,
@@ -27,19 +26,19 @@ from flows.tasks import (
     train_model,
     version_data,
 )
+from pipeline.config import Params, get_settings, load_params
+from pipeline.ingest import load_digits_frame
 
 
 def production_stream(
-    params: dict, rounds: int, drift: bool
+    params: Params, rounds: int, drift: bool
 ) -> list[tuple[np.ndarray, np.ndarray]]:
     """The digits the bootstrap pool left out, in `rounds` chunks: what clients will send.
 
     With `drift`, every image is shifted two pixels right (zeros shifted in), a change of
     the input distribution that the drift check must see.
     """
-    from pipeline.ingest import load_digits_frame
-
-    stream = load_digits_frame("stream", params["data"]["bootstrap_fraction"], params["seed"])
+    stream = load_digits_frame("stream", params.data.bootstrap_fraction, params.seed)
     x = stream.drop(columns="label").to_numpy(np.float32)
     y = stream["label"].to_numpy()
     if drift:
@@ -56,14 +55,19 @@ def production_stream(
 @flow(name="mlops-loop", flow_run_name="loop: {rounds} rounds on {source}", log_prints=True)
 def loop_flow(
     rounds: int = 2,
-    source: str = "digits",
+    source: str | None = None,
     trials: int | None = None,
     epochs: int | None = None,
     drift: bool = False,
+    params: Params | None = None,
 ) -> list[dict]:
-    settings, params = _context()
-    trials = params.get("tune", {}).get("trials", 0) if trials is None else trials
-    warm = params["train"].get("warm_start", False)
+    """`rounds` turns of the loop. Unset arguments come from params.yaml (`params`: all of
+    it, recorded with the run); `source` defaults to params' data.source."""
+    settings = get_settings()
+    params = params or load_params(settings.params_path)
+    source = source or params.data.source
+    trials = params.tune.trials if trials is None else trials
+    warm = params.train.warm_start
     if source != "digits":
         get_run_logger().warning(
             "source %s: no production stream to simulate; the loop "
@@ -73,15 +77,17 @@ def loop_flow(
     stream = production_stream(params, rounds, drift) if source == "digits" else []
 
     run_tag = uuid.uuid4().hex[:8]  # this run's client ids are its own
-    ingest_bootstrap(source)
-    server = start_api()
+    ingest_source(settings, params, source)
+    server = start_api(settings)
     summary: list[dict] = []
     try:
         for round_no in range(1, rounds + 1):
-            data_hash = version_data()  # data source
-            split = preprocess_data(data_hash)  # data processing
-            model = train_model(round_no, trials, epochs, warm)  # training + optimisation
-            decision = promote(model["version"])
+            data_hash = version_data(settings)  # data source
+            split = preprocess_data(settings, params, data_hash)  # data processing
+            model = train_model(  # training + optimisation
+                settings, params, round_no, trials, epochs, warm
+            )
+            decision = promote(settings, params, model["version"])
             serving = deploy(server)  # deployment
             row = {
                 "round": round_no,
@@ -98,23 +104,16 @@ def loop_flow(
                 started = time.time()
                 traffic = send_traffic(server, x, round_no, run_tag=run_tag)
                 send_labels(server, traffic["ids"], y, round_no)
-                row["drift_score"] = check_drift(started).get("score")
-                row["pulled"] = pull_feedback()["new"]  # -> data source
+                row["drift_score"] = check_drift(settings, params, started).get("score")
+                row["pulled"] = pull_feedback(settings)["new"]  # -> data source
             summary.append(row)
-            _publish(row, decision)
+            publish_summary(
+                f"loop-round-{round_no}",
+                f"round {round_no} of the loop",
+                {**row, "promotion": decision["reason"]},
+            )
         if stream:
-            version_data()  # the last pull becomes a data version too: nothing is left unversioned
+            version_data(settings)  # the last pull becomes a data version too
     finally:
         stop_api(server)
     return summary
-
-
-def _publish(row: dict, decision: dict) -> None:
-    lines = ["| field | value |", "| --- | --- |"]
-    lines += [f"| {k} | {v} |" for k, v in row.items()]
-    lines.append(f"| promotion | {decision['reason']} |")
-    create_markdown_artifact(
-        "\n".join(lines),
-        key=f"loop-round-{row['round']}",
-        description=f"round {row['round']} of the loop",
-    )

@@ -5,36 +5,42 @@ from __future__ import annotations
 import time
 
 from prefect import flow, get_run_logger
-from prefect.artifacts import create_markdown_artifact
 
+from flows.report import publish_summary
 from flows.tasks import (
-    _context,
     check_drift,
+    count_new_labels,
     preprocess_data,
     promote,
     pull_feedback,
     train_model,
     version_data,
 )
+from pipeline.config import Params, get_settings, load_params
+from pipeline.drift import should_retrain
 
 RETRAIN_FLOW = "retrain"
 
 
 @flow(name=RETRAIN_FLOW, flow_run_name="retrain: {reason}")
 def retrain_flow(
-    reason: str = "schedule", trials: int | None = None, epochs: int | None = None
+    reason: str = "schedule",
+    trials: int | None = None,
+    epochs: int | None = None,
+    params: Params | None = None,
 ) -> dict:
     """feedback -> new data version -> preprocess -> tune + train -> promote if better.
 
     Running servers follow the champion alias, so a promotion reaches them by itself.
     """
-    _, params = _context()
-    trials = params.get("tune", {}).get("trials", 0) if trials is None else trials
-    pulled = pull_feedback()
-    data_hash = version_data()
-    split = preprocess_data(data_hash)
-    model = train_model(0, trials, epochs, params["train"].get("warm_start", False))
-    decision = promote(model["version"])
+    settings = get_settings()
+    params = params or load_params(settings.params_path)
+    trials = params.tune.trials if trials is None else trials
+    pulled = pull_feedback(settings)
+    data_hash = version_data(settings)
+    split = preprocess_data(settings, params, data_hash)
+    model = train_model(settings, params, 0, trials, epochs, params.train.warm_start)
+    decision = promote(settings, params, model["version"])
     summary = {
         "reason": reason,
         "pulled": pulled["new"],
@@ -44,44 +50,23 @@ def retrain_flow(
         "test_accuracy": model["accuracy"],
         "promoted": decision["promoted"],
     }
-    create_markdown_artifact(
-        "\n".join(
-            ["| field | value |", "| --- | --- |"] + [f"| {k} | {v} |" for k, v in summary.items()]
-        ),
-        key="retrain",
-        description="last retraining run",
-    )
+    publish_summary("retrain", "last retraining run", summary)
     return summary
 
 
 @flow(name="monitor", flow_run_name="monitor")
-def monitor_flow(window_s: float = 3600) -> dict:
+def monitor_flow(window_s: float = 3600, params: Params | None = None) -> dict:
     """Start a retraining run when enough new labels arrived or inputs drifted, with a
     cooldown, and never while another retraining run is in progress."""
-    from pipeline.drift import TriggerConfig, should_retrain
-    from pipeline.feedback import read_state
-    from pipeline.store import PredictionStore
-
-    settings, params = _context()
-    cfg = TriggerConfig(
-        **{
-            k: v
-            for k, v in params.get("monitor", {}).items()
-            if k in TriggerConfig.__dataclass_fields__
-        }
-    )
-    store = PredictionStore(settings.prediction_db)
-    try:
-        watermark = read_state(settings.loop_dir)["watermark"]
-        new_labels = len(store.labelled_since(watermark))
-    finally:
-        store.dispose()
-    drift = check_drift(time.time() - window_s).get("score")
+    settings = get_settings()
+    params = params or load_params(settings.params_path)
+    new_labels = count_new_labels(settings)
+    drift = check_drift(settings, params, time.time() - window_s).get("score")
     last, running = _retrain_history()
-    go, why = should_retrain(new_labels, drift, last, time.time(), running, cfg)
+    go, why = should_retrain(new_labels, drift, last, time.time(), running, params.monitor)
     get_run_logger().info("retrain: %s (%s)", "yes" if go else "no", why)
     if go:
-        _start_retrain(why)
+        _start_retrain(why, params)
     return {"retrain": go, "reason": why, "new_labels": new_labels, "drift": drift}
 
 
@@ -104,7 +89,7 @@ def _retrain_history() -> tuple[float | None, bool]:
     return (max(started) if started else None), running
 
 
-def _start_retrain(reason: str) -> None:
+def _start_retrain(reason: str, params: Params) -> None:
     """Through the deployment when one is served (its concurrency limit is 1), else inline."""
     from prefect.deployments import run_deployment
 
@@ -112,4 +97,4 @@ def _start_retrain(reason: str) -> None:
         run_deployment(f"{RETRAIN_FLOW}/{RETRAIN_FLOW}", parameters={"reason": reason}, timeout=0)
     except Exception as exc:  # noqa: BLE001 - no deployment: run it here as a subflow
         get_run_logger().info("no retrain deployment (%s): running it inline", exc)
-        retrain_flow(reason=reason)
+        retrain_flow(reason=reason, params=params)

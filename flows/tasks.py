@@ -1,16 +1,16 @@
-"""Prefect tasks: each wraps one pipeline/ step, with retries on I/O and readable run names."""
+"""Prefect tasks: each wraps one pipeline/ step, with retries on I/O and readable run names.
+
+Every task receives the settings and parameters it uses as arguments, so each task run
+records what it ran with; none re-reads configuration on its own.
+"""
 
 from __future__ import annotations
 
 import logging
 import os
 import secrets
-import signal
-import socket
-import subprocess
 import sys
 import threading
-import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -19,7 +19,15 @@ import numpy as np
 from prefect import get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 
+from pipeline import feedback, gate, lineage, monitor, process
+from pipeline.config import Params, Settings
+from pipeline.experiment import fit
+from pipeline.ingest import ingest
+from pipeline.preprocess import load_preprocessor, preprocess_frames
+from pipeline.store import PredictionStore
+
 IO_RETRIES = {"retries": 3, "retry_delay_seconds": [2, 5, 15]}
+API_START_TIMEOUT_S = 120  # a cold start loads torch and MLflow and downloads the champion
 
 
 def _logger():
@@ -30,31 +38,20 @@ def _logger():
         return logging.getLogger("flows")
 
 
-def _context():
-    from pipeline.config import get_settings, load_params
-
-    settings = get_settings()
-    return settings, load_params(settings.params_path)
-
-
 # --- data source --------------------------------------------------------------------------------
 
 
 @task(task_run_name="ingest {source}", cache_policy=NO_CACHE)
-def ingest_bootstrap(source: str) -> dict:
+def ingest_source(settings: Settings, params: Params, source: str) -> dict:
     """Source -> data/loop/bootstrap.parquet (validated; bad rows quarantined)."""
-    from pipeline.feedback import BOOTSTRAP
-    from pipeline.ingest import ingest
-    from pipeline.lineage import ensure_dvc_repo
-
-    settings, params = _context()
-    ensure_dvc_repo(settings.root)
+    lineage.ensure_dvc_repo(settings.root)
     report = ingest(
         source,
         settings.loop_dir,
         settings.quarantine_dir,
         params,
-        name=BOOTSTRAP.removesuffix(".parquet"),
+        name=feedback.BOOTSTRAP.removesuffix(".parquet"),
+        max_bytes=settings.max_ingest_bytes,
     )
     _logger().info(
         "%d rows from %s (%d quarantined)", report.rows_ok, source, report.rows_quarantined
@@ -63,11 +60,8 @@ def ingest_bootstrap(source: str) -> dict:
 
 
 @task(task_run_name="version data (dvc add + push)", cache_policy=NO_CACHE, **IO_RETRIES)
-def version_data() -> str:
-    from pipeline.lineage import version_data as dvc_version
-
-    settings, _ = _context()
-    digest = dvc_version(settings.root, settings.loop_dir)
+def version_data(settings: Settings) -> str:
+    digest = lineage.version_data(settings.root, settings.loop_dir)
     _logger().info("data version %s", digest)
     return digest
 
@@ -76,25 +70,25 @@ def version_data() -> str:
 
 
 @task(task_run_name="preprocess data {data_hash:.10}", cache_policy=NO_CACHE)
-def preprocess_data(data_hash: str) -> dict:
+def preprocess_data(settings: Settings, params: Params, data_hash: str) -> dict:
     """Split (fixed test split) and fit the preprocessor; cached by data hash."""
-    from pipeline.feedback import training_frames
-    from pipeline.preprocess import preprocess_frames
-
-    settings, params = _context()
-    bootstrap, feedback = training_frames(settings.loop_dir)
-    return preprocess_frames(bootstrap, settings.processed_dir, params, data_hash, feedback)
+    bootstrap, extra = feedback.training_frames(settings.loop_dir)
+    return preprocess_frames(bootstrap, settings.processed_dir, params, data_hash, extra)
 
 
 # --- training + optimisation --------------------------------------------------------------------
 
 
-@task(task_run_name="tune + train round {round_no}", cache_policy=NO_CACHE)
-def train_model(round_no: int, trials: int, epochs: int | None, warm_start: bool) -> dict:
+@task(task_run_name="train round {round_no} ({trials} tuning trials)", cache_policy=NO_CACHE)
+def train_model(
+    settings: Settings,
+    params: Params,
+    round_no: int,
+    trials: int,
+    epochs: int | None,
+    warm_start: bool,
+) -> dict:
     """Optuna search, then the final model: evaluated, logged and registered in MLflow."""
-    from pipeline.experiment import fit
-
-    settings, params = _context()
     cand = fit(
         settings,
         params,
@@ -113,15 +107,8 @@ def train_model(round_no: int, trials: int, epochs: int | None, warm_start: bool
 
 
 @task(task_run_name="promote v{version} if better", cache_policy=NO_CACHE, **IO_RETRIES)
-def promote(version: str) -> dict:
-    from pipeline.experiment import raw_test_set
-    from pipeline.preprocess import Preprocessor
-    from pipeline.registry import promote_if_better
-
-    settings, params = _context()
-    pre = Preprocessor.load(settings.processed_dir / "preprocessor.json")
-    x, y = raw_test_set(settings, pre.schema)
-    d = promote_if_better(settings, version, x, y, params.get("promote", {}).get("margin", 0.0))
+def promote(settings: Settings, params: Params, version: str) -> dict:
+    d = gate.promote_on_test_split(settings, params, version)
     _logger().info("v%s %s: %s", version, "promoted" if d.promoted else "not promoted", d.reason)
     return {"promoted": d.promoted, "champion_score": d.champion_score, "reason": d.reason}
 
@@ -131,22 +118,15 @@ def promote(version: str) -> dict:
 
 @dataclass
 class ApiServer:
-    proc: subprocess.Popen | None  # None: a server this flow did not start
+    server: process.Supervised | None  # None: a running server this flow did not start
     url: str
     token: str
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @task(task_run_name="start API server", cache_policy=NO_CACHE)
-def start_api() -> ApiServer:
+def start_api(settings: Settings) -> ApiServer:
     """A real `mlops serve` process on a free loopback port, following the champion; or the
     running server named by MLOPS_API_URL (production topology)."""
-    settings, _ = _context()
     if settings.api_url:
         if settings.admin_token is None:
             raise RuntimeError("MLOPS_API_URL is set: MLOPS_ADMIN_TOKEN must be too")
@@ -154,48 +134,32 @@ def start_api() -> ApiServer:
         return ApiServer(
             None, settings.api_url.rstrip("/"), settings.admin_token.get_secret_value()
         )
-    port, token = _free_port(), secrets.token_urlsafe(24)
+    port, token = process.free_port(), secrets.token_urlsafe(24)
     env = {
         **os.environ,
         "MLOPS_ROOT": str(settings.root),
         "MLOPS_ADMIN_TOKEN": token,
         "MLOPS_RELOAD_INTERVAL_S": os.environ.get("MLOPS_RELOAD_INTERVAL_S", "5"),
     }
-    log = open(settings.root / "data" / "api-server.log", "ab")  # noqa: SIM115
     mlops = str(Path(sys.executable).parent / "mlops")
-    proc = subprocess.Popen(
+    server = process.start(
         [mlops, "serve", "--port", str(port)],
-        cwd=settings.root,
+        f"http://127.0.0.1:{port}",
+        settings.data_dir / "api-server.log",
         env=env,
-        stdout=log,
-        stderr=subprocess.STDOUT,
-        start_new_session=True,
-    )
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 120
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError(
-                f"the API server exited ({proc.returncode}): see data/api-server.log"
-            )
-        try:
-            if httpx.get(url + "/health", timeout=1).status_code == 200:
-                _logger().info("API server on %s (pid %d)", url, proc.pid)
-                return ApiServer(proc, url, token)
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.25)
-    proc.kill()
-    raise TimeoutError("the API server did not start within 120 s")
+        cwd=settings.root,
+    ).wait_healthy("/health", API_START_TIMEOUT_S)
+    _logger().info("API server on %s (pid %d)", server.url, server.pid)
+    return ApiServer(server, server.url, token)
 
 
 @task(task_run_name="deploy champion to the API", cache_policy=NO_CACHE, **IO_RETRIES)
-def deploy(server: ApiServer) -> str:
+def deploy(api: ApiServer) -> str:
     """Hot-swap the running server to the current champion; returns the version it serves."""
     res = httpx.post(
-        server.url + "/admin/reload",
+        api.url + "/admin/reload",
         timeout=60,
-        headers={"authorization": f"Bearer {server.token}"},
+        headers={"authorization": f"Bearer {api.token}"},
     )
     if res.status_code != 200:
         raise RuntimeError(f"reload failed: {res.status_code} {res.text[:300]}")
@@ -205,14 +169,10 @@ def deploy(server: ApiServer) -> str:
 
 
 @task(task_run_name="stop API server", cache_policy=NO_CACHE)
-def stop_api(server: ApiServer) -> None:
+def stop_api(api: ApiServer) -> None:
     """Graceful stop (the log writer drains), then a kill if it hangs."""
-    if server.proc is not None and server.proc.poll() is None:
-        os.killpg(server.proc.pid, signal.SIGTERM)
-        try:
-            server.proc.wait(30)
-        except subprocess.TimeoutExpired:
-            os.killpg(server.proc.pid, signal.SIGKILL)
+    if api.server is not None:
+        api.server.stop()
 
 
 # --- feedback -------------------------------------------------------------------------------------
@@ -220,7 +180,7 @@ def stop_api(server: ApiServer) -> None:
 
 @task(task_run_name="simulated clients: round {round_no}", cache_policy=NO_CACHE)
 def send_traffic(
-    server: ApiServer,
+    api: ApiServer,
     x: np.ndarray,
     round_no: int,
     clients: int = 4,
@@ -239,7 +199,7 @@ def send_traffic(
     lock = threading.Lock()
 
     def client(part: list) -> None:
-        with httpx.Client(base_url=server.url, timeout=30) as http:
+        with httpx.Client(base_url=api.url, timeout=30) as http:
             for prefix, rows in part:
                 ids = [f"{prefix}-{k}" for k in range(len(rows))]
                 res = http.post("/predict", json={"instances": rows.tolist(), "ids": ids})
@@ -264,10 +224,10 @@ def send_traffic(
 
 
 @task(task_run_name="post ground truth: round {round_no}", cache_policy=NO_CACHE, **IO_RETRIES)
-def send_labels(server: ApiServer, ids: list[str], y: np.ndarray, round_no: int) -> dict:
+def send_labels(api: ApiServer, ids: list[str], y: np.ndarray, round_no: int) -> dict:
     """The true labels arrive later, through /feedback, in batches."""
     counts: dict[str, int] = {}
-    with httpx.Client(base_url=server.url, timeout=30) as http:
+    with httpx.Client(base_url=api.url, timeout=30) as http:
         for start in range(0, len(ids), 256):
             labels = [
                 {"id": pid, "label": int(y[_row_of(pid)])} for pid in ids[start : start + 256]
@@ -286,78 +246,22 @@ def _row_of(pid: str) -> int:
 
 
 @task(task_run_name="pull feedback into data", cache_policy=NO_CACHE, **IO_RETRIES)
-def pull_feedback() -> dict:
-    from pipeline.feedback import pull_feedback as pull
-    from pipeline.preprocess import Preprocessor
-    from pipeline.store import PredictionStore
-
-    settings, _ = _context()
-    schema = Preprocessor.load(settings.processed_dir / "preprocessor.json").schema
+def pull_feedback(settings: Settings) -> dict:
+    schema = load_preprocessor(settings.processed_dir).schema
     store = PredictionStore(settings.prediction_db)
     try:
-        return pull(store, settings.loop_dir, schema, settings.quarantine_dir).to_dict()
+        report = feedback.pull_feedback(store, settings.loop_dir, schema, settings.quarantine_dir)
     finally:
         store.dispose()
+    return report.to_dict()
 
 
 @task(task_run_name="check input drift", cache_policy=NO_CACHE)
-def check_drift(since: float) -> dict:
+def check_drift(settings: Settings, params: Params, since: float) -> dict:
     """Logged inputs since `since` against the training reference; report to MLflow + /metrics."""
-    import json
-    import tempfile
+    return monitor.check_drift(settings, params, since)
 
-    import mlflow
-    import pandas as pd
 
-    from pipeline.drift import detect_drift, drift_plot
-    from pipeline.preprocess import Preprocessor, features_labels
-    from pipeline.registry import CHAMPION, configure_tracking, load_predictor
-    from pipeline.store import PredictionStore
-
-    settings, params = _context()
-    store = PredictionStore(settings.prediction_db)
-    try:
-        logged = store.recent(since)
-        if len(logged) < 20:
-            return {"skipped": f"only {len(logged)} logged rows"}
-        pre = Preprocessor.load(settings.processed_dir / "preprocessor.json")
-        reference, _ = features_labels(
-            pd.read_parquet(settings.processed_dir / "train.parquet"), pre.schema
-        )
-        current = np.asarray([r["features"] for r in logged], dtype=np.float32)
-        cur_probs = np.asarray([r["probabilities"] for r in logged], dtype=np.float32)
-        configure_tracking(settings)
-        predictor, _ = load_predictor(settings.model_name, CHAMPION)
-        cfg = params.get("monitor", {})
-        report = detect_drift(
-            reference,
-            current,
-            list(pre.schema.feature_names),
-            predictor.predict_proba(reference),
-            cur_probs,
-            threshold=cfg.get("drift_threshold", 0.2),
-        )
-        store.add_drift(report.score, json.dumps(report.to_dict()))
-        with mlflow.start_run(run_name="drift-check"), tempfile.TemporaryDirectory() as tmp:
-            mlflow.log_metrics(
-                {
-                    "drift_score": report.score,
-                    "class_psi": report.class_psi,
-                    "confidence_drop": report.confidence_drop,
-                }
-            )
-            mlflow.log_dict(report.to_dict(), "drift/report.json")
-            mlflow.log_artifact(
-                str(drift_plot(report, reference, current, Path(tmp) / "drift.png")), "drift"
-            )
-        _logger().info(
-            "drift score %.2f (%s), class PSI %.3f, confidence %.3f -> %.3f",
-            report.score,
-            "DRIFT" if report.drifted else "ok",
-            report.class_psi,
-            report.confidence_reference,
-            report.confidence_current,
-        )
-        return report.to_dict()
-    finally:
-        store.dispose()
+@task(task_run_name="count new labels", cache_policy=NO_CACHE, **IO_RETRIES)
+def count_new_labels(settings: Settings) -> int:
+    return monitor.new_labels(settings)

@@ -1,9 +1,11 @@
 """Settings and parameters: one place, no work at import time.
 
 `Settings` holds deployment configuration (paths, URLs, tokens) and is read from
-`MLOPS_*` environment variables or a `.env` file. `params.yaml` holds the ML
-parameters that DVC tracks (split sizes, epochs, search space); both DVC stages and
-the code read the same file through `load_params`.
+`MLOPS_*` environment variables or a `.env` file. `Params` is the typed schema of
+`params.yaml`, the ML parameters that DVC tracks (split sizes, epochs, search space): each
+default is written once, here, beside its reason. The shipped params.yaml spells the same
+values out for DVC and for users to edit (a test keeps the two equal); a key missing from a
+user's file takes the default below, and an unknown key is an error, not a silent typo.
 """
 
 from __future__ import annotations
@@ -14,15 +16,171 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import Field, SecretStr
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    SecretStr,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-DEFAULT_PARAMS: dict[str, Any] = {
-    "seed": 42,
-    "data": {"source": "digits", "name": "dataset", "bootstrap_fraction": 0.35, "num_classes": 10},
-    "split": {"val_size": 0.15, "test_size": 0.2},
-    "preprocess": {"augment": True, "max_shift": 1, "noise_std": 0.05},
-}
+# --- params.yaml --------------------------------------------------------------------------
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class DataParams(_Section):
+    source: str = "digits"  # built-in, nothing to download; or a CSV/Parquet file or directory
+    name: str = "dataset"  # snapshot name: data/raw/<name>.parquet
+    # digits demo: 35% of the 1,797 images train the first model; the other 65% are the
+    # "production stream" the simulated clients send, so feedback has room to help.
+    bootstrap_fraction: float = Field(default=0.35, gt=0, lt=1)
+    num_classes: int = Field(default=10, ge=2)  # digits 0-9; labels outside [0, C) are quarantined
+
+
+class SplitParams(_Section):
+    val_size: float = Field(default=0.15, gt=0, lt=1)  # early stopping and tuning read this
+    test_size: float = Field(default=0.2, gt=0, lt=1)  # fixed across rounds: like with like
+
+    @model_validator(mode="after")
+    def _room_to_train(self) -> SplitParams:
+        if self.val_size + self.test_size >= 0.9:
+            raise ValueError("split: val_size + test_size must leave at least 10% to train on")
+        return self
+
+
+class PreprocessParams(_Section):
+    augment: bool = True  # random shifts + noise on image data: +1-2% accuracy on digits
+    max_shift: int = Field(default=1, ge=0)  # pixels; 1 of 8 keeps a digit recognisable
+    noise_std: float = Field(default=0.05, ge=0)  # in standardised units
+
+
+class TrainSection(_Section):
+    epochs: int = Field(default=20, ge=1)  # the budget; early stopping usually ends sooner
+    batch_size: int = Field(default=64, ge=1)
+    lr: float = Field(default=3e-3, gt=0)  # AdamW; tuning searches around it
+    weight_decay: float = Field(default=1e-4, ge=0)
+    dropout: float = Field(default=0.25, ge=0, lt=1)
+    hidden: int = Field(default=64, ge=1)  # units of the dense layer
+    patience: int = Field(default=5, ge=1)  # epochs without a better validation loss
+    warm_start: bool = False  # start from the champion's weights when the architecture matches
+
+
+class Range(_Section):
+    """A search range: integers when both ends are integers (and not log), else floats."""
+
+    low: int | float
+    high: int | float
+    log: bool = False  # log-uniform: for scales like the learning rate
+
+    @model_validator(mode="after")
+    def _ordered(self) -> Range:
+        if not self.low < self.high:
+            raise ValueError(f"low ({self.low}) must be below high ({self.high})")
+        return self
+
+
+class TuneParams(_Section):
+    trials: int = Field(default=4, ge=0)  # demo budget on 2 cores; `--trials K` overrides
+    epochs: int = Field(default=10, ge=1)  # per trial; the median pruner stops bad ones sooner
+    timeout_s: float | None = Field(default=120, gt=0)  # the whole study; None: no limit
+    # A list is a categorical choice; {low, high[, log]} a float range.
+    space: dict[str, list[float | int] | Range] = Field(
+        default_factory=lambda: {
+            "lr": Range(low=3e-4, high=1e-2, log=True),
+            "batch_size": [32, 64, 128],
+            "dropout": Range(low=0.0, high=0.5),
+            "weight_decay": Range(low=1e-6, high=1e-3, log=True),
+            "hidden": [32, 64, 128],
+        }
+    )
+
+
+class PromoteParams(_Section):
+    # A challenger must beat the champion's test accuracy by more than this; 0 means any
+    # strict gain (a tie keeps the champion).
+    margin: float = Field(default=0.0, ge=0)
+
+
+class MonitorParams(_Section):
+    min_new_labels: int = Field(default=200, ge=1)  # retrain when this many new labels arrived
+    drift_threshold: float = Field(default=0.2, gt=0, le=1)  # ... or this share of features
+    # drifted (KS test, p < 0.01) ...
+    cooldown_s: float = Field(default=600, ge=0)  # ... and not within this long of the last run
+
+
+class ScheduleParams(_Section):
+    retrain_cron: str = "0 3 * * *"  # `mlops schedule`: nightly, when traffic is low
+    monitor_interval_s: int = Field(default=300, ge=1)  # the monitor every 5 minutes
+
+
+class Params(_Section):
+    """The typed contents of params.yaml."""
+
+    seed: int = 42  # every split, initialisation, sampler and augmentation derives from it
+    data: DataParams = Field(default_factory=DataParams)
+    split: SplitParams = Field(default_factory=SplitParams)
+    preprocess: PreprocessParams = Field(default_factory=PreprocessParams)
+    train: TrainSection = Field(default_factory=TrainSection)
+    tune: TuneParams = Field(default_factory=TuneParams)
+    promote: PromoteParams = Field(default_factory=PromoteParams)
+    monitor: MonitorParams = Field(default_factory=MonitorParams)
+    schedule: ScheduleParams = Field(default_factory=ScheduleParams)
+
+    def updated(self, **sections: dict[str, Any]) -> Params:
+        """A copy with some fields of some sections replaced, validated again:
+        `params.updated(data={"source": "x.csv"}, seed=7)`."""
+        merged = self.model_dump()
+        for key, value in sections.items():
+            if isinstance(value, dict):
+                merged[key] = {**merged[key], **value}
+            else:
+                merged[key] = value
+        return Params.model_validate(merged)
+
+
+class ParamsError(ValueError):
+    """params.yaml is not valid YAML or does not fit the schema."""
+
+
+def load_params(path: Path | None = None) -> Params:
+    """Read params.yaml; a missing file or key takes the defaults above."""
+    path = path or get_settings().params_path
+    if not path.exists():
+        return Params()
+    try:
+        loaded = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as exc:
+        raise ParamsError(f"{path}: not valid YAML: {exc}") from exc
+    if not isinstance(loaded, dict):
+        raise ParamsError(f"{path}: expected a mapping at the top level")
+    try:
+        return Params.model_validate(loaded)
+    except ValidationError as exc:
+        problems = "; ".join(
+            f"{'.'.join(str(p) for p in e['loc'])}: {e['msg']}" for e in exc.errors()
+        )
+        raise ParamsError(f"{path}: {problems}") from exc
+
+
+# --- deployment settings ------------------------------------------------------------------
+
+# A source file above this is refused before it is read: pandas needs ~2-3x a CSV's size.
+MAX_INGEST_BYTES = 2 * 1024**3
+
+
+def sqlalchemy_url(url: str) -> str:
+    """A database URL in the form SQLAlchemy needs: psycopg 3 is the PostgreSQL driver we
+    ship, so `postgresql://` and `postgres://` (what most tools print) name it explicitly."""
+    for prefix in ("postgresql://", "postgres://"):
+        if url.startswith(prefix):
+            return "postgresql+psycopg://" + url[len(prefix) :]
+    return url
 
 
 class Settings(BaseSettings):
@@ -42,7 +200,9 @@ class Settings(BaseSettings):
     )
     admin_token: SecretStr | None = None
     api_key: SecretStr | None = None
-    max_ingest_bytes: int = Field(default=2 * 1024**3, description="larger files are refused")
+    max_ingest_bytes: int = Field(
+        default=MAX_INGEST_BYTES, description="larger source files are refused before reading"
+    )
     host: str = "127.0.0.1"
     port: int = 8000
     # --- serving ---
@@ -72,6 +232,11 @@ class Settings(BaseSettings):
         description="FastAPI's OpenTelemetry spans and metrics, for an OTel SDK you configure; "
         "off, the server skips that per-request check (/metrics is always on)",
     )
+
+    @field_validator("prediction_db_url")
+    @classmethod
+    def _driver_url(cls, url: str | None) -> str | None:
+        return sqlalchemy_url(url) if url else url
 
     @property
     def data_dir(self) -> Path:
@@ -123,27 +288,3 @@ class Settings(BaseSettings):
 @lru_cache
 def get_settings() -> Settings:
     return Settings()
-
-
-def _merge(base: dict[str, Any], override: dict[str, Any]) -> dict[str, Any]:
-    merged = dict(base)
-    for key, value in override.items():
-        if isinstance(value, dict) and isinstance(merged.get(key), dict):
-            merged[key] = _merge(merged[key], value)
-        else:
-            merged[key] = value
-    return merged
-
-
-def load_params(path: Path | None = None) -> dict[str, Any]:
-    """Read params.yaml over the embedded defaults (a missing file means defaults)."""
-    path = path or get_settings().params_path
-    if not path.exists():
-        return _merge(DEFAULT_PARAMS, {})
-    try:
-        loaded = yaml.safe_load(path.read_text()) or {}
-    except yaml.YAMLError as exc:
-        raise ValueError(f"{path}: not valid YAML: {exc}") from exc
-    if not isinstance(loaded, dict):
-        raise ValueError(f"{path}: expected a mapping at the top level")
-    return _merge(DEFAULT_PARAMS, loaded)

@@ -13,6 +13,8 @@ from pathlib import Path
 
 import numpy as np
 
+from pipeline.config import MonitorParams
+
 log = logging.getLogger(__name__)
 
 
@@ -48,8 +50,8 @@ def detect_drift(
     names: list[str],
     ref_probs: np.ndarray,
     cur_probs: np.ndarray,
+    threshold: float,
     alpha: float = 0.01,
-    threshold: float = 0.2,
 ) -> DriftReport:
     """(n, F) reference and current inputs, and the model's probabilities on each."""
     from scipy.stats import ks_2samp
@@ -100,20 +102,13 @@ def drift_plot(report: DriftReport, reference: np.ndarray, current: np.ndarray, 
     return path
 
 
-@dataclass
-class TriggerConfig:
-    min_new_labels: int = 200
-    drift_threshold: float = 0.2
-    cooldown_s: float = 600
-
-
 def should_retrain(
     new_labels: int,
     drift_score: float | None,
     last_retrain_at: float | None,
     now: float,
     retrain_running: bool,
-    cfg: TriggerConfig,
+    cfg: MonitorParams,
 ) -> tuple[bool, str]:
     """The monitor's decision: enough new labels or drift, outside the cooldown, no overlap."""
     if retrain_running:

@@ -1,4 +1,7 @@
-"""Evaluation on the held-out test split: metrics, plots, and k-fold cross-validation."""
+"""Evaluation: metrics of predicted probabilities against labels, and the plots of a run.
+
+No data loading and no training here (k-fold cross-validation is an experiment:
+pipeline/experiment.py)."""
 
 from __future__ import annotations
 
@@ -69,42 +72,3 @@ def loss_curve_png(history: list[dict], path: Path) -> Path:
     fig.savefig(path, dpi=100, bbox_inches="tight")
     plt.close(fig)
     return path
-
-
-def cross_validate(frame, params: dict, k: int = 5, device: str = "cpu") -> dict:
-    """Stratified k-fold CV of the whole preprocess+train path: mean and spread of accuracy."""
-    from sklearn.model_selection import StratifiedKFold, train_test_split
-
-    from pipeline.model import Predictor
-    from pipeline.preprocess import Preprocessor, features_labels
-    from pipeline.train import SplitData, TrainParams, train_model
-    from pipeline.validate import LABEL, Schema
-
-    if k < 2:
-        raise ValueError("k-fold cross-validation needs k >= 2")
-    schema = Schema(tuple(c for c in frame.columns if c != LABEL), params["data"]["num_classes"])
-    tp = TrainParams.from_params(params)
-    folds = StratifiedKFold(n_splits=k, shuffle=True, random_state=params["seed"])
-    scores = []
-    for fold, (rest, test) in enumerate(folds.split(frame, frame[LABEL]), start=1):
-        train, val = train_test_split(
-            rest,
-            test_size=params["split"]["val_size"],
-            stratify=frame[LABEL].iloc[rest],
-            random_state=params["seed"],
-        )
-        parts = {"train": frame.iloc[train], "val": frame.iloc[val], "test": frame.iloc[test]}
-        pre = Preprocessor.fit(features_labels(parts["train"], schema)[0], schema)
-        data = SplitData.from_frames(parts, pre)
-        result = train_model(data, tp, device, show_progress=False)
-        probs = Predictor(result.model, result.cfg, pre, device).predict_proba(
-            features_labels(parts["test"], schema)[0]
-        )
-        scores.append(float((probs.argmax(1) == data.y["test"]).mean()))
-        log.info("fold %d/%d: accuracy %.4f", fold, k, scores[-1])
-    return {
-        "k": k,
-        "accuracy_mean": float(np.mean(scores)),
-        "accuracy_std": float(np.std(scores)),
-        "folds": scores,
-    }

@@ -19,6 +19,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from pipeline.config import MAX_INGEST_BYTES, Params
 from pipeline.validate import (
     LABEL,
     Schema,
@@ -31,7 +32,6 @@ from pipeline.validate import (
 log = logging.getLogger(__name__)
 
 TABLE_SUFFIXES = {".csv", ".parquet", ".pq"}
-MAX_FILE_BYTES = 2 * 1024**3  # a bigger file is refused before it is read (MLOPS_MAX_INGEST_BYTES)
 
 
 class DataFileError(ValueError):
@@ -76,7 +76,7 @@ def load_digits_frame(part: str = "all", fraction: float = 0.35, seed: int = 42)
     return (boot if part == "bootstrap" else stream).reset_index(drop=True)
 
 
-def read_table(path: Path, max_bytes: int = MAX_FILE_BYTES) -> pd.DataFrame:
+def read_table(path: Path, max_bytes: int = MAX_INGEST_BYTES) -> pd.DataFrame:
     """Read one CSV or Parquet file, turning every way it can be unreadable into DataFileError."""
     if not path.is_file():
         raise DataFileError(f"{path}: no such file")
@@ -150,12 +150,11 @@ def source_files(source: Path) -> list[Path]:
 
 
 def load_source(
-    source: str, params: dict, max_bytes: int = MAX_FILE_BYTES
+    source: str, params: Params, max_bytes: int = MAX_INGEST_BYTES
 ) -> list[tuple[str, pd.DataFrame]]:
     """(name, frame) per input file of the source."""
     if source == "digits":
-        data = params["data"]
-        frame = load_digits_frame("bootstrap", data["bootstrap_fraction"], params["seed"])
+        frame = load_digits_frame("bootstrap", params.data.bootstrap_fraction, params.seed)
         return [("digits:bootstrap", frame)]
     path = Path(source)
     if not path.exists():
@@ -195,21 +194,16 @@ def ingest(
     source: str,
     raw_dir: Path,
     quarantine_dir: Path,
-    params: dict,
+    params: Params,
     name: str | None = None,
     schema: Schema | None = None,
-    max_bytes: int | None = None,
+    max_bytes: int = MAX_INGEST_BYTES,
 ) -> IngestReport:
-    """Read, validate and snapshot a source as `raw_dir/<name>.parquet`."""
-    name = name or params["data"]["name"]
-    if max_bytes is None:
-        from pipeline.config import get_settings
-
-        max_bytes = get_settings().max_ingest_bytes
+    """Read, validate and snapshot a source as `raw_dir/<name>.parquet` (callers pass
+    `settings.max_ingest_bytes`)."""
+    name = name or params.data.name
     frames = load_source(source, params, max_bytes)
-    schema, clean, quarantine, reports = validate_sources(
-        frames, params["data"]["num_classes"], schema
-    )
+    schema, clean, quarantine, reports = validate_sources(frames, params.data.num_classes, schema)
     if clean.empty:
         raise DataFileError(f"{source}: no valid rows (all {len(quarantine)} quarantined)")
     snapshot = raw_dir / f"{name}.parquet"

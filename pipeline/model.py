@@ -29,19 +29,19 @@ class ModelConfig:
 
     n_features: int
     num_classes: int
+    hidden: int  # units of the dense layer (params.yaml train.hidden)
+    dropout: float  # before the output layer (params.yaml train.dropout)
     image_side: int | None = None  # set: a CNN over (1, side, side) images; None: an MLP
-    conv_filters: int = 32
-    hidden: int = 64
-    dropout: float = 0.25
+    conv_filters: int = 32  # one 3x3 layer, as in the seed's reference CNN
 
     @property
     def kind(self) -> str:
         return "cnn" if self.image_side else "mlp"
 
     @classmethod
-    def for_schema(cls, schema: Schema, hidden: int = 64, dropout: float = 0.25) -> ModelConfig:
+    def for_schema(cls, schema: Schema, hidden: int, dropout: float) -> ModelConfig:
         return cls(
-            schema.n_features, schema.num_classes, schema.image_side, hidden=hidden, dropout=dropout
+            schema.n_features, schema.num_classes, hidden, dropout, image_side=schema.image_side
         )
 
 
@@ -112,13 +112,20 @@ def save_checkpoint(model: nn.Module, cfg: ModelConfig, path: Path) -> None:
     torch.save({"config": asdict(cfg), "state_dict": state}, path)
 
 
+def read_checkpoint(
+    path: Path, device: torch.device | str = "cpu"
+) -> tuple[ModelConfig, dict[str, torch.Tensor]]:
+    """(config, state dict) of a checkpoint: for rebuilding, or for a warm start."""
+    blob = torch.load(path, map_location=device, weights_only=True)
+    return ModelConfig(**blob["config"]), blob["state_dict"]
+
+
 def load_checkpoint(
     path: Path, device: torch.device | str = "cpu"
 ) -> tuple[nn.Module, ModelConfig]:
-    blob = torch.load(path, map_location=device, weights_only=True)
-    cfg = ModelConfig(**blob["config"])
+    cfg, state = read_checkpoint(path, device)
     model = build_model(cfg)
-    model.load_state_dict(blob["state_dict"])
+    model.load_state_dict(state)
     return model.to(device).eval(), cfg
 
 

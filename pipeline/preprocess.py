@@ -11,12 +11,17 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from pipeline.config import Params
 from pipeline.ingest import file_md5, write_json_atomic, write_parquet_atomic
 from pipeline.validate import LABEL, Schema
 
 log = logging.getLogger(__name__)
 
+# The processed data directory: one Parquet file per split, the fitted preprocessor beside
+# them, and report.json (split sizes, data hash). Every reader goes through the helpers below.
 SPLITS = ("train", "val", "test")
+PREPROCESSOR_FILE = "preprocessor.json"
+REPORT_FILE = "report.json"
 _MIN_SCALE = 1e-6
 
 
@@ -117,7 +122,25 @@ def features_labels(frame: pd.DataFrame, schema: Schema) -> tuple[np.ndarray, np
     return features, frame[LABEL].to_numpy(dtype=np.int64, copy=True)
 
 
-def preprocess(raw: Path, out_dir: Path, params: dict) -> dict:
+def split_path(processed_dir: Path, split: str) -> Path:
+    """data/processed/<split>.parquet"""
+    return processed_dir / f"{split}.parquet"
+
+
+def load_split(processed_dir: Path, split: str) -> pd.DataFrame:
+    return pd.read_parquet(split_path(processed_dir, split))
+
+
+def load_preprocessor(processed_dir: Path) -> Preprocessor:
+    return Preprocessor.load(processed_dir / PREPROCESSOR_FILE)
+
+
+def raw_test_set(processed_dir: Path, schema: Schema) -> tuple[np.ndarray, np.ndarray]:
+    """Raw (untransformed) test features and labels: what a client would send."""
+    return features_labels(load_split(processed_dir, "test"), schema)
+
+
+def preprocess(raw: Path, out_dir: Path, params: Params) -> dict:
     """Split the raw snapshot, fit the preprocessor on train, write splits + state + report."""
     return preprocess_frames(pd.read_parquet(raw), out_dir, params, file_md5(raw))
 
@@ -125,7 +148,7 @@ def preprocess(raw: Path, out_dir: Path, params: dict) -> dict:
 def preprocess_frames(
     base: pd.DataFrame,
     out_dir: Path,
-    params: dict,
+    params: Params,
     data_hash: str,
     extra: pd.DataFrame | None = None,
 ) -> dict:
@@ -135,25 +158,25 @@ def preprocess_frames(
     Cached by data hash: when out_dir already holds this data version's output made with the
     same split parameters, nothing is recomputed.
     """
-    key = {"data_hash": data_hash, "seed": params["seed"], "split": params["split"]}
+    split = params.split
+    key = {"data_hash": data_hash, "seed": params.seed, "split": split.model_dump()}
     cached = _cached_report(out_dir, key)
     if cached is not None:
         log.info("preprocess: data version %s already processed (cached)", data_hash[:10])
         return cached
-    schema = Schema(tuple(c for c in base.columns if c != LABEL), params["data"]["num_classes"])
-    split = params["split"]
-    parts = split_frame(base, split["val_size"], split["test_size"], params["seed"])
+    schema = Schema(tuple(c for c in base.columns if c != LABEL), params.data.num_classes)
+    parts = split_frame(base, split.val_size, split.test_size, params.seed)
     if extra is not None and len(extra):
         extra = extra.loc[:, [LABEL, *schema.feature_names]]
-        val_share = split["val_size"] / (1 - split["test_size"])
-        picks = np.random.default_rng(params["seed"]).random(len(extra)) < val_share
+        val_share = split.val_size / (1 - split.test_size)
+        picks = np.random.default_rng(params.seed).random(len(extra)) < val_share
         parts["train"] = pd.concat([parts["train"], extra[~picks]], ignore_index=True)
         parts["val"] = pd.concat([parts["val"], extra[picks]], ignore_index=True)
     train_x, _ = features_labels(parts["train"], schema)
     preprocessor = Preprocessor.fit(train_x, schema)
     for name, part in parts.items():
-        write_parquet_atomic(part, out_dir / f"{name}.parquet")
-    preprocessor.save(out_dir / "preprocessor.json")
+        write_parquet_atomic(part, split_path(out_dir, name))
+    preprocessor.save(out_dir / PREPROCESSOR_FILE)
     report = {
         **key,
         "rows": {name: len(part) for name, part in parts.items()},
@@ -162,7 +185,7 @@ def preprocess_frames(
         "image_side": schema.image_side,
         "num_classes": schema.num_classes,
     }
-    write_json_atomic(report, out_dir / "report.json")
+    write_json_atomic(report, out_dir / REPORT_FILE)
     log.info(
         "preprocessed data %s: %s, image side %s", data_hash[:10], report["rows"], schema.image_side
     )
@@ -170,8 +193,8 @@ def preprocess_frames(
 
 
 def _cached_report(out_dir: Path, key: dict) -> dict | None:
-    path = out_dir / "report.json"
-    if not path.exists() or not all((out_dir / f"{s}.parquet").exists() for s in SPLITS):
+    path = out_dir / REPORT_FILE
+    if not path.exists() or not all(split_path(out_dir, s).exists() for s in SPLITS):
         return None
     report = json.loads(path.read_text())
     return report if all(report.get(k) == v for k, v in key.items()) else None

@@ -7,6 +7,7 @@ Stdlib and httpx only, so every layer may use it.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import signal
@@ -119,7 +120,5 @@ def start(
 
 
 def _signal_group(pid: int, sig: signal.Signals) -> None:
-    try:
+    with contextlib.suppress(ProcessLookupError):
         os.killpg(pid, sig)
-    except ProcessLookupError:
-        pass

@@ -6,18 +6,25 @@ from __future__ import annotations
 import logging
 from dataclasses import fields
 
+import mlflow
 import pandas as pd
+
+from pipeline.config import Params, Settings
+from pipeline.experiment import warm_start_weights
+from pipeline.feedback import BOOTSTRAP, FEEDBACK, ID
+from pipeline.lineage import restore_data
+from pipeline.model import Predictor
+from pipeline.preprocess import preprocess_frames, raw_test_set
+from pipeline.registry import RegistryError
+from pipeline.store import PredictionStore
+from pipeline.tracking import configure_tracking, with_retries
+from pipeline.train import SplitData, TrainParams, train_model
 
 log = logging.getLogger(__name__)
 
 
-def trace(settings, prediction_id: str) -> dict:
+def trace(settings: Settings, prediction_id: str) -> dict:
     """prediction -> model version -> MLflow run -> git commit -> data version -> location."""
-    import mlflow
-
-    from pipeline.registry import RegistryError, configure_tracking, with_retries
-    from pipeline.store import PredictionStore
-
     store = PredictionStore(settings.prediction_db)
     try:
         row = store.get([prediction_id]).get(prediction_id)
@@ -87,19 +94,9 @@ def _where(settings, data_hash: str) -> dict:
     return where
 
 
-def reproduce(settings, params: dict, version: str) -> dict:
+def reproduce(settings: Settings, params: Params, version: str) -> dict:
     """Restore the exact data `version` was trained on (hash verified) and retrain it with
     the same parameters on the CPU; returns the original and the reproduced metrics."""
-    import mlflow
-    import torch
-
-    from pipeline.feedback import BOOTSTRAP, FEEDBACK, ID
-    from pipeline.lineage import restore_data
-    from pipeline.model import CHECKPOINT, Predictor
-    from pipeline.preprocess import features_labels, preprocess_frames
-    from pipeline.registry import configure_tracking, download_model, with_retries
-    from pipeline.train import SplitData, TrainParams, train_model
-
     configure_tracking(settings)
     client = mlflow.MlflowClient()
     mv = with_retries(
@@ -118,14 +115,13 @@ def reproduce(settings, params: dict, version: str) -> dict:
     else:
         base, extra = pd.read_parquet(target), None
     run_params = dict(run.data.params)
-    repro_params = {
-        **params,
-        "seed": int(run_params["seed"]),
-        "split": {
+    repro_params = params.updated(
+        seed=int(run_params["seed"]),
+        split={
             "val_size": float(run_params["split_val_size"]),
             "test_size": float(run_params["split_test_size"]),
         },
-    }
+    )
     processed = work / "processed"
     preprocess_frames(base, processed, repro_params, digest, extra)
     tp = TrainParams(
@@ -137,14 +133,11 @@ def reproduce(settings, params: dict, version: str) -> dict:
     )
     init = None
     if run.data.tags.get("warm_start") == "true":
-        model_dir, _ = download_model(settings.model_name, run.data.tags["warm_start_from"])
-        init = torch.load(model_dir / CHECKPOINT, map_location="cpu", weights_only=True)[
-            "state_dict"
-        ]
+        init = warm_start_weights(settings, run.data.tags["warm_start_from"])
     data = SplitData.load(processed)
     result = train_model(data, tp, "cpu", init_state=init, show_progress=False)
     predictor = Predictor(result.model, result.cfg, data.preprocessor)
-    x, y = features_labels(pd.read_parquet(processed / "test.parquet"), data.preprocessor.schema)
+    x, y = raw_test_set(processed, data.preprocessor.schema)
     accuracy = float((predictor.predict(x) == y).mean())
     original = run.data.metrics.get("test_accuracy")
     return {

@@ -97,8 +97,6 @@ class PredictionStore:
         elif self.dialect == "postgresql":
             kwargs["connect_args"] = {"connect_timeout": 3}
             kwargs["pool_pre_ping"] = True  # a restarted server leaves dead pooled connections
-            if url.startswith("postgresql://"):  # psycopg 3 is what we ship
-                url = "postgresql+psycopg://" + url[len("postgresql://") :]
         self.engine = sa.create_engine(url, **kwargs)
         self._sql_cache: dict[int, str] = {}
         self._insert_conn = None  # the DBAPI connection `insert` keeps (opened on first use)

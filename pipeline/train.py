@@ -1,22 +1,19 @@
 """Training: one loop for the CPU, a GPU, and `torchrun` DistributedDataParallel.
 
-    python -m pipeline.train                       # one process
-    torchrun --nproc-per-node 2 -m pipeline.train  # DDP (gloo on CPU, NCCL on GPUs)
-
-Under torchrun every rank trains on its DistributedSampler shard and evaluates the full
-validation set (so all ranks take the same early-stopping decision); only rank 0 logs to
-MLflow and writes the checkpoint.
+A pure loop like nanoGPT's: torch and the project's model and data, no MLflow. Tracking
+plugs in through the `on_epoch` callback (pipeline/tracking.py), and `torchrun` starts
+pipeline/ddp.py, which calls this same function on every rank. Under DDP every rank
+trains on its DistributedSampler shard and evaluates the full validation set, so all ranks
+take the same early-stopping decision.
 """
 
 from __future__ import annotations
 
-import json
 import logging
 import math
-import os
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field, fields
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
 import numpy as np
@@ -26,33 +23,51 @@ import torch.distributed as dist
 from torch import nn
 from torch.utils.data import DataLoader, DistributedSampler, RandomSampler, TensorDataset
 
-from pipeline.model import ModelConfig, build_model, choose_device, unwrap
-from pipeline.preprocess import SPLITS, Preprocessor, augment_batch, features_labels
+from pipeline.config import Params
+from pipeline.model import ModelConfig, build_model, unwrap
+from pipeline.preprocess import (
+    SPLITS,
+    Preprocessor,
+    augment_batch,
+    features_labels,
+    load_preprocessor,
+    load_split,
+)
 
 log = logging.getLogger(__name__)
 
 
-@dataclass
+@dataclass(frozen=True)
 class TrainParams:
-    epochs: int = 20
-    batch_size: int = 64
-    lr: float = 3e-3
-    weight_decay: float = 1e-4
-    dropout: float = 0.25
-    hidden: int = 64
-    patience: int = 5
-    augment: bool = True
-    max_shift: int = 1
-    noise_std: float = 0.05
-    seed: int = 42
+    """What one training run needs, flat: params.yaml's `train:` and `preprocess:` sections
+    and the seed. No defaults here: they live once, in pipeline/config.py."""
+
+    epochs: int
+    batch_size: int
+    lr: float
+    weight_decay: float
+    dropout: float
+    hidden: int
+    patience: int
+    augment: bool
+    max_shift: int
+    noise_std: float
+    seed: int
 
     @classmethod
-    def from_params(cls, params: dict, **overrides) -> TrainParams:
-        """Build from params.yaml (`train:` and `preprocess:` sections, top-level seed)."""
-        merged = {**params.get("preprocess", {}), **params.get("train", {}), "seed": params["seed"]}
+    def from_params(cls, params: Params, **overrides) -> TrainParams:
+        """From params.yaml; overrides that are None are ignored (unset CLI options)."""
+        merged = {
+            **params.preprocess.model_dump(),
+            **params.train.model_dump(),
+            "seed": params.seed,
+        }
         merged.update({k: v for k, v in overrides.items() if v is not None})
         names = {f.name for f in fields(cls)}
         return cls(**{k: v for k, v in merged.items() if k in names})
+
+    def to_dict(self) -> dict:
+        return asdict(self)
 
 
 @dataclass
@@ -74,10 +89,8 @@ class SplitData:
 
     @classmethod
     def load(cls, processed_dir: Path) -> SplitData:
-        pre = Preprocessor.load(processed_dir / "preprocessor.json")
-        return cls.from_frames(
-            {s: pd.read_parquet(processed_dir / f"{s}.parquet") for s in SPLITS}, pre
-        )
+        pre = load_preprocessor(processed_dir)
+        return cls.from_frames({s: load_split(processed_dir, s) for s in SPLITS}, pre)
 
 
 @dataclass
@@ -221,74 +234,3 @@ def _progress(loader: DataLoader, epoch: int, epochs: int, enabled: bool):
     from tqdm.auto import tqdm
 
     return tqdm(loader, desc=f"epoch {epoch}/{epochs}", leave=False, unit="batch")
-
-
-# --- `python -m pipeline.train` / `torchrun ... -m pipeline.train` ---------------------------
-
-
-def main(argv: list[str] | None = None) -> None:
-    """Train on data/processed with params.yaml; under torchrun, run DDP across the ranks."""
-    import argparse
-
-    from pipeline.config import get_settings, load_params
-
-    parser = argparse.ArgumentParser(description=main.__doc__)
-    parser.add_argument("--epochs", type=int)
-    parser.add_argument("--out", type=Path, help="model directory (default: models/)")
-    parser.add_argument("--run-name", default="train")
-    parser.add_argument("--no-progress", action="store_true")
-    parser.add_argument("--train-params", type=Path, help="JSON of TrainParams (else params.yaml)")
-    parser.add_argument("--result", type=Path, help="rank 0 writes run id, model URI, metrics")
-    args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-
-    settings = get_settings()
-    params = load_params(settings.params_path)
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    device = choose_device(settings.device)
-    if world > 1:
-        backend = "nccl" if device.type == "cuda" else "gloo"
-        dist.init_process_group(backend)
-        if device.type == "cuda":
-            device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
-            torch.cuda.set_device(device)
-    try:
-        from pipeline.experiment import finish_run, start_run
-
-        data = SplitData.load(settings.processed_dir)
-        if args.train_params:
-            tp = TrainParams(**json.loads(args.train_params.read_text()))
-        else:
-            tp = TrainParams.from_params(params, epochs=args.epochs)
-        run_id = None
-        if rank() == 0:
-            run_id = start_run(
-                settings, params, tp, args.run_name, {"device": str(device), "world_size": world}
-            )
-        on_epoch = None
-        if run_id:
-            from pipeline.registry import EpochLogger
-
-            on_epoch = EpochLogger(run_id)
-        result = train_model(
-            data, tp, device, on_epoch=on_epoch, show_progress=not args.no_progress
-        )
-        if run_id:
-            cand = finish_run(settings, run_id, result, data, args.out or settings.models_dir)
-            if args.result:
-                args.result.write_text(
-                    json.dumps(
-                        {
-                            "run_id": cand.run_id,
-                            "model_uri": cand.model_uri,
-                            "metrics": cand.metrics,
-                        }
-                    )
-                )
-    finally:
-        if is_distributed():
-            dist.destroy_process_group()
-
-
-if __name__ == "__main__":
-    main()

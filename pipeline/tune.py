@@ -1,9 +1,11 @@
 """Hyperparameter search with Optuna: TPE sampler, median pruner fed the validation loss.
 
-The search space lives in params.yaml (`tune.space`):
+The search space lives in params.yaml (`tune.space`, typed by pipeline/config.py):
 
     lr: {low: 1.0e-4, high: 1.0e-2, log: true}   # float range (log-uniform when log: true)
     batch_size: [32, 64, 128]                    # categorical choice
+
+Each trial is a nested MLflow run under the caller's active run.
 """
 
 from __future__ import annotations
@@ -12,8 +14,11 @@ import logging
 import math
 from dataclasses import dataclass, replace
 
+import mlflow
 import optuna
 
+from pipeline.config import Range
+from pipeline.tracking import EpochLogger
 from pipeline.train import SplitData, TrainParams, train_model
 
 log = logging.getLogger(__name__)
@@ -27,39 +32,32 @@ class TuneResult:
     n_pruned: int
 
 
-def suggest(trial: optuna.Trial, space: dict) -> dict:
+def suggest(trial: optuna.Trial, space: dict[str, list | Range]) -> dict:
     """Draw one point of the params.yaml search space."""
+    names = set(TrainParams.__dataclass_fields__)
     drawn = {}
     for name, spec in space.items():
+        if name not in names:
+            raise ValueError(f"tune.space.{name}: not a training parameter ({sorted(names)})")
         if isinstance(spec, list):
             drawn[name] = trial.suggest_categorical(name, spec)
-        elif isinstance(spec, dict) and {"low", "high"} <= spec.keys():
-            low, high = spec["low"], spec["high"]
-            if isinstance(low, int) and isinstance(high, int) and not spec.get("log"):
-                drawn[name] = trial.suggest_int(name, low, high)
-            else:
-                drawn[name] = trial.suggest_float(
-                    name, float(low), float(high), log=bool(spec.get("log"))
-                )
+        elif isinstance(spec.low, int) and isinstance(spec.high, int) and not spec.log:
+            drawn[name] = trial.suggest_int(name, spec.low, spec.high)
         else:
-            raise ValueError(f"tune.space.{name}: use a list of choices or {{low, high[, log]}}")
+            drawn[name] = trial.suggest_float(name, float(spec.low), float(spec.high), log=spec.log)
     return drawn
 
 
 def tune(
     data: SplitData,
     base: TrainParams,
-    space: dict,
+    space: dict[str, list | Range],
     n_trials: int,
     timeout_s: float | None = None,
     device: str = "cpu",
     log_trials: bool = True,
 ) -> TuneResult:
     """Run the study; each trial is a nested MLflow run under the active (parent) run."""
-    import mlflow
-
-    from pipeline.registry import EpochLogger
-
     sampler = optuna.samplers.TPESampler(seed=base.seed)
     pruner = optuna.pruners.MedianPruner(n_startup_trials=2, n_warmup_steps=2)
     study = optuna.create_study(direction="minimize", sampler=sampler, pruner=pruner)

@@ -120,7 +120,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     async def lifespan(app: FastAPI):
         import torch
 
-        from pipeline.registry import configure_tracking
+        from pipeline.tracking import configure_tracking
 
         threads = settings.torch_threads or max(1, (os.cpu_count() or 2) - 1)
         torch.set_num_threads(threads)

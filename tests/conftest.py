@@ -8,6 +8,8 @@ from pathlib import Path
 
 import pytest
 
+from pipeline.config import sqlalchemy_url
+
 REPO = Path(__file__).resolve().parents[1]
 
 # Nothing may try to reach the internet (no network here, and CI must not hang on it).
@@ -58,7 +60,8 @@ def params(project: Path) -> dict:
 
 @pytest.fixture
 def pg_url():
-    """A fresh PostgreSQL database on the local server (dropped afterwards)."""
+    """A fresh PostgreSQL database on the local server (dropped afterwards), as the
+    SQLAlchemy URL that Settings makes of MLOPS_PREDICTION_DB_URL (psycopg 3 driver)."""
     import uuid
 
     psycopg = pytest.importorskip("psycopg")
@@ -69,6 +72,6 @@ def pg_url():
             conn.execute(f'CREATE DATABASE "{name}"')
     except psycopg.OperationalError as exc:
         pytest.skip(f"no PostgreSQL at {admin}: {exc}")
-    yield admin.rsplit("/", 1)[0] + f"/{name}"
+    yield sqlalchemy_url(admin.rsplit("/", 1)[0] + f"/{name}")
     with psycopg.connect(admin, autocommit=True) as conn:
         conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')

@@ -3,24 +3,30 @@
 from __future__ import annotations
 
 import json
+import math
 
 from typer.testing import CliRunner
 
-from pipeline.cli import app
-from pipeline.ingest import file_md5
+from mlops.cli import app
+from pipeline.ingest import file_md5, load_digits_frame
 
 runner = CliRunner()
 
 
-def test_ingest_then_preprocess(project):
+def _bootstrap_rows(params) -> int:
+    return len(load_digits_frame("bootstrap", params.data.bootstrap_fraction, params.seed))
+
+
+def test_ingest_then_preprocess(project, params):
     result = runner.invoke(app, ["ingest"])
     assert result.exit_code == 0, result.output
     report = json.loads((project / "data/reports/ingest.json").read_text())
-    assert report["rows_ok"] == 628 and report["rows_quarantined"] == 0
+    n = _bootstrap_rows(params)
+    assert report["rows_ok"] == n and report["rows_quarantined"] == 0
     result = runner.invoke(app, ["preprocess"])
     assert result.exit_code == 0, result.output
     rows = json.loads(result.stdout.strip().splitlines()[-1])
-    assert rows["test"] == 126 and sum(rows.values()) == 628
+    assert rows["test"] == math.ceil(n * params.split.test_size) and sum(rows.values()) == n
 
 
 def test_bad_file_exits_nonzero_with_one_clear_message(project, tmp_path):
@@ -67,6 +73,22 @@ def test_train_status_promote_rollback(project):
     result = runner.invoke(app, ["promote", "1"])
     assert result.exit_code == 1 and "already the champion" in result.output
 
+    # a second version, registered but not promoted; then promoted by hand and rolled back
+    result = runner.invoke(app, ["train", "--epochs", "1", "--no-progress", "--no-promote"])
+    assert result.exit_code == 0 and "registered as digits-classifier v2" in result.output
+    assert json.loads(runner.invoke(app, ["status", "--json"]).stdout)["champion"]["version"] == "1"
+    result = runner.invoke(app, ["promote", "2"])
+    assert result.exit_code == 0, result.output
+    assert "digits-classifier v2 is now @champion" in result.output
+    status = json.loads(runner.invoke(app, ["status", "--json"]).stdout)
+    assert status["champion"]["version"] == "2" and status["challenger"]["version"] == "1"
+    result = runner.invoke(app, ["rollback"])
+    assert result.exit_code == 0, result.output
+    assert "@champion v2 -> v1" in result.output
+    status = json.loads(runner.invoke(app, ["status", "--json"]).stdout)
+    assert status["champion"]["version"] == "1" and status["challenger"]["version"] == "2"
+    assert [e["action"] for e in status["ledger"][:2]] == ["rollback", "promote"]
+
 
 def test_registry_down_is_one_clear_line(project, monkeypatch):
     monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://127.0.0.1:9")
@@ -76,7 +98,14 @@ def test_registry_down_is_one_clear_line(project, monkeypatch):
     assert "Traceback" not in result.output
 
 
-def test_evaluate_and_cross_validation(project):
+def test_bad_params_file_is_one_clear_line(project):
+    (project / "params.yaml").write_text("train:\n  epochs: 0\n  lr_typo: 3\n")
+    result = runner.invoke(app, ["preprocess"])
+    assert result.exit_code == 1 and "Traceback" not in result.output
+    assert "train.epochs" in result.output and "train.lr_typo" in result.output
+
+
+def test_evaluate_and_cross_validation(project, params):
     for args in (
         ["ingest"],
         ["preprocess"],
@@ -86,7 +115,8 @@ def test_evaluate_and_cross_validation(project):
     result = runner.invoke(app, ["evaluate"])
     assert result.exit_code == 0, result.output
     metrics = json.loads((project / "metrics.json").read_text())
-    assert 0.5 < metrics["accuracy"] <= 1 and metrics["n"] == 126
+    n_test = math.ceil(_bootstrap_rows(params) * params.split.test_size)
+    assert 0.5 < metrics["accuracy"] <= 1 and metrics["n"] == n_test
     assert (project / "data/reports/confusion_matrix.png").stat().st_size > 1000
     result = runner.invoke(app, ["evaluate", "--cv", "3"])
     assert result.exit_code == 0, result.output

@@ -6,8 +6,9 @@ import mlflow
 import pandas as pd
 import pytest
 
-from pipeline.config import get_settings
+from pipeline.config import get_settings, load_params
 from pipeline.feedback import FEEDBACK
+from pipeline.ingest import load_digits_frame
 from pipeline.store import PredictionStore
 
 pytestmark = [pytest.mark.slow, pytest.mark.integration]
@@ -22,6 +23,8 @@ def test_loop_flow_closes_the_loop(prefect_api, loop_project, monkeypatch):
     monkeypatch.setenv("MLOPS_RELOAD_INTERVAL_S", "0")
     rows = loop_flow(rounds=2, source="digits", trials=1, epochs=4)
     settings = get_settings()
+    params = load_params(settings.params_path)
+    streamed = len(load_digits_frame("stream", params.data.bootstrap_fraction, params.seed))
 
     assert [r["round"] for r in rows] == [1, 2]
     first, second = rows
@@ -33,7 +36,7 @@ def test_loop_flow_closes_the_loop(prefect_api, loop_project, monkeypatch):
     # every answered row was logged; labels were joined; feedback became data
     store = PredictionStore(settings.prediction_db)
     logged, labelled = store.count(), store.count(labelled=True)
-    assert logged == labelled == 1797 - 628
+    assert logged == labelled == streamed
     feedback = pd.read_parquet(settings.loop_dir / FEEDBACK)
     assert len(feedback) == labelled and feedback["id"].is_unique
     assert (settings.root / "data" / "loop.dvc").exists()
@@ -56,8 +59,8 @@ def test_loop_flow_closes_the_loop(prefect_api, loop_project, monkeypatch):
 
     # a second run on the same project logs its own predictions (new client ids)
     loop_flow(rounds=1, source="digits", trials=0, epochs=2)
-    assert store.count() == store.count(labelled=True) == 2 * (1797 - 628)
-    assert len(pd.read_parquet(settings.loop_dir / FEEDBACK)) == 2 * (1797 - 628)
+    assert store.count() == store.count(labelled=True) == 2 * streamed
+    assert len(pd.read_parquet(settings.loop_dir / FEEDBACK)) == 2 * streamed
 
 
 def test_monitor_triggers_retraining_on_new_labels(prefect_api, loop_project, monkeypatch):

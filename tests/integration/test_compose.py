@@ -12,7 +12,7 @@ import pytest
 import yaml
 from typer.testing import CliRunner
 
-from pipeline.cli import app
+from mlops.cli import app
 from tests.conftest import REPO
 
 BIN = Path(sys.executable).parent
@@ -53,10 +53,16 @@ def test_no_secret_is_committed(compose):
     assert ignored.returncode == 0, ".env must be git-ignored"
 
 
+def _sql_statements(text: str) -> list[str]:
+    """The statements of an SQL script, comments removed, whitespace normalised."""
+    code = "\n".join(line.split("--", 1)[0] for line in text.splitlines())
+    return [" ".join(s.split()) for s in code.split(";") if s.strip()]
+
+
 def test_the_databases_are_created(compose):
-    sql = (REPO / "deploy" / "postgres-init.sql").read_text()
+    statements = _sql_statements((REPO / "deploy" / "postgres-init.sql").read_text())
     for db in ("mlflow", "prefect", "predictions"):
-        assert f"CREATE DATABASE {db};" in sql
+        assert f"CREATE DATABASE {db}" in statements
     text = yaml.safe_dump(compose)
     assert "5432/mlflow" in text and "5432/prefect" in text and "5432/predictions" in text
 
@@ -93,8 +99,36 @@ def test_tool_commands_exist(compose, service, tool):
         assert option in done.stdout, (service, option)
 
 
+def _instructions(dockerfile: str) -> list[tuple[str, list[str]]]:
+    """(INSTRUCTION, arguments) of a Dockerfile: comments dropped, continuations joined."""
+    joined = re.sub(r"\\\n", " ", dockerfile)
+    found = []
+    for line in joined.splitlines():
+        words = line.split()
+        if words and not words[0].startswith("#"):
+            found.append((words[0].upper(), words[1:]))
+    return found
+
+
+def _packages() -> set[str]:
+    import tomllib
+
+    return set(
+        tomllib.loads((REPO / "pyproject.toml").read_text())["tool"]["setuptools"]["packages"]
+    )
+
+
 def test_dockerfile_installs_the_project():
-    dockerfile = (REPO / "deploy" / "Dockerfile").read_text()
-    assert "constraints.txt" in dockerfile and "pip install" in dockerfile
-    for path in ("pipeline", "flows", "serving", "params.yaml"):
-        assert f"COPY {path}" in dockerfile or f" {path} " in dockerfile
+    instructions = _instructions((REPO / "deploy" / "Dockerfile").read_text())
+    copied = {src for op, args in instructions if op == "COPY" for src in args[:-1]}
+    assert {"pyproject.toml", "constraints.txt", "params.yaml", "dvc.yaml"} <= copied
+    assert _packages() <= copied, f"packages not copied: {_packages() - copied}"
+    runs = [" ".join(args) for op, args in instructions if op == "RUN"]
+    assert any(re.search(r"pip install .*-c constraints\.txt -e \.", r) for r in runs), runs
+
+
+def test_the_dockerfile_check_sees_comments_as_comments():
+    """A package named only in a comment is not copied: the parser must not count it."""
+    text = "FROM python:3.11-slim\n# COPY mlops mlops\nCOPY pipeline \\\n  flows ./\n"
+    copied = {src for op, args in _instructions(text) if op == "COPY" for src in args[:-1]}
+    assert copied == {"pipeline", "flows"}

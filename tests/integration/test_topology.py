@@ -10,7 +10,6 @@ clicking "Run" in the UI.
 from __future__ import annotations
 
 import os
-import signal
 import subprocess
 import sys
 import time
@@ -20,8 +19,11 @@ import httpx
 import pytest
 import yaml
 
+from pipeline import process
+from pipeline.config import load_params
+from pipeline.ingest import load_digits_frame
+from pipeline.process import Supervised, free_port
 from tests.conftest import REPO
-from tests.serving.conftest import free_port
 
 pytestmark = [pytest.mark.slow, pytest.mark.integration, pytest.mark.topology]
 BIN = Path(sys.executable).parent
@@ -36,45 +38,22 @@ def _database(admin: str, name: str) -> str:
 
 
 class Processes:
-    def __init__(self, logs: Path) -> None:
-        self.logs, self.procs = logs, []
+    """The topology's servers, each supervised by pipeline/process.py; stopped in reverse."""
 
-    def start(self, name: str, cmd: list[str], env: dict, cwd: Path) -> subprocess.Popen:
-        log = open(self.logs / f"{name}.log", "ab")  # noqa: SIM115
-        proc = subprocess.Popen(
-            cmd, env=env, cwd=cwd, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
-        )
-        self.procs.append((name, proc))
-        return proc
+    def __init__(self, logs: Path) -> None:
+        self.logs, self.running = logs, {}
+
+    def start(self, name: str, cmd: list[str], env: dict, cwd: Path, url: str = "") -> Supervised:
+        server = process.start(cmd, url, self.logs / f"{name}.log", env=env, cwd=cwd)
+        self.running[name] = server
+        return server
 
     def tail(self, name: str) -> str:
-        return (self.logs / f"{name}.log").read_text(errors="replace")[-2500:]
+        return self.running[name].logs(2500)
 
     def stop_all(self) -> None:
-        for _, proc in reversed(self.procs):
-            if proc.poll() is None:
-                os.killpg(proc.pid, signal.SIGTERM)
-        for _, proc in reversed(self.procs):
-            try:
-                proc.wait(30)
-            except subprocess.TimeoutExpired:
-                os.killpg(proc.pid, signal.SIGKILL)
-
-
-def _wait_http(
-    url: str, proc: subprocess.Popen, procs: Processes, name: str, timeout: float = 180
-) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError(f"{name} exited:\n{procs.tail(name)}")
-        try:
-            if httpx.get(url, timeout=2).status_code == 200:
-                return
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.5)
-    raise TimeoutError(f"{name} not up:\n{procs.tail(name)}")
+        for server in reversed(list(self.running.values())):
+            server.stop()
 
 
 @pytest.fixture
@@ -83,7 +62,7 @@ def topology(tmp_path, pg_url):
 
     import psycopg
 
-    admin = pg_url.rsplit("/", 1)[0] + "/postgres"
+    admin = pg_url.replace("postgresql+psycopg://", "postgresql://").rsplit("/", 1)[0] + "/postgres"
     tag = uuid.uuid4().hex[:8]
     dbs = {k: _database(admin, f"mlops_{k}_{tag}") for k in ("mlflow", "prefect")}
     dbs["predictions"] = pg_url
@@ -130,6 +109,7 @@ def topology(tmp_path, pg_url):
             ],
             base,
             tmp_path,
+            urls["mlflow"],
         )
         prefect_proc = procs.start(
             "prefect",
@@ -149,9 +129,10 @@ def topology(tmp_path, pg_url):
                 ),
             },
             tmp_path,
+            urls["prefect"],
         )
-        _wait_http(urls["mlflow"] + "/health", mlflow_proc, procs, "mlflow")
-        _wait_http(urls["prefect"] + "/health", prefect_proc, procs, "prefect")
+        mlflow_proc.wait_healthy("/health", timeout=180)
+        prefect_proc.wait_healthy("/health", timeout=180)
         app_env = {
             **base,
             "MLOPS_ROOT": str(root),
@@ -162,10 +143,13 @@ def topology(tmp_path, pg_url):
             "MLOPS_API_URL": urls["api"],
             "MLOPS_RELOAD_INTERVAL_S": "2",
         }
-        api_proc = procs.start(
-            "api", [str(BIN / "mlops"), "serve", "--port", str(ports["api"])], app_env, root
-        )
-        _wait_http(urls["api"] + "/health", api_proc, procs, "api")
+        procs.start(
+            "api",
+            [str(BIN / "mlops"), "serve", "--port", str(ports["api"])],
+            app_env,
+            root,
+            urls["api"],
+        ).wait_healthy("/health", timeout=180)
         procs.start(
             "worker", [str(BIN / "mlops"), "worker", "--pool", f"pool-{tag}"], app_env, root
         )
@@ -232,6 +216,8 @@ def test_loop_runs_on_the_native_production_topology(topology):
     # predictions and feedback landed in PostgreSQL
     store = PredictionStore(topology["dbs"]["predictions"])
     try:
-        assert store.count() == store.count(labelled=True) == 1797 - 628
+        p = load_params(REPO / "params.yaml")
+        streamed = len(load_digits_frame("stream", p.data.bootstrap_fraction, p.seed))
+        assert store.count() == store.count(labelled=True) == streamed
     finally:
         store.dispose()

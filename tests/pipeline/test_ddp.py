@@ -31,7 +31,7 @@ def test_torchrun_two_cpu_processes_log_one_run(prepared, settings):
             "--nproc-per-node",
             "2",
             "-m",
-            "pipeline.train",
+            "pipeline.ddp",
             "--epochs",
             "3",
             "--no-progress",

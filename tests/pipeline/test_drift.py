@@ -5,7 +5,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from pipeline.drift import TriggerConfig, detect_drift, psi, should_retrain
+from pipeline.config import MonitorParams
+from pipeline.drift import detect_drift, psi, should_retrain
 from pipeline.ingest import load_digits_frame
 
 
@@ -24,7 +25,7 @@ def _probs(n: int, confidence: float, seed: int = 0) -> np.ndarray:
 
 def test_same_distribution_is_not_drift():
     x, names = _digits()
-    report = detect_drift(x[:900], x[900:], names, _probs(900, 0.9), _probs(897, 0.9, 1))
+    report = detect_drift(x[:900], x[900:], names, _probs(900, 0.9), _probs(897, 0.9, 1), 0.2)
     assert report.score < 0.1 and not report.drifted
     assert report.class_psi < 0.1 and abs(report.confidence_drop) < 1e-6
 
@@ -35,7 +36,7 @@ def test_shifted_images_are_drift():
     shifted = np.zeros_like(images)
     shifted[:, :, 2:] = images[:, :, :-2]
     report = detect_drift(
-        x[:900], shifted.reshape(-1, 64), names, _probs(900, 0.95), _probs(897, 0.6, 1)
+        x[:900], shifted.reshape(-1, 64), names, _probs(900, 0.95), _probs(897, 0.6, 1), 0.2
     )
     assert report.drifted and report.score > 0.5
     assert report.confidence_drop == pytest.approx(0.35, abs=1e-6)
@@ -46,7 +47,7 @@ def test_shifted_images_are_drift():
 def test_too_few_rows_is_refused():
     x, names = _digits()
     with pytest.raises(ValueError, match="at least 20"):
-        detect_drift(x[:100], x[:5], names, _probs(100, 0.9), _probs(5, 0.9))
+        detect_drift(x[:100], x[:5], names, _probs(100, 0.9), _probs(5, 0.9), 0.2)
 
 
 def test_psi_is_zero_for_equal_and_grows_with_shift():
@@ -55,7 +56,7 @@ def test_psi_is_zero_for_equal_and_grows_with_shift():
     assert psi(a, np.array([40, 0, 0, 0.0])) > psi(a, np.array([20, 10, 5, 5.0])) > 0
 
 
-CFG = TriggerConfig(min_new_labels=100, drift_threshold=0.2, cooldown_s=600)
+CFG = MonitorParams(min_new_labels=100, drift_threshold=0.2, cooldown_s=600)
 
 
 @pytest.mark.parametrize(

@@ -1,4 +1,4 @@
-"""Registry and promotion gate against a real MLflow SQLite store in a temp dir."""
+"""Registry, gate and ledger against a real MLflow SQLite store in a temp dir."""
 
 from __future__ import annotations
 
@@ -10,32 +10,30 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from pipeline.experiment import fit, raw_test_set
+from pipeline.config import Params
+from pipeline.experiment import fit
+from pipeline.gate import promote_if_better
+from pipeline.ledger import entries as ledger
 from pipeline.model import Predictor
-from pipeline.preprocess import Preprocessor
+from pipeline.preprocess import load_preprocessor, raw_test_set
 from pipeline.registry import (
     CHALLENGER,
     CHAMPION,
     RegistryError,
-    RegistryUnavailable,
     alias_version,
-    configure_tracking,
-    ledger,
     load_predictor,
-    promote_if_better,
     rollback,
     set_champion,
 )
+from pipeline.tracking import RegistryUnavailable, configure_tracking
 
 
 def _test_set(settings):
-    pre = Preprocessor.load(settings.processed_dir / "preprocessor.json")
-    return raw_test_set(settings, pre.schema)
+    return raw_test_set(settings.processed_dir, load_preprocessor(settings.processed_dir).schema)
 
 
-def _weak(params: dict) -> dict:
-    weak = {**params, "train": {**params["train"], "epochs": 1, "lr": 1e-5}}
-    return weak
+def _weak(params: Params) -> Params:
+    return params.updated(train={"epochs": 1, "lr": 1e-5})
 
 
 def _fit(settings, params, **kw):
@@ -46,12 +44,12 @@ def test_gate_promotes_first_rejects_weaker_and_rollback_restores(prepared, sett
     x, y = _test_set(settings)
     first = _fit(settings, params)
     assert first.version == "1"
-    d1 = promote_if_better(settings, first.version, x, y)
+    d1 = promote_if_better(settings, first.version, x, y, margin=0.0)
     assert d1.promoted and d1.reason == "first version"
     assert alias_version(settings.model_name, CHAMPION) == "1"
 
     weak = fit(settings, _weak(params), show_progress=False)
-    d2 = promote_if_better(settings, weak.version, x, y)
+    d2 = promote_if_better(settings, weak.version, x, y, margin=0.0)
     assert not d2.promoted and d2.candidate_score < d2.champion_score
     assert alias_version(settings.model_name, CHAMPION) == "1"
     assert alias_version(settings.model_name, CHALLENGER) == weak.version
@@ -76,7 +74,7 @@ def test_gate_promotes_first_rejects_weaker_and_rollback_restores(prepared, sett
 def test_better_challenger_is_promoted_and_old_champion_kept(prepared, settings, params):
     x, y = _test_set(settings)
     weak = fit(settings, _weak(params), show_progress=False)
-    promote_if_better(settings, weak.version, x, y)
+    promote_if_better(settings, weak.version, x, y, margin=0.0)
     strong = _fit(settings, params, epochs=10)
     decision = promote_if_better(settings, strong.version, x, y, margin=0.05)
     assert decision.promoted, decision.reason
@@ -84,13 +82,30 @@ def test_better_challenger_is_promoted_and_old_champion_kept(prepared, settings,
     assert alias_version(settings.model_name, CHALLENGER) == weak.version
 
 
-def test_margin_blocks_a_marginal_gain(prepared, settings, params):
+def test_a_tie_keeps_the_champion(prepared, settings, params):
     x, y = _test_set(settings)
     a = _fit(settings, params)
-    promote_if_better(settings, a.version, x, y)
+    promote_if_better(settings, a.version, x, y, margin=0.0)
     b = _fit(settings, params)  # identical seed and data: identical accuracy
     decision = promote_if_better(settings, b.version, x, y, margin=0.0)
     assert not decision.promoted and decision.candidate_score == decision.champion_score
+
+
+def test_a_positive_margin_blocks_a_smaller_gain_and_passes_a_larger_one(
+    prepared, settings, params
+):
+    x, y = _test_set(settings)
+    weak = fit(settings, _weak(params), show_progress=False)
+    promote_if_better(settings, weak.version, x, y, margin=0.0)
+    strong = _fit(settings, params)
+    blocked = promote_if_better(settings, strong.version, x, y, margin=1.0)
+    gain = blocked.candidate_score - blocked.champion_score
+    assert gain > 0 and not blocked.promoted and "does not beat" in blocked.reason
+    assert alias_version(settings.model_name, CHAMPION) == weak.version
+    just_short = promote_if_better(settings, strong.version, x, y, margin=gain)
+    assert not just_short.promoted  # the gain must exceed the margin, not equal it
+    passed = promote_if_better(settings, strong.version, x, y, margin=gain / 2)
+    assert passed.promoted and alias_version(settings.model_name, CHAMPION) == strong.version
 
 
 def test_lineage_tags_params_and_artifacts(prepared, settings, params):
@@ -102,7 +117,7 @@ def test_lineage_tags_params_and_artifacts(prepared, settings, params):
         assert tags["data_hash"] == prepared.data_hash
         assert tags["warm_start"] == "false" and tags["device"] == "cpu"
         assert tags["data_source"] == "digits" and "git_commit" in tags
-    assert run.data.params["lr"] == str(params["train"]["lr"])
+    assert run.data.params["lr"] == str(params.train.lr)
     assert json.loads(mv.tags["params"])["epochs"] == "3"
     assert 0.5 < run.data.metrics["test_accuracy"] <= 1
     history = client.get_metric_history(cand.run_id, "val_loss")
@@ -130,7 +145,7 @@ def test_mlflow_pyfunc_agrees_with_own_predictor(prepared, settings, params):
 def test_warm_start_from_champion_is_recorded(prepared, settings, params):
     x, y = _test_set(settings)
     first = _fit(settings, params, epochs=3)
-    promote_if_better(settings, first.version, x, y)
+    promote_if_better(settings, first.version, x, y, margin=0.0)
     warm = _fit(settings, params, epochs=2, warm_start=True)
     tags = mlflow.MlflowClient().get_run(warm.run_id).data.tags
     assert tags["warm_start"] == "true" and tags["warm_start_from"] == first.version

@@ -127,9 +127,7 @@ def test_insert_survives_its_connection_dying(pg_url):
     try:
         store.insert(_rows(["a"]))
         pid = store._insert_conn.driver_connection.info.backend_pid
-        with sa.create_engine(
-            pg_url.replace("postgresql://", "postgresql+psycopg://")
-        ).connect() as admin:
+        with sa.create_engine(pg_url).connect() as admin:
             assert admin.execute(sa.text(f"SELECT pg_terminate_backend({pid})")).scalar()
         assert store.insert(_rows(["b"])) == 1
         assert store._insert_conn.driver_connection.info.backend_pid != pid

@@ -1,4 +1,8 @@
-"""The `mlops` command: thin wrappers over pipeline/ and flows/; heavy imports stay lazy."""
+"""The `mlops` command: thin wrappers over pipeline/, flows/ and serving/.
+
+Heavy imports (torch, MLflow, Prefect) stay inside the commands, so `mlops --help` and a
+mistyped option answer at once.
+"""
 
 from __future__ import annotations
 
@@ -51,13 +55,18 @@ def _fail(message: str, code: int = 1) -> typer.Exit:
     return typer.Exit(code)
 
 
-def _context():
-    from pipeline.config import get_settings, load_params
+def _config():
+    """Settings and params.yaml, or one clear line on what is wrong with them."""
+    from pydantic import ValidationError
 
-    settings = get_settings()
+    from pipeline.config import ParamsError, get_settings, load_params
+
     try:
+        settings = get_settings()
         return settings, load_params(settings.params_path)
-    except ValueError as exc:
+    except ValidationError as exc:  # MLOPS_* variables that do not fit Settings
+        raise _fail(f"settings: {exc.errors()[0]['loc']}: {exc.errors()[0]['msg']}") from exc
+    except ParamsError as exc:
         raise _fail(str(exc)) from exc
 
 
@@ -72,10 +81,17 @@ def ingest(
     from pipeline.ingest import DataFileError
     from pipeline.ingest import ingest as run_ingest
 
-    settings, params = _context()
-    source = source or params["data"]["source"]
+    settings, params = _config()
+    source = source or params.data.source
     try:
-        report = run_ingest(source, settings.raw_dir, settings.quarantine_dir, params, name=name)
+        report = run_ingest(
+            source,
+            settings.raw_dir,
+            settings.quarantine_dir,
+            params,
+            name=name,
+            max_bytes=settings.max_ingest_bytes,
+        )
     except DataFileError as exc:
         raise _fail(str(exc)) from exc
     _write_ingest_report(settings, report)
@@ -101,8 +117,8 @@ def preprocess(
     """Split the raw snapshot and fit the preprocessor on the training split."""
     from pipeline.preprocess import preprocess as run_preprocess
 
-    settings, params = _context()
-    raw = settings.raw_dir / f"{name or params['data']['name']}.parquet"
+    settings, params = _config()
+    raw = settings.raw_dir / f"{name or params.data.name}.parquet"
     if not raw.exists():
         raise _fail(f"{raw} does not exist: run `mlops ingest` first")
     report = run_preprocess(raw, settings.processed_dir, params)
@@ -112,7 +128,8 @@ def preprocess(
 @contextmanager
 def _registry_errors():
     """Turn registry failures into one clear line and exit 1."""
-    from pipeline.registry import RegistryError, RegistryUnavailable
+    from pipeline.registry import RegistryError
+    from pipeline.tracking import RegistryUnavailable
 
     try:
         yield
@@ -131,16 +148,18 @@ def train(
 ) -> None:
     """Train on data/processed (optionally tune first), evaluate, log, register, promote."""
 
-    settings, params = _context()
-    if not (settings.processed_dir / "train.parquet").exists():
+    from pipeline.preprocess import split_path
+
+    settings, params = _config()
+    if not split_path(settings.processed_dir, "train").exists():
         raise _fail("no processed data: run `mlops ingest` and `mlops preprocess` first")
-    warm = params["train"].get("warm_start", False) if warm_start is None else warm_start
+    warm = params.train.warm_start if warm_start is None else warm_start
     _train_and_promote(settings, params, trials or 0, epochs, warm, register, promote, progress)
 
 
 def _train_and_promote(
     settings,
-    params: dict,
+    params,
     trials: int,
     epochs: int | None,
     warm: bool,
@@ -148,9 +167,8 @@ def _train_and_promote(
     promote: bool,
     progress: bool,
 ) -> dict:
-    from pipeline.experiment import fit, raw_test_set
-    from pipeline.preprocess import Preprocessor
-    from pipeline.registry import promote_if_better
+    from pipeline.experiment import fit
+    from pipeline.gate import promote_on_test_split
 
     row: dict = {}
     with _registry_errors():
@@ -160,7 +178,7 @@ def _train_and_promote(
             trials=trials,
             epochs=epochs,
             warm_start=warm,
-            register=register,
+            register_model=register,
             show_progress=progress,
         )
         row = {
@@ -174,11 +192,7 @@ def _train_and_promote(
             line += f", registered as {settings.model_name} v{cand.version}"
         typer.echo(line)
         if cand.version and promote:
-            pre = Preprocessor.load(settings.processed_dir / "preprocessor.json")
-            x, y = raw_test_set(settings, pre.schema)
-            decision = promote_if_better(
-                settings, cand.version, x, y, params.get("promote", {}).get("margin", 0.0)
-            )
+            decision = promote_on_test_split(settings, params, cand.version)
             verdict = "promoted to @champion" if decision.promoted else "kept as @challenger"
             typer.echo(f"v{cand.version} {verdict}: {decision.reason}")
             row["promoted"] = decision.promoted
@@ -192,14 +206,15 @@ def evaluate(
     """Evaluate models/ on the test split (metrics.json, confusion matrix), or k-fold CV."""
     import pandas as pd
 
-    from pipeline.evaluate import classification_metrics, confusion_matrix_png, cross_validate
-    from pipeline.experiment import raw_test_set
+    from pipeline.evaluate import classification_metrics, confusion_matrix_png
+    from pipeline.experiment import cross_validate
     from pipeline.ingest import write_json_atomic
     from pipeline.model import Predictor
+    from pipeline.preprocess import raw_test_set
 
-    settings, params = _context()
+    settings, params = _config()
     if cv:
-        raw = settings.raw_dir / f"{params['data']['name']}.parquet"
+        raw = settings.raw_dir / f"{params.data.name}.parquet"
         if not raw.exists():
             raise _fail(f"{raw} does not exist: run `mlops ingest` first")
         result = cross_validate(pd.read_parquet(raw), params, cv)
@@ -212,7 +227,7 @@ def evaluate(
         predictor = Predictor.from_dir(settings.models_dir)
     except FileNotFoundError as exc:
         raise _fail(f"{exc}: run `mlops train` first") from exc
-    x, y = raw_test_set(settings, predictor.preprocessor.schema)
+    x, y = raw_test_set(settings.processed_dir, predictor.preprocessor.schema)
     probs = predictor.predict_proba(x)
     metrics = classification_metrics(y, probs, predictor.cfg.num_classes)
     write_json_atomic(
@@ -236,44 +251,23 @@ def run(
 ) -> None:
     """Run the whole loop for N rounds (a Prefect flow) and print one row per round."""
     from rich.console import Console
-    from rich.table import Table
 
-    settings, params = _context()
+    from mlops.render import loop_table
+
+    settings, params = _config()
     _prefect_env()
     from flows.loop import loop_flow
 
     with _registry_errors():
         rows = loop_flow(
             rounds=rounds,
-            source=source or params["data"]["source"],
+            source=source or params.data.source,
             trials=trials,
             epochs=epochs,
             drift=drift,
+            params=params,
         )
-    table = Table(
-        "round",
-        "data version",
-        "rows",
-        "model",
-        "test accuracy",
-        "promoted",
-        "serving",
-        "drift",
-        title=f"{settings.model_name}: the loop",
-    )
-    for r in rows:
-        drift_score = r.get("drift_score")
-        table.add_row(
-            str(r["round"]),
-            r["data_version"],
-            str(r["rows"]),
-            f"v{r['model_version']}",
-            f"{r['test_accuracy']:.4f}",
-            "yes" if r["promoted"] else "no",
-            f"v{r['serving']}",
-            "-" if drift_score is None else f"{drift_score:.2f}",
-        )
-    Console().print(table)
+    Console().print(loop_table(settings.model_name, rows))
 
 
 def _prefect_env() -> None:
@@ -296,7 +290,7 @@ def serve(
 
     import uvicorn
 
-    settings, _ = _context()
+    settings, _ = _config()
     if model:
         os.environ["MLOPS_MODEL_REF"] = model
     os.environ.setdefault("MLOPS_ROOT", str(settings.root))
@@ -320,7 +314,7 @@ def schedule() -> None:
 
     Uses PREFECT_API_URL; when it is unset, starts `prefect server start` on 127.0.0.1:4200.
     """
-    settings, params = _context()
+    settings, params = _config()
     _prefect_env()
     if not os.environ.get("PREFECT_API_URL"):
         os.environ["PREFECT_API_URL"] = _start_prefect_server(settings)
@@ -346,20 +340,10 @@ def worker(
     import subprocess
     import sys
 
-    settings, params = _context()
+    _, params = _config()
     _prefect_env()
     if not os.environ.get("PREFECT_API_URL"):
         raise _fail("set PREFECT_API_URL to the Prefect server the worker should poll")
-    cmd = [
-        str(Path(sys.executable).parent / "prefect"),
-        "work-pool",
-        "create",
-        pool,
-        "--type",
-        "process",
-        "--overwrite",
-    ]
-    subprocess.run(cmd, check=False, capture_output=True)
     if register:
         from flows.deployments import register_on_pool
 
@@ -381,84 +365,52 @@ def worker(
 
 
 def _start_prefect_server(settings) -> str:
-    import subprocess
+    """The Prefect server on 127.0.0.1:4200: the one running there, or a new one left
+    running in the background (schedules need it to outlive this command)."""
     import sys
-    import time
 
-    import httpx
+    from pipeline import process
 
     url = "http://127.0.0.1:4200/api"
-    try:
-        if httpx.get(url + "/health", timeout=2).status_code == 200:
-            return url
-    except httpx.HTTPError:
-        pass
+    if process.is_healthy(url + "/health", timeout=2):
+        return url
+    prefect = str(Path(sys.executable).parent / "prefect")
     log_path = settings.data_dir / "prefect-server.log"
-    log_path.parent.mkdir(parents=True, exist_ok=True)
-    subprocess.Popen(
-        [
-            str(Path(sys.executable).parent / "prefect"),
-            "server",
-            "start",
-            "--host",
-            "127.0.0.1",
-            "--port",
-            "4200",
-        ],
-        stdout=log_path.open("ab"),
-        stderr=subprocess.STDOUT,
-        start_new_session=True,
+    server = process.start(
+        [prefect, "server", "start", "--host", "127.0.0.1", "--port", "4200"], url, log_path
     )
-    for _ in range(240):
-        try:
-            if httpx.get(url + "/health", timeout=1).status_code == 200:
-                typer.echo(f"started a Prefect server at {url[:-4]} (log: {log_path})")
-                return url
-        except httpx.HTTPError:
-            time.sleep(0.5)
-    raise _fail(f"the Prefect server did not start; see {log_path}")
+    try:
+        server.wait_healthy("/health", timeout=120)
+    except process.ProcessFailed as exc:
+        raise _fail(f"the Prefect server did not start; see {log_path}") from exc
+    typer.echo(f"started a Prefect server at {url[:-4]} (log: {log_path})")
+    return url
 
 
 @app.command()
 def status(as_json: Annotated[bool, typer.Option("--json")] = False) -> None:
     """Champion, challenger (with data versions) and the recent promotion ledger."""
-    from rich.console import Console
-    from rich.table import Table
-
-    from pipeline.registry import configure_tracking
+    from mlops.render import print_status
     from pipeline.registry import status as registry_status
+    from pipeline.tracking import configure_tracking
 
-    settings, _ = _context()
+    settings, _ = _config()
     with _registry_errors():
         configure_tracking(settings)
         info = registry_status(settings)
     if as_json:
         typer.echo(json.dumps(info, indent=2, default=str))
         return
-    console = Console()
-    console.print(f"[bold]{info['model']}[/] at {info['tracking_uri']}")
-    for alias in ("champion", "challenger"):
-        v = info[alias]
-        if v is None:
-            console.print(f"  @{alias}: none")
-        else:
-            acc = "n/a" if v["test_accuracy"] is None else f"{v['test_accuracy']:.4f}"
-            console.print(
-                f"  @{alias}: v{v['version']}  test accuracy {acc}  "
-                f"data {str(v['data_hash'])[:10]}  commit {str(v['git_commit'])[:10]}"
-            )
-    table = Table("time", "action", "from", "to", "reason", title="promotion ledger (newest first)")
-    for e in info["ledger"]:
-        table.add_row(e["time"], e["action"], e["from"] or "-", e["to"] or "-", e["reason"])
-    console.print(table)
+    print_status(info)
 
 
 @app.command()
 def promote(version: str) -> None:
     """Make VERSION the champion (recorded in the ledger)."""
-    from pipeline.registry import configure_tracking, set_champion
+    from pipeline.registry import set_champion
+    from pipeline.tracking import configure_tracking
 
-    settings, _ = _context()
+    settings, _ = _config()
     with _registry_errors():
         configure_tracking(settings)
         set_champion(settings, version)
@@ -468,10 +420,10 @@ def promote(version: str) -> None:
 @app.command()
 def rollback() -> None:
     """Make the previous champion the champion again (recorded in the ledger)."""
-    from pipeline.registry import configure_tracking
     from pipeline.registry import rollback as registry_rollback
+    from pipeline.tracking import configure_tracking
 
-    settings, _ = _context()
+    settings, _ = _config()
     with _registry_errors():
         configure_tracking(settings)
         current, target = registry_rollback(settings)
@@ -487,7 +439,7 @@ def ui(
     import subprocess
     import sys
 
-    settings, _ = _context()
+    settings, _ = _config()
     uri = settings.tracking_uri
     if uri.startswith(("http://", "https://")):
         typer.echo(f"MLflow runs as a server already: open {uri}")
@@ -516,23 +468,17 @@ def lineage(
     as_json: Annotated[bool, typer.Option("--json")] = False,
 ) -> None:
     """Trace a prediction back: model version -> MLflow run -> git commit -> data version."""
+    from mlops.render import lineage_lines
     from pipeline.reproduce import trace
 
-    settings, _ = _context()
+    settings, _ = _config()
     with _registry_errors():
         info = trace(settings, prediction_id)
     if as_json:
         typer.echo(json.dumps(info, indent=2, default=str))
         return
-    p, m, r, c, d = info["prediction"], info["model"], info["run"], info["code"], info["data"]
-    truth = "" if p["true_label"] is None else f" (ground truth {p['true_label']})"
-    typer.echo(f"prediction {p['id']}: label {p['label']}{truth}")
-    typer.echo(f"  -> model     {m['name']} v{m['version']}  ({m['source']})")
-    typer.echo(f"  -> MLflow run {r['id']}  test accuracy {r['test_accuracy']}")
-    typer.echo(f"  -> git commit {c['git_commit']}{' (dirty)' if c['git_dirty'] == 'true' else ''}")
-    typer.echo(f"  -> data       {d['hash']}  (source {d['source']})")
-    for key, value in d["where"].items():
-        typer.echo(f"       {key}: {value}")
+    for line in lineage_lines(info):
+        typer.echo(line)
 
 
 @app.command()
@@ -541,7 +487,7 @@ def reproduce(version: str) -> None:
     from pipeline.lineage import DataVersionError
     from pipeline.reproduce import reproduce as run_reproduce
 
-    settings, params = _context()
+    settings, params = _config()
     with _registry_errors():
         try:
             out = run_reproduce(settings, params, version)

@@ -1,0 +1,69 @@
+"""What the commands print: the loop's results table, the registry status, a lineage trace."""
+
+from __future__ import annotations
+
+from rich.console import Console
+from rich.table import Table
+
+
+def loop_table(model_name: str, rows: list[dict]) -> Table:
+    """One row per round of `mlops run`."""
+    table = Table(
+        "round",
+        "data version",
+        "rows",
+        "model",
+        "test accuracy",
+        "promoted",
+        "serving",
+        "drift",
+        title=f"{model_name}: the loop",
+    )
+    for r in rows:
+        drift_score = r.get("drift_score")
+        table.add_row(
+            str(r["round"]),
+            r["data_version"],
+            str(r["rows"]),
+            f"v{r['model_version']}",
+            f"{r['test_accuracy']:.4f}",
+            "yes" if r["promoted"] else "no",
+            f"v{r['serving']}",
+            "-" if drift_score is None else f"{drift_score:.2f}",
+        )
+    return table
+
+
+def print_status(info: dict, console: Console | None = None) -> None:
+    """Champion and challenger, then the recent promotion ledger."""
+    console = console or Console()
+    console.print(f"[bold]{info['model']}[/] at {info['tracking_uri']}")
+    for alias in ("champion", "challenger"):
+        v = info[alias]
+        if v is None:
+            console.print(f"  @{alias}: none")
+        else:
+            acc = "n/a" if v["test_accuracy"] is None else f"{v['test_accuracy']:.4f}"
+            console.print(
+                f"  @{alias}: v{v['version']}  test accuracy {acc}  "
+                f"data {str(v['data_hash'])[:10]}  commit {str(v['git_commit'])[:10]}"
+            )
+    table = Table("time", "action", "from", "to", "reason", title="promotion ledger (newest first)")
+    for e in info["ledger"]:
+        table.add_row(e["time"], e["action"], e["from"] or "-", e["to"] or "-", e["reason"])
+    console.print(table)
+
+
+def lineage_lines(info: dict) -> list[str]:
+    """A prediction traced back to its data, one hop a line."""
+    p, m, r, c, d = info["prediction"], info["model"], info["run"], info["code"], info["data"]
+    truth = "" if p["true_label"] is None else f" (ground truth {p['true_label']})"
+    lines = [
+        f"prediction {p['id']}: label {p['label']}{truth}",
+        f"  -> model     {m['name']} v{m['version']}  ({m['source']})",
+        f"  -> MLflow run {r['id']}  test accuracy {r['test_accuracy']}",
+        f"  -> git commit {c['git_commit']}{' (dirty)' if c['git_dirty'] == 'true' else ''}",
+        f"  -> data       {d['hash']}  (source {d['source']})",
+    ]
+    lines += [f"       {key}: {value}" for key, value in d["where"].items()]
+    return lines

@@ -1,0 +1,84 @@
+"""Monitoring the live model: input drift against the training data, and labels that arrived.
+
+What the monitor flow and the loop call; the statistics are pipeline/drift.py's. A drift
+check is logged as an MLflow run (metrics, report, plot) and kept in the prediction store,
+where the server's /metrics reads the latest score.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import tempfile
+from pathlib import Path
+
+import mlflow
+import numpy as np
+
+from pipeline.config import Params, Settings
+from pipeline.drift import detect_drift, drift_plot
+from pipeline.feedback import read_state
+from pipeline.preprocess import features_labels, load_preprocessor, load_split
+from pipeline.registry import CHAMPION, load_predictor
+from pipeline.store import PredictionStore
+from pipeline.tracking import configure_tracking
+
+log = logging.getLogger(__name__)
+
+MIN_ROWS = 20  # fewer logged rows say nothing about a distribution
+
+
+def check_drift(settings: Settings, params: Params, since: float) -> dict:
+    """Logged inputs since `since` (epoch seconds) against the training split; the report
+    as a dict, or {"skipped": why} when too few rows were logged."""
+    store = PredictionStore(settings.prediction_db)
+    try:
+        logged = store.recent(since)
+        if len(logged) < MIN_ROWS:
+            return {"skipped": f"only {len(logged)} logged rows"}
+        schema = load_preprocessor(settings.processed_dir).schema
+        reference, _ = features_labels(load_split(settings.processed_dir, "train"), schema)
+        current = np.asarray([r["features"] for r in logged], dtype=np.float32)
+        cur_probs = np.asarray([r["probabilities"] for r in logged], dtype=np.float32)
+        configure_tracking(settings)
+        predictor, _ = load_predictor(settings.model_name, CHAMPION)
+        report = detect_drift(
+            reference,
+            current,
+            list(schema.feature_names),
+            predictor.predict_proba(reference),
+            cur_probs,
+            threshold=params.monitor.drift_threshold,
+        )
+        store.add_drift(report.score, json.dumps(report.to_dict()))
+    finally:
+        store.dispose()
+    with mlflow.start_run(run_name="drift-check"), tempfile.TemporaryDirectory() as tmp:
+        mlflow.log_metrics(
+            {
+                "drift_score": report.score,
+                "class_psi": report.class_psi,
+                "confidence_drop": report.confidence_drop,
+            }
+        )
+        mlflow.log_dict(report.to_dict(), "drift/report.json")
+        plot = drift_plot(report, reference, current, Path(tmp) / "drift.png")
+        mlflow.log_artifact(str(plot), "drift")
+    log.info(
+        "drift score %.2f (%s), class PSI %.3f, confidence %.3f -> %.3f",
+        report.score,
+        "DRIFT" if report.drifted else "ok",
+        report.class_psi,
+        report.confidence_reference,
+        report.confidence_current,
+    )
+    return report.to_dict()
+
+
+def new_labels(settings: Settings) -> int:
+    """Labelled predictions not yet pulled into the data (since the last pull's watermark)."""
+    store = PredictionStore(settings.prediction_db)
+    try:
+        return len(store.labelled_since(read_state(settings.loop_dir)["watermark"]))
+    finally:
+        store.dispose()
