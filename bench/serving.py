@@ -20,24 +20,21 @@ import asyncio
 import json
 import os
 import shutil
-import socket
 import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+if TYPE_CHECKING:
+    from pipeline.process import Supervised
 BIN = Path(sys.executable).parent
 NAME = "digits-classifier"
-
-
-def _port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _prepare(root: Path) -> dict:
@@ -56,26 +53,12 @@ def _prepare(root: Path) -> dict:
     return env
 
 
-def _wait(url: str, proc: subprocess.Popen, timeout: float = 120) -> None:
-    import httpx
+def _start(kind: str, root: Path, env: dict) -> tuple[Supervised, str]:
+    """One server of the comparison, started and healthy; returns it and its scoring URL."""
+    from pipeline import process
 
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError(f"server exited with {proc.returncode}")
-        try:
-            if httpx.get(url, timeout=1).status_code == 200:
-                return
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.3)
-    raise TimeoutError(url)
-
-
-def _start(kind: str, root: Path, env: dict) -> tuple[subprocess.Popen, str, str]:
-    port = _port()
+    port = process.free_port()
     base = f"http://127.0.0.1:{port}"
-    log = open(root / f"{kind}.log", "wb")  # noqa: SIM115
     if kind == "mlflow":
         cmd = [
             str(BIN / "mlflow"),
@@ -93,7 +76,7 @@ def _start(kind: str, root: Path, env: dict) -> tuple[subprocess.Popen, str, str
             str(port),
         ]
         env = {**env, "MLFLOW_TRACKING_URI": f"sqlite:///{root / 'mlflow.db'}"}
-        ready, path = base + "/ping", "/invocations"
+        health, path = "/ping", "/invocations"
     else:
         cmd = [str(BIN / "mlops"), "serve", "--port", str(port), "--workers", "1"]
         env = {
@@ -101,12 +84,9 @@ def _start(kind: str, root: Path, env: dict) -> tuple[subprocess.Popen, str, str
             "MLOPS_LOG_MODE": "durable" if kind == "durable" else "off",
             "MLOPS_PREDICTION_DB_URL": f"sqlite:///{root / (kind + '.db')}",
         }
-        ready, path = base + "/ready", "/predict"
-    proc = subprocess.Popen(
-        cmd, cwd=root, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
-    )
-    _wait(ready, proc)
-    return proc, base + path, kind
+        health, path = "/ready", "/predict"
+    server = process.start(cmd, base, root / f"{kind}.log", env=env, cwd=root)
+    return server.wait_healthy(health, timeout=120), base + path
 
 
 def _body(kind: str, rows: np.ndarray) -> bytes:
@@ -193,7 +173,6 @@ def _load_python(url: str, body: bytes, conc: int, seconds: float, _tmp: Path) -
 
 
 def _in_process(root: Path, rows: np.ndarray, seconds: float) -> list[dict]:
-    sys.path.insert(0, str(REPO))
     os.environ["MLOPS_ROOT"] = str(root)
     os.environ["MLFLOW_TRACKING_URI"] = f"sqlite:///{root / 'mlflow.db'}"
     from pipeline.registry import load_predictor
@@ -261,11 +240,10 @@ def main() -> None:
         results += _in_process(root, rows, args.duration)
         # All servers run at once, idle but for the one under load, and take turns cell by
         # cell: a slow minute on a shared machine then hits every path, not just one.
-        servers: dict[str, tuple[subprocess.Popen, str]] = {}
+        servers: dict[str, tuple[Supervised, str]] = {}
         try:
             for kind in paths:
-                proc, url, _ = _start(kind, root, env)
-                servers[kind] = (proc, url)
+                servers[kind] = _start(kind, root, env)
             for n in (1, 64):
                 for conc in concurrency:
                     runs: dict[str, list[dict]] = {kind: [] for kind in paths}
@@ -283,11 +261,8 @@ def main() -> None:
                             file=sys.stderr,
                         )
         finally:
-            import signal
-
-            for proc, _ in servers.values():
-                os.killpg(proc.pid, signal.SIGTERM)
-                proc.wait(30)
+            for server, _ in servers.values():
+                server.stop()
     _report(results, loader.__name__, args.repeats)
 
 

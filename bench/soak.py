@@ -27,14 +27,16 @@ def main() -> None:
     parser.add_argument("--pg", help="PostgreSQL URL of an empty database (default: SQLite)")
     args = parser.parse_args()
 
+    from pipeline import process
+    from pipeline.config import load_params
     from pipeline.ingest import load_digits_frame
     from pipeline.store import PredictionStore
-    from tests.reliability.load import run_load
-    from tests.serving.conftest import LiveServer
+    from serving.loadgen import run_load
 
-    stream = load_digits_frame("stream")
-    rows = stream.drop(columns="label").to_numpy("float32")
-    labels = stream["label"].to_numpy()
+    params = load_params(REPO / "params.yaml")  # the split the trained model was made with
+    stream = load_digits_frame("stream", params["data"]["bootstrap_fraction"], params["seed"])
+    rows = stream.drop(columns="label").to_numpy("float32").tolist()
+    labels = stream["label"].tolist()
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp) / "project"
         root.mkdir()
@@ -45,7 +47,14 @@ def main() -> None:
         for step in (["ingest"], ["preprocess"], ["train", "--epochs", "5", "--no-progress"]):
             subprocess.run([mlops, *step], cwd=root, env=env, check=True, capture_output=True)
         db = args.pg or f"sqlite:///{root / 'soak.db'}"
-        server = LiveServer(root, workers=args.workers, env={"MLOPS_PREDICTION_DB_URL": db}).start()
+        port = process.free_port()
+        server = process.start(
+            [mlops, "serve", "--port", str(port), "--workers", str(args.workers)],
+            f"http://127.0.0.1:{port}",
+            root / "server.log",
+            env={**env, "MLOPS_PREDICTION_DB_URL": db},
+            cwd=root,
+        ).wait_healthy("/ready", timeout=120)
         try:
             result = run_load(server.url, rows, labels, args.n, args.clients, prefix="soak")
         finally:

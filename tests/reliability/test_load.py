@@ -9,7 +9,8 @@ import pytest
 
 from pipeline.config import get_settings
 from pipeline.store import PredictionStore
-from tests.reliability.load import run_load
+from serving.loadgen import run_load
+from tests.serving.helpers import digits_stream
 
 pytestmark = [pytest.mark.slow, pytest.mark.reliability]
 N, CLIENTS = 600, 8
@@ -18,12 +19,10 @@ N, CLIENTS = 600, 8
 @pytest.mark.parametrize("workers", [1, 2])
 @pytest.mark.parametrize("backend", ["sqlite", "postgresql"])
 def test_load_loses_nothing(served, live_server, digits_rows, backend, workers, request):
-    from pipeline.ingest import load_digits_frame
-
     url = get_settings().prediction_db if backend == "sqlite" else request.getfixturevalue("pg_url")
     server = live_server(workers=workers, env={"MLOPS_PREDICTION_DB_URL": url})
-    labels = load_digits_frame("stream", 0.35, 42)["label"].to_numpy()
-    result = run_load(server.url, digits_rows, labels, N, CLIENTS)
+    labels = digits_stream()["label"].to_numpy()
+    result = run_load(server.url, digits_rows.tolist(), labels, N, CLIENTS)
 
     assert result.failures == []
     assert len(result.acknowledged) == N and len(set(result.acknowledged)) == N

@@ -4,18 +4,18 @@ from __future__ import annotations
 
 import os
 import shutil
-import socket
 import subprocess
 import sys
-import time
 from contextlib import contextmanager
 from pathlib import Path
 
-import httpx
 import numpy as np
 import pytest
 
+from pipeline import process
+from pipeline.process import Supervised, free_port
 from tests.conftest import REPO
+from tests.serving.helpers import digits_stream
 
 
 @pytest.fixture(scope="session")
@@ -80,20 +80,11 @@ def in_process_app(root: Path, db_name: str, **env: str):
 
 @pytest.fixture
 def digits_rows() -> np.ndarray:
-    from pipeline.ingest import load_digits_frame
-
-    stream = load_digits_frame("stream", 0.35, 42)
-    return stream.drop(columns="label").to_numpy(np.float32)
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    return digits_stream().drop(columns="label").to_numpy(np.float32)
 
 
 class LiveServer:
-    """`mlops serve` as a real process on a loopback port."""
+    """`mlops serve` as a real process on a loopback port (supervised by pipeline.process)."""
 
     def __init__(
         self, root: Path, workers: int = 1, env: dict | None = None, args: tuple = ()
@@ -102,50 +93,33 @@ class LiveServer:
         self.url = f"http://127.0.0.1:{self.port}"
         self.env = {**os.environ, "MLOPS_ROOT": str(root), **(env or {})}
         self.workers = workers
-        self.proc: subprocess.Popen | None = None
+        self.process: Supervised | None = None
 
     def start(self, timeout: float = 60) -> LiveServer:
         mlops = str(Path(sys.executable).parent / "mlops")
-        self.log = open(self.root / f"server-{self.port}.log", "ab")  # noqa: SIM115
-        self.proc = subprocess.Popen(
-            [mlops, "serve", "--port", str(self.port), "--workers", str(self.workers), *self.args],
-            cwd=self.root,
+        cmd = [mlops, "serve", "--port", str(self.port), "--workers", str(self.workers)]
+        self.process = process.start(
+            [*cmd, *self.args],
+            self.url,
+            self.root / f"server-{self.port}.log",
             env=self.env,
-            stdout=self.log,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,
-        )
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"server exited: {self.logs()}")
-            try:
-                if httpx.get(self.url + "/ready", timeout=1).status_code == 200:
-                    return self
-            except httpx.HTTPError:
-                pass
-            time.sleep(0.2)
-        raise TimeoutError(f"server not ready: {self.logs()}")
+            cwd=self.root,
+        ).wait_healthy("/ready", timeout)
+        return self
+
+    @property
+    def returncode(self) -> int | None:
+        return self.process.proc.poll() if self.process else None
 
     def logs(self) -> str:
-        return (self.root / f"server-{self.port}.log").read_text(errors="replace")[-3000:]
+        return self.process.logs() if self.process else ""
 
     def kill9(self) -> None:
-        import signal
-
-        os.killpg(self.proc.pid, signal.SIGKILL)
-        self.proc.wait(10)
+        self.process.kill()
 
     def stop(self) -> None:
-        import signal
-
-        if self.proc and self.proc.poll() is None:
-            os.killpg(self.proc.pid, signal.SIGTERM)
-            try:
-                self.proc.wait(30)
-            except subprocess.TimeoutExpired:
-                os.killpg(self.proc.pid, signal.SIGKILL)
-                self.proc.wait(10)
+        if self.process:
+            self.process.stop()
 
 
 @pytest.fixture

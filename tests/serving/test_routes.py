@@ -2,17 +2,25 @@
 
 from __future__ import annotations
 
+import functools
+import inspect
 import json
 
+import jsonschema
 import mlflow
 import numpy as np
 import pandas as pd
 import pytest
+import referencing
+import referencing.jsonschema
+from fastapi import FastAPI
 from fastapi.testclient import TestClient
 
-from pipeline.config import get_settings
+from pipeline.config import Settings, get_settings
 from pipeline.store import PredictionStore
 from serving.app import create_app
+
+MAX_ROWS = Settings.model_fields["max_rows_per_request"].default
 
 
 @pytest.fixture
@@ -110,7 +118,12 @@ def test_generated_ids_and_idempotent_retries(client, digits_rows):
             422,
             "printable",
         ),
-        (json.dumps({"instances": [[0] * 64] * 1025}).encode(), None, 413, "limit is 1024"),
+        (
+            json.dumps({"instances": [[0] * 64] * (MAX_ROWS + 1)}).encode(),
+            None,
+            413,
+            f"limit is {MAX_ROWS}",
+        ),
     ],
 )
 def test_bad_predict_requests_get_a_clear_4xx_and_log_nothing(
@@ -130,6 +143,42 @@ def test_oversized_body_is_413_before_parsing(client):
     res = client.post("/predict", content=big, headers={"content-type": "application/json"})
     assert res.status_code == 413 and "larger than" in res.json()["detail"]
     assert client.get("/health").status_code == 200
+
+
+def test_openapi_documents_the_bodies_from_the_schema_models(client, digits_rows):
+    """The request bodies in /openapi.json are the pydantic models' schemas; every $ref
+    resolves, and a real request validates against its operation's schema."""
+    spec = client.get("/openapi.json").json()
+    registry = referencing.Registry().with_resource(
+        "urn:spec", referencing.jsonschema.DRAFT202012.create_resource(spec)
+    )
+
+    def body_schema(path: str) -> dict:
+        ref = spec["paths"][path]["post"]["requestBody"]["content"]["application/json"]["schema"]
+        return {"$ref": "urn:spec" + ref["$ref"]}
+
+    def valid(path: str, body) -> bool:
+        validator = jsonschema.Draft202012Validator(body_schema(path), registry=registry)
+        return validator.is_valid(body)
+
+    rows = digits_rows[:2].tolist()
+    assert valid("/predict", {"instances": rows, "ids": ["a", "b"]})
+    assert not valid("/predict", {"instances": rows, "extra": 1})
+    assert valid("/invocations", {"dataframe_split": {"columns": ["pixel0"], "data": [[1.0]]}})
+    assert valid("/feedback", {"labels": [{"id": "a", "label": 3}], "overwrite": True})
+    assert not valid("/feedback", {"labels": [{"id": "a", "label": "3"}]})
+    resolver = registry.resolver()
+    for ref in _refs(spec):  # every $ref anywhere in the document resolves
+        resolver.lookup("urn:spec" + ref)
+
+
+def _refs(node) -> list[str]:
+    if isinstance(node, dict):
+        own = [node["$ref"]] if "$ref" in node else []
+        return own + [r for v in node.values() for r in _refs(v)]
+    if isinstance(node, list):
+        return [r for v in node for r in _refs(v)]
+    return []
 
 
 def test_invocations_speaks_mlflow_scoring_protocol(client, digits_rows):
@@ -228,14 +277,31 @@ def test_admin_routes_closed_without_a_token(served, monkeypatch):
 
 @pytest.mark.parametrize("otel", [False, True])
 def test_fastapi_telemetry_only_when_asked_for(served, monkeypatch, otel):
-    """MLOPS_OTEL hands FastAPI's OpenTelemetry hooks back; off, they never run."""
+    """MLOPS_OTEL hands FastAPI's OpenTelemetry hooks back; off, create_app turns them off."""
+    import serving.app
+
     monkeypatch.setenv("MLOPS_OTEL", str(otel).lower())
     get_settings.cache_clear()
-    app = create_app(get_settings())
-    config = getattr(app, "_telemetry", None)
-    if config is None:
-        pytest.skip("this FastAPI has no built-in telemetry")
-    assert config["tracing"] is otel and config["metrics"] is otel and config["logs"] is otel
+    built: list[dict] = []
+
+    class RecordingFastAPI(FastAPI):
+        @functools.wraps(FastAPI.__init__)  # the same signature, for the feature check
+        def __init__(self, **kwargs):
+            built.append(kwargs)
+            super().__init__(**kwargs)
+
+    monkeypatch.setattr(serving.app, "FastAPI", RecordingFastAPI)
+    create_app(get_settings())
+    (kwargs,) = built
+    if otel or "telemetry" not in inspect.signature(FastAPI.__init__).parameters:
+        assert "telemetry" not in kwargs  # FastAPI's own defaults (or no hooks at all)
+    else:
+        assert kwargs["telemetry"] == dict.fromkeys(
+            ("tracing", "metrics", "logs", "operation_spans"), False
+        )
+    assert serving.app.telemetry_options(get_settings()) == {
+        k: v for k, v in kwargs.items() if k == "telemetry"
+    }
 
 
 def test_api_key_protects_predict_and_feedback(served, monkeypatch, digits_rows):

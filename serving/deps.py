@@ -1,0 +1,66 @@
+"""What routes depend on: the per-process `State`, and the API-key and admin-token checks.
+
+Every dependency here is `async` on purpose: FastAPI runs plain-`def` dependencies in a
+thread pool, one hop per request that the event loop would pay for.
+"""
+
+from __future__ import annotations
+
+import hmac
+from typing import Annotated
+
+from fastapi import Depends, Request
+
+from pipeline.config import Settings
+from pipeline.store import PredictionStore
+from serving.requests import BadRequest
+from serving.runtime import LogWriter, MicroBatcher, ModelManager
+
+
+class State:
+    """Everything the routes need, built once per server process."""
+
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self.manager = ModelManager(settings)
+        self.batcher = MicroBatcher(
+            self.manager, settings.batch_max_rows, settings.batch_max_wait_ms / 1000
+        )
+        self.store = PredictionStore(settings.prediction_db)
+        self.writer = LogWriter(self.store, settings.log_queue_max)
+
+
+async def get_state(request: Request) -> State:
+    return request.app.state.mlops
+
+
+StateDep = Annotated[State, Depends(get_state)]
+
+
+def _same_secret(sent: str, secret) -> bool:
+    """Constant-time comparison (hmac.compare_digest): a wrong guess takes as long whether
+    it shares a prefix with the secret or not, so timing does not leak the secret."""
+    return hmac.compare_digest(sent.encode(), secret.get_secret_value().encode())
+
+
+async def require_api_key(request: Request) -> None:
+    """X-API-Key must match MLOPS_API_KEY when one is configured."""
+    key = request.app.state.mlops.settings.api_key
+    if key is None:
+        return
+    if not _same_secret(request.headers.get("x-api-key", ""), key):
+        raise BadRequest(401, "missing or wrong X-API-Key")
+
+
+async def require_admin(request: Request) -> None:
+    """`Authorization: Bearer <MLOPS_ADMIN_TOKEN>`; without a configured token: 403."""
+    token = request.app.state.mlops.settings.admin_token
+    if token is None:
+        raise BadRequest(403, "admin routes are disabled: set MLOPS_ADMIN_TOKEN to enable them")
+    scheme, _, sent = request.headers.get("authorization", "").partition(" ")
+    if scheme.lower() != "bearer" or not _same_secret(sent, token):
+        raise BadRequest(401, "missing or wrong bearer token")
+
+
+ApiKey = Depends(require_api_key)
+Admin = Depends(require_admin)

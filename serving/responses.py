@@ -1,0 +1,22 @@
+"""JSON responses written with orjson (numpy arrays included), bypassing FastAPI's encoder."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import orjson
+from fastapi.responses import Response
+
+
+def json_response(data: Any, status: int = 200, headers: dict | None = None) -> Response:
+    return Response(
+        orjson.dumps(data, option=orjson.OPT_SERIALIZE_NUMPY),
+        status_code=status,
+        media_type="application/json",
+        headers=headers,
+    )
+
+
+def error(status: int, detail: str, **extra: Any) -> Response:
+    """The one error shape of the API: `{"detail": "...", ...}`."""
+    return json_response({"detail": detail, **extra}, status)

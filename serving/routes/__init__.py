@@ -1,0 +1,5 @@
+"""One router per resource; `serving.app` includes them all."""
+
+from serving.routes import admin, feedback, ops, predict
+
+ROUTERS = (ops.router, predict.router, feedback.router, admin.router)

@@ -1,0 +1,55 @@
+"""Feedback: ground-truth labels for logged predictions, joined by id."""
+
+from __future__ import annotations
+
+import asyncio
+
+from fastapi import APIRouter, Request
+from fastapi.responses import Response
+
+from serving.deps import ApiKey, StateDep
+from serving.requests import parse_json, parse_labels
+from serving.responses import json_response
+from serving.schemas import (
+    FeedbackConflict,
+    FeedbackRequest,
+    FeedbackResponse,
+    json_body,
+    responses,
+)
+
+router = APIRouter(tags=["feedback"], dependencies=[ApiKey])
+
+
+@router.post(
+    "/feedback",
+    openapi_extra=json_body(FeedbackRequest),
+    responses=responses(FeedbackResponse, 400, 401, 413, 415, 422)
+    | {409: {"model": FeedbackConflict}},
+)
+async def feedback(request: Request, state: StateDep) -> Response:
+    """Ground-truth labels for logged predictions, joined by id."""
+    model = state.manager.current
+    payload = parse_json(await request.body(), request.headers.get("content-type"))
+    valid, errors, overwrite = parse_labels(
+        payload,
+        state.settings.max_rows_per_request,
+        model.predictor.cfg.num_classes if model else None,
+    )
+    outcomes = await asyncio.to_thread(state.store.add_labels, valid, overwrite) if valid else []
+    results = [{"id": o.id, "status": o.status, "detail": o.detail} for o in outcomes]
+    results += errors
+    counts: dict[str, int] = {}
+    for r in results:
+        counts[r["status"]] = counts.get(r["status"], 0) + 1
+    if counts.get("conflict"):
+        return json_response(
+            {
+                "detail": "some ids already carry a different label; nothing "
+                "was applied (send overwrite=true to replace them)",
+                "results": results,
+                "counts": counts,
+            },
+            409,
+        )
+    return json_response({"results": results, "counts": counts})

@@ -1,0 +1,56 @@
+"""Operations: liveness, readiness, the serving model, Prometheus metrics."""
+
+from __future__ import annotations
+
+import asyncio
+
+from fastapi import APIRouter
+from fastapi.responses import Response
+
+from serving import metrics
+from serving.deps import StateDep
+from serving.responses import json_response
+from serving.schemas import Health, ModelInfo, Readiness, responses
+
+router = APIRouter(tags=["ops"])
+
+
+@router.get("/health", responses=responses(Health))
+async def health() -> Response:
+    """The process is up."""
+    return json_response({"status": "ok"})
+
+
+@router.get("/ready", responses=responses(Readiness) | {503: {"model": Readiness}})
+async def ready(state: StateDep) -> Response:
+    """A model is loaded and requests can be served."""
+    model = state.manager.current
+    if model is None:
+        return json_response(
+            {"ready": False, "detail": state.manager.last_error or "no model loaded"}, 503
+        )
+    return json_response({"ready": True, "model_version": model.version})
+
+
+@router.get("/model", responses=responses(ModelInfo))
+async def model_info(state: StateDep) -> Response:
+    """Name, version, run, data version and load time of the serving model."""
+    model = state.manager.current
+    settings = state.settings
+    body = model.info() if model else {"model_name": settings.model_name, "model_version": None}
+    body["last_load_error"] = state.manager.last_error
+    body["log_mode"] = settings.log_mode
+    return json_response(body)
+
+
+@router.get("/metrics", responses={200: {"content": {"text/plain": {}}}})
+async def prometheus(state: StateDep) -> Response:
+    """Prometheus metrics."""
+    try:
+        score = await asyncio.to_thread(state.store.latest_drift)
+        if score is not None:
+            metrics.DRIFT.set(score)
+    except Exception:  # noqa: BLE001 - metrics must answer even when the store is down
+        pass
+    content, media = metrics.render()
+    return Response(content, media_type=media)

@@ -1,0 +1,163 @@
+"""Prediction: our own protocol (/predict) and MLflow's scoring protocol (/invocations).
+
+Both go through `_score`: parse (the hand-written orjson parser, no pydantic on the hot
+path), infer in the micro-batcher, log every row, answer; they differ only in the parser
+and in the shape of the answer.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+
+import numpy as np
+from fastapi import APIRouter, Request
+from fastapi.responses import Response
+
+from pipeline.store import encode_rows
+from serving.deps import ApiKey, State, StateDep
+from serving.requests import (
+    BadRequest,
+    expect_object,
+    parse_ids,
+    parse_invocations,
+    parse_json,
+    rows_to_array,
+)
+from serving.responses import json_response
+from serving.runtime import LoadedModel, NoModel
+from serving.schemas import (
+    InvocationsRequest,
+    InvocationsResponse,
+    PredictionRequest,
+    PredictionResponse,
+    json_body,
+    responses,
+)
+
+router = APIRouter(tags=["predict"], dependencies=[ApiKey])
+ERRORS = (400, 401, 413, 415, 422, 503)
+
+# (body, content type, serving model, max rows) -> (rows, one id per row)
+Parser = Callable[[bytes, str | None, LoadedModel, int], tuple[np.ndarray, list[str]]]
+# (model that answered, ids, labels, probability lists) -> the JSON body
+Shaper = Callable[[LoadedModel, list[str], list[int], list[list[float]]], dict]
+
+
+@router.post(
+    "/predict",
+    openapi_extra=json_body(PredictionRequest),
+    responses=responses(PredictionResponse, *ERRORS),
+)
+async def predict(request: Request, state: StateDep) -> Response:
+    """Predict rows of raw features; every row is logged under its id."""
+    return await _score(request, state, _parse_instances, _predictions)
+
+
+@router.post(
+    "/invocations",
+    openapi_extra=json_body(InvocationsRequest),
+    responses=responses(InvocationsResponse, *ERRORS),
+)
+async def invocations(request: Request, state: StateDep) -> Response:
+    """MLflow's scoring protocol, answered in MLflow's shape; rows are logged too."""
+    return await _score(request, state, _parse_mlflow, _mlflow_records)
+
+
+def _parse_instances(
+    body: bytes, content_type: str | None, model: LoadedModel, max_rows: int
+) -> tuple[np.ndarray, list[str]]:
+    payload = expect_object(parse_json(body, content_type), {"instances", "ids"}, {"instances"})
+    rows = rows_to_array(payload["instances"], model.predictor.cfg.n_features, max_rows)
+    return rows, parse_ids(payload.get("ids"), len(rows))
+
+
+def _parse_mlflow(
+    body: bytes, content_type: str | None, model: LoadedModel, max_rows: int
+) -> tuple[np.ndarray, list[str]]:
+    rows = parse_invocations(
+        parse_json(body, content_type), model.predictor.feature_names, max_rows
+    )
+    return rows, parse_ids(None, len(rows))
+
+
+def _predictions(used: LoadedModel, ids: list[str], labels: list[int], probs: list) -> dict:
+    return {
+        "model_name": used.name,
+        "model_version": used.version,
+        "predictions": [
+            {"id": i, "label": lbl, "probabilities": p}
+            for i, lbl, p in zip(ids, labels, probs, strict=True)
+        ],
+    }
+
+
+def _mlflow_records(used: LoadedModel, ids: list[str], labels: list[int], probs: list) -> dict:
+    return {
+        "predictions": [
+            {"label": lbl, **{f"prob_{k}": v for k, v in enumerate(p)}}
+            for lbl, p in zip(labels, probs, strict=True)
+        ]
+    }
+
+
+async def _score(request: Request, state: State, parse: Parser, shape: Shaper) -> Response:
+    """Parse (counted as arriving, for the micro-batcher), infer, log, answer with
+    `shape(...)` and the X-Model-Version header of the model that answered."""
+    start = time.perf_counter()
+    state.batcher.arriving += 1
+    try:
+        model = _model_or_503(state)
+        rows, ids = parse(
+            await request.body(),
+            request.headers.get("content-type"),
+            model,
+            state.settings.max_rows_per_request,
+        )
+    finally:
+        state.batcher.arriving -= 1
+    probs, used = await _infer(state, rows)
+    labels = probs.argmax(axis=1).tolist()
+    await _log(state, ids, rows, labels, probs, used, start)
+    body = shape(used, ids, labels, probs.tolist())
+    return json_response(body, headers={"X-Model-Version": used.version})
+
+
+def _model_or_503(state: State) -> LoadedModel:
+    model = state.manager.current
+    if model is None:
+        raise BadRequest(
+            503, f"no model loaded ({state.manager.last_error or 'starting'}); see /ready"
+        )
+    return model
+
+
+async def _infer(state: State, rows: np.ndarray) -> tuple[np.ndarray, LoadedModel]:
+    try:
+        return await state.batcher.predict(rows)
+    except NoModel as exc:
+        raise BadRequest(503, str(exc)) from None
+    except ValueError as exc:  # a model swap changed the expected width mid-flight
+        raise BadRequest(422, str(exc)) from None
+
+
+async def _log(
+    state: State,
+    ids: list[str],
+    rows: np.ndarray,
+    labels: list[int],
+    probs: np.ndarray,
+    used: LoadedModel,
+    start: float,
+) -> None:
+    if state.settings.log_mode == "off":
+        return
+    latency_ms = (time.perf_counter() - start) * 1000
+    now = time.time()
+    log_rows = [  # tuples in PredictionStore.COLUMNS order
+        (i, now, used.name, used.version, f, lbl, p, latency_ms)
+        for i, f, lbl, p in zip(ids, encode_rows(rows), labels, encode_rows(probs), strict=True)
+    ]
+    future = state.writer.submit(log_rows, wait=state.settings.log_mode == "durable")
+    if future is not None:
+        await future  # durable: answer only once the rows are committed
