@@ -230,7 +230,7 @@ def main() -> None:
     concurrency = [int(c) for c in args.concurrency.split(",")]
     from pipeline.ingest import load_digits_frame
 
-    rows = load_digits_frame("stream").drop(columns="label").to_numpy(np.float32)
+    rows = load_digits_frame("all").drop(columns="label").to_numpy(np.float32)
     results: list[dict] = []
     with tempfile.TemporaryDirectory() as tmp_name:
         tmp = Path(tmp_name)

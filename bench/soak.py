@@ -34,7 +34,7 @@ def main() -> None:
     from serving.loadgen import run_load
 
     params = load_params(REPO / "params.yaml")  # the split the trained model was made with
-    stream = load_digits_frame("stream", params["data"]["bootstrap_fraction"], params["seed"])
+    stream = load_digits_frame("stream", params.data.bootstrap_fraction, params.seed)
     rows = stream.drop(columns="label").to_numpy("float32").tolist()
     labels = stream["label"].tolist()
     with tempfile.TemporaryDirectory() as tmp:

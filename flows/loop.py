@@ -11,7 +11,7 @@ import uuid
 import numpy as np
 from prefect import flow, get_run_logger
 
-from flows.report import publish_summary
+from flows.report import publish_params, publish_summary
 from flows.tasks import (
     check_drift,
     deploy,
@@ -26,7 +26,7 @@ from flows.tasks import (
     train_model,
     version_data,
 )
-from pipeline.config import Params, get_settings, load_params
+from pipeline.config import LOOP_ROUNDS, Params, get_settings, load_params
 from pipeline.ingest import load_digits_frame
 
 
@@ -52,9 +52,9 @@ def production_stream(
     ]
 
 
-@flow(name="mlops-loop", flow_run_name="loop: {rounds} rounds on {source}", log_prints=True)
+@flow(name="mlops-loop", flow_run_name="loop: {rounds} rounds", log_prints=True)
 def loop_flow(
-    rounds: int = 2,
+    rounds: int = LOOP_ROUNDS,
     source: str | None = None,
     trials: int | None = None,
     epochs: int | None = None,
@@ -66,6 +66,8 @@ def loop_flow(
     settings = get_settings()
     params = params or load_params(settings.params_path)
     source = source or params.data.source
+    params = params.updated(data={"source": source})  # what the runs are tagged with
+    publish_params(params)
     trials = params.tune.trials if trials is None else trials
     warm = params.train.warm_start
     if source != "digits":

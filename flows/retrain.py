@@ -6,7 +6,7 @@ import time
 
 from prefect import flow, get_run_logger
 
-from flows.report import publish_summary
+from flows.report import publish_params, publish_summary
 from flows.tasks import (
     check_drift,
     count_new_labels,
@@ -35,6 +35,7 @@ def retrain_flow(
     """
     settings = get_settings()
     params = params or load_params(settings.params_path)
+    publish_params(params)
     trials = params.tune.trials if trials is None else trials
     pulled = pull_feedback(settings)
     data_hash = version_data(settings)
@@ -55,13 +56,14 @@ def retrain_flow(
 
 
 @flow(name="monitor", flow_run_name="monitor")
-def monitor_flow(window_s: float = 3600, params: Params | None = None) -> dict:
+def monitor_flow(params: Params | None = None) -> dict:
     """Start a retraining run when enough new labels arrived or inputs drifted, with a
     cooldown, and never while another retraining run is in progress."""
     settings = get_settings()
     params = params or load_params(settings.params_path)
+    publish_params(params)
     new_labels = count_new_labels(settings)
-    drift = check_drift(settings, params, time.time() - window_s).get("score")
+    drift = check_drift(settings, params, time.time() - params.monitor.window_s).get("score")
     last, running = _retrain_history()
     go, why = should_retrain(new_labels, drift, last, time.time(), running, params.monitor)
     get_run_logger().info("retrain: %s (%s)", "yes" if go else "no", why)

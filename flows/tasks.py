@@ -1,7 +1,8 @@
 """Prefect tasks: each wraps one pipeline/ step, with retries on I/O and readable run names.
 
-Every task receives the settings and parameters it uses as arguments, so each task run
-records what it ran with; none re-reads configuration on its own.
+Every task receives the settings and parameters it uses as arguments: none reads
+configuration on its own, so a flow's one resolved `Params` (published as the run's `params`
+artifact) is what all its tasks ran with.
 """
 
 from __future__ import annotations
@@ -27,7 +28,6 @@ from pipeline.preprocess import load_preprocessor, preprocess_frames
 from pipeline.store import PredictionStore
 
 IO_RETRIES = {"retries": 3, "retry_delay_seconds": [2, 5, 15]}
-API_START_TIMEOUT_S = 120  # a cold start loads torch and MLflow and downloads the champion
 
 
 def _logger():
@@ -148,7 +148,7 @@ def start_api(settings: Settings) -> ApiServer:
         settings.data_dir / "api-server.log",
         env=env,
         cwd=settings.root,
-    ).wait_healthy("/health", API_START_TIMEOUT_S)
+    ).wait_healthy("/health")
     _logger().info("API server on %s (pid %d)", server.url, server.pid)
     return ApiServer(server, server.url, token)
 

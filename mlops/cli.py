@@ -15,6 +15,8 @@ from typing import Annotated
 
 import typer
 
+from pipeline.config import LOOP_ROUNDS
+
 app = typer.Typer(
     help="A closed ML loop: data -> training -> registry -> serving -> feedback -> data.",
     no_args_is_help=True,
@@ -243,7 +245,7 @@ def evaluate(
 
 @app.command()
 def run(
-    rounds: Annotated[int, typer.Option(min=1)] = 2,
+    rounds: Annotated[int, typer.Option(min=1)] = LOOP_ROUNDS,
     source: Annotated[str | None, typer.Option(help="digits or a CSV/Parquet path")] = None,
     trials: Annotated[int | None, typer.Option(min=0, help="Optuna trials per round")] = None,
     epochs: Annotated[int | None, typer.Option(min=1)] = None,
@@ -279,8 +281,8 @@ def _prefect_env() -> None:
 
 @app.command()
 def serve(
-    host: Annotated[str | None, typer.Option(help="default MLOPS_HOST (127.0.0.1)")] = None,
-    port: Annotated[int | None, typer.Option(help="default MLOPS_PORT (8000)")] = None,
+    host: Annotated[str | None, typer.Option(help="default: MLOPS_HOST")] = None,
+    port: Annotated[int | None, typer.Option(help="default: MLOPS_PORT")] = None,
     workers: Annotated[int, typer.Option(min=1, help="uvicorn worker processes")] = 1,
     model: Annotated[str | None, typer.Option(help="alias or version (default champion)")] = None,
     access_log: Annotated[bool, typer.Option(help="uvicorn's per-request log lines")] = False,
@@ -380,7 +382,7 @@ def _start_prefect_server(settings) -> str:
         [prefect, "server", "start", "--host", "127.0.0.1", "--port", "4200"], url, log_path
     )
     try:
-        server.wait_healthy("/health", timeout=120)
+        server.wait_healthy("/health")
     except process.ProcessFailed as exc:
         raise _fail(f"the Prefect server did not start; see {log_path}") from exc
     typer.echo(f"started a Prefect server at {url[:-4]} (log: {log_path})")

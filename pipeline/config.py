@@ -100,6 +100,15 @@ class TuneParams(_Section):
         }
     )
 
+    @field_validator("space")
+    @classmethod
+    def _trainable(cls, space: dict) -> dict:
+        known = set(TrainSection.model_fields) | set(PreprocessParams.model_fields)
+        unknown = sorted(set(space) - known)
+        if unknown:
+            raise ValueError(f"not training parameters: {unknown} (known: {sorted(known)})")
+        return space
+
 
 class PromoteParams(_Section):
     # A challenger must beat the champion's test accuracy by more than this; 0 means any
@@ -110,8 +119,9 @@ class PromoteParams(_Section):
 class MonitorParams(_Section):
     min_new_labels: int = Field(default=200, ge=1)  # retrain when this many new labels arrived
     drift_threshold: float = Field(default=0.2, gt=0, le=1)  # ... or this share of features
-    # drifted (KS test, p < 0.01) ...
+    # drifted (pipeline/drift.py: a KS test per feature) ...
     cooldown_s: float = Field(default=600, ge=0)  # ... and not within this long of the last run
+    window_s: float = Field(default=3600, gt=0)  # the drift check compares the last hour's traffic
 
 
 class ScheduleParams(_Section):
@@ -142,6 +152,11 @@ class Params(_Section):
             else:
                 merged[key] = value
         return Params.model_validate(merged)
+
+
+# `mlops run` and the loop flow: round 2 is the first to train on round 1's feedback, the
+# least that shows the loop closing.
+LOOP_ROUNDS = 2
 
 
 class ParamsError(ValueError):

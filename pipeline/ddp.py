@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from pipeline.config import get_settings, load_params
+from pipeline.config import Params, get_settings, load_params
 from pipeline.experiment import finish_run
 from pipeline.model import choose_device
 from pipeline.tracking import EpochLogger, start_run
@@ -34,12 +34,16 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--run-name", default="train")
     parser.add_argument("--no-progress", action="store_true")
     parser.add_argument("--train-params", type=Path, help="JSON of TrainParams (else params.yaml)")
+    parser.add_argument("--params", type=Path, help="JSON of all Params (else params.yaml)")
     parser.add_argument("--result", type=Path, help="rank 0 writes run id, model URI, metrics")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
 
     settings = get_settings()
-    params = load_params(settings.params_path)
+    if args.params:
+        params = Params.model_validate_json(args.params.read_text())
+    else:
+        params = load_params(settings.params_path)
     world = int(os.environ.get("WORLD_SIZE", "1"))
     device = choose_device(settings.device)
     if world > 1:

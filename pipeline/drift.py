@@ -17,6 +17,8 @@ from pipeline.config import MonitorParams
 
 log = logging.getLogger(__name__)
 
+MIN_ROWS = 20  # fewer logged rows say nothing about a distribution
+
 
 @dataclass
 class DriftReport:
@@ -56,8 +58,10 @@ def detect_drift(
     """(n, F) reference and current inputs, and the model's probabilities on each."""
     from scipy.stats import ks_2samp
 
-    if len(current) < 20:
-        raise ValueError(f"need at least 20 logged rows to judge drift, have {len(current)}")
+    if len(current) < MIN_ROWS:
+        raise ValueError(
+            f"need at least {MIN_ROWS} logged rows to judge drift, have {len(current)}"
+        )
     varying = np.flatnonzero(reference.std(axis=0) > 0)
     drifted = []
     for j in varying:

@@ -124,7 +124,9 @@ def fit(
             )
         tp = replace(tp, **best.best_params)
     if settings.train_processes > 1:
-        candidate = fit_distributed(settings, tp, settings.train_processes, run_name)
+        if warm_start:
+            log.warning("warm start is not supported under torchrun: training from scratch")
+        candidate = fit_distributed(settings, params, tp, settings.train_processes, run_name)
         return register_candidate(settings, candidate) if register_model else candidate
     init_state, warm_from = champion_state(settings, tp.hidden) if warm_start else (None, None)
     run_id = start_run(
@@ -166,14 +168,17 @@ def register_candidate(settings: Settings, candidate: Candidate) -> Candidate:
 
 
 def fit_distributed(
-    settings: Settings, tp: TrainParams, processes: int, run_name: str
+    settings: Settings, params: Params, tp: TrainParams, processes: int, run_name: str
 ) -> Candidate:
-    """The final training under `torchrun` DDP (pipeline/ddp.py); rank 0 logs the one run."""
+    """The final training under `torchrun` DDP (pipeline/ddp.py); rank 0 logs the one run.
+    The ranks get this call's params and training params, not a fresh read of params.yaml."""
     import os
 
     with tempfile.TemporaryDirectory() as tmp:
         params_file, result_file = Path(tmp) / "train.json", Path(tmp) / "result.json"
         params_file.write_text(json.dumps(tp.to_dict()))
+        all_params = Path(tmp) / "params.json"
+        all_params.write_text(params.model_dump_json())
         cmd = [
             str(Path(sys.executable).parent / "torchrun"),
             "--standalone",
@@ -186,6 +191,8 @@ def fit_distributed(
             run_name,
             "--train-params",
             str(params_file),
+            "--params",
+            str(all_params),
             "--result",
             str(result_file),
         ]

@@ -53,12 +53,15 @@ class IngestReport:
         return asdict(self)
 
 
-def load_digits_frame(part: str = "all", fraction: float = 0.35, seed: int = 42) -> pd.DataFrame:
+def load_digits_frame(
+    part: str = "all", fraction: float | None = None, seed: int | None = None
+) -> pd.DataFrame:
     """scikit-learn's bundled digits as `label, pixel0..pixel63`.
 
     `part` selects the demo's split: `bootstrap` (a stratified `fraction` of the rows,
     the initial training pool), `stream` (the rest: the held-out production stream the
-    simulated clients send), or `all`.
+    simulated clients send), or `all`. The split needs params.yaml's
+    `data.bootstrap_fraction` and `seed`.
     """
     from sklearn.datasets import load_digits
     from sklearn.model_selection import train_test_split
@@ -70,6 +73,8 @@ def load_digits_frame(part: str = "all", fraction: float = 0.35, seed: int = 42)
         return frame
     if part not in {"bootstrap", "stream"}:
         raise ValueError(f"unknown digits part {part!r}: use all, bootstrap or stream")
+    if fraction is None or seed is None:
+        raise ValueError(f"the digits {part} part needs the bootstrap fraction and the seed")
     boot, stream = train_test_split(
         frame, train_size=fraction, stratify=frame[LABEL], random_state=seed
     )

@@ -12,6 +12,7 @@ from contextlib import contextmanager, redirect_stdout
 from pathlib import Path
 
 from pipeline.ingest import file_md5
+from pipeline.preprocess import REPORT_FILE
 
 
 def git_commit(root: Path) -> tuple[str, bool]:
@@ -36,7 +37,7 @@ def git_commit(root: Path) -> tuple[str, bool]:
 
 def data_version(processed_dir: Path, raw: Path | None = None) -> dict:
     """The data version a model is trained on: the raw snapshot's DVC hash and split sizes."""
-    report_path = processed_dir / "report.json"
+    report_path = processed_dir / REPORT_FILE
     report = json.loads(report_path.read_text()) if report_path.exists() else {}
     data_hash = report.get("data_hash") or (file_md5(raw) if raw and raw.exists() else "unknown")
     return {"data_hash": data_hash, "rows": report.get("rows", {})}

@@ -14,13 +14,12 @@ import numpy as np
 import torch
 from torch import nn
 
-from pipeline.preprocess import Preprocessor
+from pipeline.preprocess import PREPROCESSOR_FILE, Preprocessor
 from pipeline.validate import Schema
 
 log = logging.getLogger(__name__)
 
 CHECKPOINT = "checkpoint.pt"
-PREPROCESSOR = "preprocessor.json"
 
 
 @dataclass(frozen=True)
@@ -153,15 +152,15 @@ class Predictor:
     def from_dir(cls, path: Path, device: torch.device | str = "cpu") -> Predictor:
         """Load `checkpoint.pt` + `preprocessor.json` from a model directory."""
         path = Path(path)
-        for name in (CHECKPOINT, PREPROCESSOR):
+        for name in (CHECKPOINT, PREPROCESSOR_FILE):
             if not (path / name).is_file():
                 raise FileNotFoundError(f"{path}: model directory lacks {name}")
         model, cfg = load_checkpoint(path / CHECKPOINT, device)
-        return cls(model, cfg, Preprocessor.load(path / PREPROCESSOR), device)
+        return cls(model, cfg, Preprocessor.load(path / PREPROCESSOR_FILE), device)
 
     def save(self, path: Path) -> None:
         save_checkpoint(self.model, self.cfg, Path(path) / CHECKPOINT)
-        self.preprocessor.save(Path(path) / PREPROCESSOR)
+        self.preprocessor.save(Path(path) / PREPROCESSOR_FILE)
 
     @property
     def feature_names(self) -> tuple[str, ...]:

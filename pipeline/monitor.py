@@ -16,7 +16,7 @@ import mlflow
 import numpy as np
 
 from pipeline.config import Params, Settings
-from pipeline.drift import detect_drift, drift_plot
+from pipeline.drift import MIN_ROWS, detect_drift, drift_plot
 from pipeline.feedback import read_state
 from pipeline.preprocess import features_labels, load_preprocessor, load_split
 from pipeline.registry import CHAMPION, load_predictor
@@ -24,8 +24,6 @@ from pipeline.store import PredictionStore
 from pipeline.tracking import configure_tracking
 
 log = logging.getLogger(__name__)
-
-MIN_ROWS = 20  # fewer logged rows say nothing about a distribution
 
 
 def check_drift(settings: Settings, params: Params, since: float) -> dict:

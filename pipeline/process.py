@@ -61,7 +61,11 @@ class Supervised:
             return ""
 
     def wait_healthy(self, health_path: str = "/health", timeout: float = 120) -> Supervised:
-        """Poll `url + health_path` until it answers 200; raise if the process dies first."""
+        """Poll `url + health_path` until it answers 200; raise if the process dies first.
+
+        120 s: a cold `mlops serve` imports torch and MLflow and downloads the champion, a
+        first `prefect server start` migrates its database; both take tens of seconds on a
+        busy 2-core machine."""
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:

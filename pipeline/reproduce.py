@@ -124,13 +124,12 @@ def reproduce(settings: Settings, params: Params, version: str) -> dict:
     )
     processed = work / "processed"
     preprocess_frames(base, processed, repro_params, digest, extra)
-    tp = TrainParams(
-        **{
-            f.name: _cast(f.type, run_params[f.name])
-            for f in fields(TrainParams)
-            if f.name in run_params
-        }
-    )
+    logged = {
+        f.name: _cast(f.type, run_params[f.name])
+        for f in fields(TrainParams)
+        if f.name in run_params
+    }
+    tp = TrainParams.from_params(repro_params, **logged)  # a key an older run lacks: params
     init = None
     if run.data.tags.get("warm_start") == "true":
         init = warm_start_weights(settings, run.data.tags["warm_start_from"])

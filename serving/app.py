@@ -21,6 +21,7 @@ from fastapi.responses import Response
 
 from pipeline.config import Settings, get_settings
 from pipeline.store import StoreUnavailable
+from pipeline.tracking import configure_tracking
 from serving.deps import State
 from serving.middleware import GuardMiddleware
 from serving.requests import BadRequest
@@ -55,8 +56,6 @@ def _lifespan(settings: Settings):
     @asynccontextmanager
     async def lifespan(app: FastAPI):
         import torch
-
-        from pipeline.tracking import configure_tracking
 
         threads = settings.torch_threads or max(1, (os.cpu_count() or 2) - 1)
         torch.set_num_threads(threads)

@@ -17,6 +17,7 @@ from pathlib import Path
 import numpy as np
 
 from pipeline.model import Predictor
+from pipeline.registry import alias_version, download_model
 from pipeline.store import PredictionStore, StoreUnavailable
 from serving import metrics
 
@@ -60,8 +61,6 @@ class ModelManager:
         self._thread: threading.Thread | None = None
 
     def load(self, ref: str) -> LoadedModel:
-        from pipeline.registry import download_model
-
         tmp = Path(tempfile.mkdtemp(prefix="mlops-serve-"))
         try:
             model_dir, mv = download_model(self.settings.model_name, ref, tmp)
@@ -81,8 +80,6 @@ class ModelManager:
     def refresh(self, ref: str | None = None) -> bool:
         """Load `ref` (default: the configured alias/version) if it names another version."""
         import mlflow
-
-        from pipeline.registry import alias_version
 
         ref = ref or self.settings.model_ref
         with self._lock:  # one load at a time; requests never wait on this lock

@@ -16,8 +16,9 @@ import mlflow
 import pytest
 
 from pipeline.config import get_settings
-from pipeline.registry import CHAMPION, alias_version, configure_tracking
+from pipeline.registry import CHAMPION, alias_version
 from pipeline.store import PredictionStore
+from pipeline.tracking import configure_tracking
 from serving.loadgen import LoadResult, run_load
 from tests.reliability.tcpproxy import TcpProxy
 from tests.serving.conftest import LiveServer, free_port
@@ -186,20 +187,19 @@ def test_training_crash_mid_way_leaves_nothing_half_registered(
 ):
     from flows.loop import loop_flow
     from flows.retrain import retrain_flow
-    from pipeline import experiment
+    from pipeline.tracking import EpochLogger
 
     monkeypatch.setenv("MLOPS_RELOAD_INTERVAL_S", "0")
     loop_flow(rounds=1, source="digits", trials=0, epochs=2)
     settings = get_settings()
+    log_epoch = EpochLogger.__call__
 
-    def crashing_logger(run_id: str):
-        def on_epoch(epoch: int, metrics: dict) -> None:
-            if epoch == 2:
-                raise RuntimeError("injected fault in epoch 2")
+    def crash_in_epoch_2(self, epoch: int, metrics: dict) -> None:
+        log_epoch(self, epoch, metrics)
+        if epoch == 2:  # the training loop's per-epoch hook: as if epoch 2 died mid-way
+            raise RuntimeError("injected fault in epoch 2")
 
-        return on_epoch
-
-    monkeypatch.setattr(experiment, "_epoch_logger", crashing_logger)
+    monkeypatch.setattr(EpochLogger, "__call__", crash_in_epoch_2)
     state = retrain_flow(reason="crash test", trials=0, epochs=4, return_state=True)
     assert state.is_failed()
     with pytest.raises(RuntimeError, match="injected fault in epoch 2"):

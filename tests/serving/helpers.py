@@ -31,4 +31,4 @@ def digits_stream() -> pd.DataFrame:
     from pipeline.ingest import load_digits_frame
 
     params = load_params(REPO / "params.yaml")
-    return load_digits_frame("stream", params["data"]["bootstrap_fraction"], params["seed"])
+    return load_digits_frame("stream", params.data.bootstrap_fraction, params.seed)

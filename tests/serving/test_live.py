@@ -10,8 +10,9 @@ import mlflow
 import pytest
 
 from pipeline.config import get_settings
-from pipeline.registry import CHAMPION, configure_tracking
+from pipeline.registry import CHAMPION
 from pipeline.store import PredictionStore
+from pipeline.tracking import configure_tracking
 from tests.serving.helpers import wait_until
 
 pytestmark = [pytest.mark.slow, pytest.mark.integration]
