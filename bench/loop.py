@@ -41,13 +41,12 @@ def _fresh_project(base: Path, name: str) -> Path:
 def direct_round() -> None:
     """The loop's round 1 with the very same steps, no orchestration."""
     from flows import tasks as t
-    from flows.loop import production_stream
     from pipeline.config import get_settings, load_params
 
     settings = get_settings()
     params = load_params(settings.params_path)
-    x, y = production_stream(params, 1, False)[0]
     t.ingest_source.fn(settings, params, params.data.source)
+    chunk = t.plan_stream.fn(settings, params, 1)[0]
     server = t.start_api.fn(settings)
     try:
         digest = t.version_data.fn(settings)
@@ -56,8 +55,8 @@ def direct_round() -> None:
         t.promote.fn(settings, params, model["version"])
         t.deploy.fn(server)
         started = time.time()
-        traffic = t.send_traffic.fn(server, x, 1, run_tag="bench")
-        t.send_labels.fn(server, traffic["ids"], y, 1)
+        traffic = t.send_traffic.fn(settings, server, chunk, 1)
+        t.send_labels.fn(settings, server, chunk, traffic["ids"], 1)
         t.check_drift.fn(settings, params, started)
         t.pull_feedback.fn(settings)
         t.version_data.fn(settings)

@@ -6,16 +6,15 @@ data source -> data processing -> training -> optimisation -> deployment -> feed
 from __future__ import annotations
 
 import time
-import uuid
 
-import numpy as np
-from prefect import flow, get_run_logger
+from prefect import flow
 
 from flows.report import publish_params, publish_summary
 from flows.tasks import (
     check_drift,
     deploy,
     ingest_source,
+    plan_stream,
     preprocess_data,
     promote,
     pull_feedback,
@@ -27,29 +26,6 @@ from flows.tasks import (
     version_data,
 )
 from pipeline.config import LOOP_ROUNDS, Params, get_settings, load_params
-from pipeline.ingest import load_digits_frame
-
-
-def production_stream(
-    params: Params, rounds: int, drift: bool
-) -> list[tuple[np.ndarray, np.ndarray]]:
-    """The digits the bootstrap pool left out, in `rounds` chunks: what clients will send.
-
-    With `drift`, every image is shifted two pixels right (zeros shifted in), a change of
-    the input distribution that the drift check must see.
-    """
-    stream = load_digits_frame("stream", params.data.bootstrap_fraction, params.seed)
-    x = stream.drop(columns="label").to_numpy(np.float32)
-    y = stream["label"].to_numpy()
-    if drift:
-        images = x.reshape(-1, 8, 8)
-        shifted = np.zeros_like(images)
-        shifted[:, :, 2:] = images[:, :, :-2]
-        x = shifted.reshape(-1, 64)
-    return [
-        (xs, ys)
-        for xs, ys in zip(np.array_split(x, rounds), np.array_split(y, rounds), strict=True)
-    ]
 
 
 @flow(name="mlops-loop", flow_run_name="loop: {rounds} rounds", log_prints=True)
@@ -70,16 +46,8 @@ def loop_flow(
     publish_params(params)
     trials = params.tune.trials if trials is None else trials
     warm = params.train.warm_start
-    if source != "digits":
-        get_run_logger().warning(
-            "source %s: no production stream to simulate; the loop "
-            "trains once per round on the data it has",
-            source,
-        )
-    stream = production_stream(params, rounds, drift) if source == "digits" else []
-
-    run_tag = uuid.uuid4().hex[:8]  # this run's client ids are its own
-    ingest_source(settings, params, source)
+    ingest_source(settings, params, source)  # bootstrap pool + held-out production stream
+    chunks = plan_stream(settings, params, rounds)
     server = start_api(settings)
     summary: list[dict] = []
     try:
@@ -101,11 +69,11 @@ def loop_flow(
                 "promoted": decision["promoted"],
                 "serving": serving,
             }
-            if stream:  # feedback
-                x, y = stream[round_no - 1]
+            chunk = chunks[round_no - 1]
+            if chunk is not None:  # feedback
                 started = time.time()
-                traffic = send_traffic(server, x, round_no, run_tag=run_tag)
-                send_labels(server, traffic["ids"], y, round_no)
+                traffic = send_traffic(settings, server, chunk, round_no, drift)
+                send_labels(settings, server, chunk, traffic["ids"], round_no)
                 row["drift_score"] = check_drift(settings, params, started).get("score")
                 row["pulled"] = pull_feedback(settings)["new"]  # -> data source
             summary.append(row)
@@ -114,7 +82,7 @@ def loop_flow(
                 f"round {round_no} of the loop",
                 {**row, "promotion": decision["reason"]},
             )
-        if stream:
+        if any(chunks):
             version_data(settings)  # the last pull becomes a data version too
     finally:
         stop_api(server)

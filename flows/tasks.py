@@ -16,14 +16,12 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import httpx
-import numpy as np
 from prefect import get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 
-from pipeline import feedback, gate, lineage, monitor, process
+from pipeline import feedback, gate, lineage, monitor, process, stream
 from pipeline.config import Params, Settings
 from pipeline.experiment import fit
-from pipeline.ingest import ingest
 from pipeline.preprocess import load_preprocessor, preprocess_frames
 from pipeline.store import PredictionStore
 
@@ -43,15 +41,16 @@ def _logger():
 
 @task(task_run_name="ingest {source}", cache_policy=NO_CACHE)
 def ingest_source(settings: Settings, params: Params, source: str) -> dict:
-    """Source -> data/loop/bootstrap.parquet (validated; bad rows quarantined)."""
+    """Source -> data/loop/bootstrap.parquet and the held-out production stream
+    (validated; bad rows quarantined)."""
     lineage.ensure_dvc_repo(settings.root)
-    report = ingest(
+    report = stream.ingest_with_stream(
         source,
         settings.loop_dir,
+        settings.stream_dir,
         settings.quarantine_dir,
         params,
-        name=feedback.BOOTSTRAP.removesuffix(".parquet"),
-        max_bytes=settings.max_ingest_bytes,
+        settings.max_ingest_bytes,
     )
     _logger().info(
         "%d rows from %s (%d quarantined)", report.rows_ok, source, report.rows_quarantined
@@ -88,10 +87,15 @@ def train_model(
     epochs: int | None,
     warm_start: bool,
 ) -> dict:
-    """Optuna search, then the final model: evaluated, logged and registered in MLflow."""
+    """Optuna search, then the final model: evaluated, logged and registered in MLflow,
+    tagged with the source the data version's bootstrap pool came from."""
+    source = feedback.read_source(settings.loop_dir)
+    if source["source"]:
+        params = params.updated(data={"source": source["source"]})
     cand = fit(
         settings,
         params,
+        source_hash=source["source_hash"],
         trials=trials,
         epochs=epochs,
         warm_start=warm_start,
@@ -178,31 +182,37 @@ def stop_api(api: ApiServer) -> None:
 # --- feedback -------------------------------------------------------------------------------------
 
 
+@task(task_run_name="plan the production stream", cache_policy=NO_CACHE)
+def plan_stream(settings: Settings, params: Params, rounds: int) -> list[stream.Chunk | None]:
+    """Which rows of the held-out stream each round sends, after what earlier runs sent."""
+    return stream.plan(settings.stream_dir, rounds, params.data.stream_per_round)
+
+
 @task(task_run_name="simulated clients: round {round_no}", cache_policy=NO_CACHE)
 def send_traffic(
+    settings: Settings,
     api: ApiServer,
-    x: np.ndarray,
+    chunk: stream.Chunk,
     round_no: int,
+    drift: bool = False,
     clients: int = 4,
     batch: int = 8,
-    run_tag: str = "demo",
 ) -> dict:
-    """Clients send the production stream through /predict (client ids, a few in parallel).
-
-    Ids are `{run_tag}-r{round}-{batch start}-{k}`: unique per loop run, so a second
-    `mlops run` on the same project logs new predictions instead of retries of old ones.
-    """
-    chunks = [(f"{run_tag}-r{round_no}-{i}", x[i : i + batch]) for i in range(0, len(x), batch)]
+    """Clients send this round's rows of the stream through /predict, a few in parallel,
+    each row under an id made from its place in the stream (a resend is logged once)."""
+    schema = load_preprocessor(settings.processed_dir).schema
+    x, _ = stream.rows(settings.stream_dir, chunk, schema, drift)
+    ids = chunk.ids()
+    parts = [(ids[i : i + batch], x[i : i + batch]) for i in range(0, len(x), batch)]
     results: dict[str, int] = {}
     versions: set[str] = set()
     errors: list[str] = []
     lock = threading.Lock()
 
-    def client(part: list) -> None:
+    def client(mine: list) -> None:
         with httpx.Client(base_url=api.url, timeout=30) as http:
-            for prefix, rows in part:
-                ids = [f"{prefix}-{k}" for k in range(len(rows))]
-                res = http.post("/predict", json={"instances": rows.tolist(), "ids": ids})
+            for part_ids, rows in mine:
+                res = http.post("/predict", json={"instances": rows.tolist(), "ids": part_ids})
                 with lock:
                     if res.status_code != 200:
                         errors.append(f"{res.status_code} {res.text[:200]}")
@@ -212,7 +222,7 @@ def send_traffic(
                     for p in body["predictions"]:
                         results[p["id"]] = p["label"]
 
-    threads = [threading.Thread(target=client, args=(chunks[k::clients],)) for k in range(clients)]
+    threads = [threading.Thread(target=client, args=(parts[k::clients],)) for k in range(clients)]
     for t in threads:
         t.start()
     for t in threads:
@@ -220,29 +230,28 @@ def send_traffic(
     if errors:
         raise RuntimeError(f"{len(errors)} failed predictions, first: {errors[0]}")
     _logger().info("%d rows predicted by v%s", len(results), ",".join(sorted(versions)))
-    return {"ids": list(results), "versions": sorted(versions)}
+    return {"ids": [i for i in ids if i in results], "versions": sorted(versions)}
 
 
 @task(task_run_name="post ground truth: round {round_no}", cache_policy=NO_CACHE, **IO_RETRIES)
-def send_labels(api: ApiServer, ids: list[str], y: np.ndarray, round_no: int) -> dict:
-    """The true labels arrive later, through /feedback, in batches."""
+def send_labels(
+    settings: Settings, api: ApiServer, chunk: stream.Chunk, ids: list[str], round_no: int
+) -> dict:
+    """The true labels arrive later, through /feedback, in batches; then the stream's cursor
+    moves past the chunk."""
+    schema = load_preprocessor(settings.processed_dir).schema
+    _, y = stream.rows(settings.stream_dir, chunk, schema)
+    label_of = dict(zip(chunk.ids(), (int(v) for v in y), strict=True))
     counts: dict[str, int] = {}
     with httpx.Client(base_url=api.url, timeout=30) as http:
         for start in range(0, len(ids), 256):
-            labels = [
-                {"id": pid, "label": int(y[_row_of(pid)])} for pid in ids[start : start + 256]
-            ]
+            labels = [{"id": pid, "label": label_of[pid]} for pid in ids[start : start + 256]]
             res = http.post("/feedback", json={"labels": labels})
             res.raise_for_status()
             for k, v in res.json()["counts"].items():
                 counts[k] = counts.get(k, 0) + v
+    stream.advance(settings.stream_dir, chunk)
     return counts
-
-
-def _row_of(pid: str) -> int:
-    """The row's position in this round's chunk, from an id made by send_traffic."""
-    start, k = pid.rsplit("-", 2)[1:]
-    return int(start) + int(k)
 
 
 @task(task_run_name="pull feedback into data", cache_policy=NO_CACHE, **IO_RETRIES)

@@ -23,13 +23,19 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
 )
 log = logging.getLogger("mlops")
+_debug = False  # --debug: full tracebacks instead of one line
 
 
 @app.callback()
-def main(verbose: Annotated[bool, typer.Option("--verbose", "-v")] = False) -> None:
+def main(
+    verbose: Annotated[bool, typer.Option("--verbose", "-v")] = False,
+    debug: Annotated[bool, typer.Option(help="full tracebacks instead of one line")] = False,
+) -> None:
     """Configure logging once, for every command."""
     from rich.logging import RichHandler
 
+    global _debug
+    _debug = debug
     logging.basicConfig(
         level=logging.DEBUG if verbose else logging.INFO,
         format="%(message)s",
@@ -38,6 +44,7 @@ def main(verbose: Annotated[bool, typer.Option("--verbose", "-v")] = False) -> N
     )
     for noisy in (
         "alembic",
+        "mlflow.store.db.utils",  # "Creating initial MLflow database tables..." on a new store
         "httpx",
         "urllib3",
         "git",
@@ -80,12 +87,11 @@ def ingest(
     name: Annotated[str | None, typer.Option(help="snapshot name under data/raw/")] = None,
 ) -> None:
     """Read and validate a source into an immutable raw snapshot (bad rows quarantined)."""
-    from pipeline.ingest import DataFileError
     from pipeline.ingest import ingest as run_ingest
 
     settings, params = _config()
     source = source or params.data.source
-    try:
+    with _user_errors():
         report = run_ingest(
             source,
             settings.raw_dir,
@@ -94,8 +100,6 @@ def ingest(
             name=name,
             max_bytes=settings.max_ingest_bytes,
         )
-    except DataFileError as exc:
-        raise _fail(str(exc)) from exc
     _write_ingest_report(settings, report)
     typer.echo(
         f"{report.rows_ok} rows -> {report.snapshot} ({report.rows_quarantined} quarantined), "
@@ -128,15 +132,51 @@ def preprocess(
 
 
 @contextmanager
-def _registry_errors():
-    """Turn registry failures into one clear line and exit 1."""
+def _user_errors():
+    """What a user can fix (bad data, an unknown version, a registry or store that is down)
+    becomes one clear line and exit 1; `--debug` shows the traceback instead."""
+    from pipeline.config import ParamsError
+    from pipeline.ingest import DataFileError
+    from pipeline.lineage import DataVersionError
     from pipeline.registry import RegistryError
+    from pipeline.store import StoreUnavailable
     from pipeline.tracking import RegistryUnavailable
+    from pipeline.validate import SchemaError
 
     try:
         yield
-    except (RegistryError, RegistryUnavailable) as exc:
+    except (
+        DataFileError,
+        DataVersionError,
+        ParamsError,
+        RegistryError,
+        RegistryUnavailable,
+        SchemaError,
+        StoreUnavailable,
+    ) as exc:
+        if _debug:
+            raise
         raise _fail(str(exc)) from exc
+
+
+class _FailuresOnlyOnce(logging.Filter):
+    """Prefect logs a failed task or flow run with its traceback, then the state it ended
+    in; the command prints the one line that matters, so the console drops those records
+    (Prefect's own run logs, in its API and UI, keep them). Off with --debug."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if not record.name.startswith(("prefect.task_runs", "prefect.flow_runs")):
+            return True
+        failed = record.getMessage().startswith(
+            ("Finished in state Failed", "Finished in state Crashed")
+        )
+        return record.levelno < logging.ERROR and not failed
+
+
+def _quiet_prefect_failures() -> None:
+    if not _debug:
+        for handler in logging.getLogger().handlers:
+            handler.addFilter(_FailuresOnlyOnce())
 
 
 @app.command()
@@ -155,8 +195,16 @@ def train(
     settings, params = _config()
     if not split_path(settings.processed_dir, "train").exists():
         raise _fail("no processed data: run `mlops ingest` and `mlops preprocess` first")
+    ingested = settings.reports_dir / "ingest.json"
+    source_hash = ""
+    if ingested.exists():  # the run is tagged with the source really ingested
+        report = json.loads(ingested.read_text())
+        params = params.updated(data={"source": report["source"]})
+        source_hash = report.get("source_hash", "")
     warm = params.train.warm_start if warm_start is None else warm_start
-    _train_and_promote(settings, params, trials or 0, epochs, warm, register, promote, progress)
+    _train_and_promote(
+        settings, params, trials or 0, epochs, warm, register, promote, progress, source_hash
+    )
 
 
 def _train_and_promote(
@@ -168,12 +216,13 @@ def _train_and_promote(
     register: bool,
     promote: bool,
     progress: bool,
+    source_hash: str = "",
 ) -> dict:
     from pipeline.experiment import fit
     from pipeline.gate import promote_on_test_split
 
     row: dict = {}
-    with _registry_errors():
+    with _user_errors():
         cand = fit(
             settings,
             params,
@@ -182,6 +231,7 @@ def _train_and_promote(
             warm_start=warm,
             register_model=register,
             show_progress=progress,
+            source_hash=source_hash,
         )
         row = {
             "run": cand.run_id,
@@ -260,7 +310,9 @@ def run(
     _prefect_env()
     from flows.loop import loop_flow
 
-    with _registry_errors():
+    _quiet_prefect_failures()
+
+    with _user_errors():
         rows = loop_flow(
             rounds=rounds,
             source=source or params.data.source,
@@ -397,7 +449,7 @@ def status(as_json: Annotated[bool, typer.Option("--json")] = False) -> None:
     from pipeline.tracking import configure_tracking
 
     settings, _ = _config()
-    with _registry_errors():
+    with _user_errors():
         configure_tracking(settings)
         info = registry_status(settings)
     if as_json:
@@ -413,7 +465,7 @@ def promote(version: str) -> None:
     from pipeline.tracking import configure_tracking
 
     settings, _ = _config()
-    with _registry_errors():
+    with _user_errors():
         configure_tracking(settings)
         set_champion(settings, version)
     typer.echo(f"{settings.model_name} v{version} is now @champion")
@@ -426,7 +478,7 @@ def rollback() -> None:
     from pipeline.tracking import configure_tracking
 
     settings, _ = _config()
-    with _registry_errors():
+    with _user_errors():
         configure_tracking(settings)
         current, target = registry_rollback(settings)
     typer.echo(f"rolled back {settings.model_name}: @champion v{current} -> v{target}")
@@ -474,7 +526,7 @@ def lineage(
     from pipeline.reproduce import trace
 
     settings, _ = _config()
-    with _registry_errors():
+    with _user_errors():
         info = trace(settings, prediction_id)
     if as_json:
         typer.echo(json.dumps(info, indent=2, default=str))
@@ -486,15 +538,11 @@ def lineage(
 @app.command()
 def reproduce(version: str) -> None:
     """Restore the exact data VERSION was trained on (through DVC) and retrain it on the CPU."""
-    from pipeline.lineage import DataVersionError
     from pipeline.reproduce import reproduce as run_reproduce
 
     settings, params = _config()
-    with _registry_errors():
-        try:
-            out = run_reproduce(settings, params, version)
-        except DataVersionError as exc:
-            raise _fail(str(exc)) from exc
+    with _user_errors():
+        out = run_reproduce(settings, params, version)
     typer.echo(f"data {out['data_hash']} restored to {out['data_dir']} (hash verified)")
     typer.echo(
         f"test accuracy: original {out['original_test_accuracy']}, "

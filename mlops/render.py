@@ -48,9 +48,24 @@ def print_status(info: dict, console: Console | None = None) -> None:
                 f"  @{alias}: v{v['version']}  test accuracy {acc}  "
                 f"data {str(v['data_hash'])[:10]}  commit {str(v['git_commit'])[:10]}"
             )
-    table = Table("time", "action", "from", "to", "reason", title="promotion ledger (newest first)")
+    table = Table(
+        "time",
+        "action",
+        "candidate",
+        "champion before",
+        "champion after",
+        "reason",
+        title="promotion ledger (newest first)",
+    )
     for e in info["ledger"]:
-        table.add_row(e["time"], e["action"], e["from"] or "-", e["to"] or "-", e["reason"])
+        table.add_row(
+            e["time"],
+            e["action"],
+            f"v{e['candidate']}" if e["candidate"] else "-",
+            f"v{e['from']}" if e["from"] else "-",
+            f"v{e['to']}" if e["to"] else "-",
+            e["reason"],
+        )
     console.print(table)
 
 
@@ -63,7 +78,8 @@ def lineage_lines(info: dict) -> list[str]:
         f"  -> model     {m['name']} v{m['version']}  ({m['source']})",
         f"  -> MLflow run {r['id']}  test accuracy {r['test_accuracy']}",
         f"  -> git commit {c['git_commit']}{' (dirty)' if c['git_dirty'] == 'true' else ''}",
-        f"  -> data       {d['hash']}  (source {d['source']})",
+        f"  -> data       {d['hash']}  (source {d['source']}"
+        + (f", contents md5 {d['source_hash']})" if d.get("source_hash") else ")"),
     ]
     lines += [f"       {key}: {value}" for key, value in d["where"].items()]
     return lines

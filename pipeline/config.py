@@ -37,9 +37,13 @@ class _Section(BaseModel):
 class DataParams(_Section):
     source: str = "digits"  # built-in, nothing to download; or a CSV/Parquet file or directory
     name: str = "dataset"  # snapshot name: data/raw/<name>.parquet
-    # digits demo: 35% of the 1,797 images train the first model; the other 65% are the
-    # "production stream" the simulated clients send, so feedback has room to help.
+    # `mlops run`: 35% of the source trains the first model (the digits: 628 of 1,797
+    # images); the other 65% are the "production stream" the simulated clients send, so
+    # feedback has room to help (pipeline/stream.py).
     bootstrap_fraction: float = Field(default=0.35, gt=0, lt=1)
+    # Each round sends this share of the stream: two rounds of `make run` send half of it,
+    # and a second run continues with the other half instead of replaying the first.
+    stream_per_round: float = Field(default=0.25, gt=0, le=1)
     num_classes: int = Field(default=10, ge=2)  # digits 0-9; labels outside [0, C) are quarantined
 
 
@@ -277,6 +281,11 @@ class Settings(BaseSettings):
     def loop_dir(self) -> Path:
         """The loop's DVC-versioned data: bootstrap pool + pulled feedback."""
         return self.data_dir / "loop"
+
+    @property
+    def stream_dir(self) -> Path:
+        """The production stream the loop's simulated clients send (pipeline/stream.py)."""
+        return self.data_dir / "stream"
 
     @property
     def models_dir(self) -> Path:

@@ -40,7 +40,15 @@ from pipeline.validate import LABEL, Schema
 
 log = logging.getLogger(__name__)
 
-LINEAGE_TAGS = ("git_commit", "git_dirty", "data_hash", "data_source", "device", "warm_start")
+LINEAGE_TAGS = (
+    "git_commit",
+    "git_dirty",
+    "data_hash",
+    "data_source",
+    "data_source_hash",
+    "device",
+    "warm_start",
+)
 
 
 @dataclass
@@ -106,8 +114,10 @@ def fit(
     register_model: bool = True,
     run_name: str = "train",
     show_progress: bool = True,
+    source_hash: str = "",
 ) -> Candidate:
-    """Tune (when trials > 0), train the final model, evaluate, log it, and register it."""
+    """Tune (when trials > 0), train the final model, evaluate, log it, and register it.
+    `source_hash` (the ingest report's) tags the run beside `params.data.source`."""
     device = choose_device(settings.device)
     data = SplitData.load(settings.processed_dir)
     tp = TrainParams.from_params(params, epochs=epochs)
@@ -136,7 +146,11 @@ def fit(
         run_name,
         str(device),
         warm_start=init_state is not None,
-        extra_tags={"warm_start_from": warm_from or "", "tuning_trials": trials},
+        extra_tags={
+            "warm_start_from": warm_from or "",
+            "tuning_trials": trials,
+            "data_source_hash": source_hash,
+        },
     )
     try:
         result = train_model(

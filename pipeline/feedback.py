@@ -9,6 +9,10 @@ The loop's data lives in one DVC-tracked directory, `data/loop/`:
 Only rows with a ground-truth label come back (never the model's own prediction); rows are
 de-duplicated by prediction id (a re-labelled id keeps its newest label); the watermark
 makes a second pull add nothing; a lock makes two concurrent pulls safe.
+
+Training never sees one example twice: `training_frames` also drops feedback rows whose
+features equal a bootstrap row or a newer feedback row (a content hash of the feature
+values), so the same image sent again under a new id adds nothing.
 """
 
 from __future__ import annotations
@@ -30,6 +34,7 @@ from pipeline.validate import LABEL, Schema, validate_frame
 log = logging.getLogger(__name__)
 
 BOOTSTRAP, FEEDBACK, STATE = "bootstrap.parquet", "feedback.parquet", "feedback_state.json"
+SOURCE = "source.json"  # where the bootstrap pool came from: {"source", "source_hash"}
 ID = "id"
 
 
@@ -48,6 +53,12 @@ class PullReport:
 def read_state(loop_dir: Path) -> dict:
     path = loop_dir / STATE
     return json.loads(path.read_text()) if path.exists() else {"watermark": 0.0, "pulls": 0}
+
+
+def read_source(loop_dir: Path) -> dict:
+    """The source the bootstrap pool was ingested from (part of the data version)."""
+    path = loop_dir / SOURCE
+    return json.loads(path.read_text()) if path.exists() else {"source": "", "source_hash": ""}
 
 
 def read_feedback(loop_dir: Path) -> pd.DataFrame | None:
@@ -121,9 +132,24 @@ def _merge(existing: pd.DataFrame | None, pulled: pd.DataFrame) -> tuple[pd.Data
 
 
 def training_frames(loop_dir: Path) -> tuple[pd.DataFrame, pd.DataFrame | None]:
-    """(bootstrap, feedback without ids) of the current data version."""
+    """(bootstrap, feedback without ids) of the current data version, each example once."""
     bootstrap = pd.read_parquet(loop_dir / BOOTSTRAP)
     feedback = read_feedback(loop_dir)
-    if feedback is not None:
-        feedback = feedback.drop(columns=[ID])
-    return bootstrap, feedback
+    if feedback is None:
+        return bootstrap, None
+    feedback = feedback.drop(columns=[ID])
+    features = [c for c in bootstrap.columns if c != LABEL]
+    seen = set(content_hashes(bootstrap, features))
+    hashes = content_hashes(feedback, features)
+    # newest label wins among repeats within the feedback: keep each hash's last row
+    last = ~pd.Series(hashes).duplicated(keep="last").to_numpy()
+    fresh = last & ~np.isin(hashes, list(seen))
+    if not fresh.all():
+        log.info("%d feedback rows repeat an example already in the data", int((~fresh).sum()))
+    return bootstrap, feedback.loc[fresh].reset_index(drop=True)
+
+
+def content_hashes(frame: pd.DataFrame, features: list[str]) -> np.ndarray:
+    """One 64-bit hash per row of its feature values (as float32, the model's view)."""
+    values = frame.loc[:, features].astype(np.float32)
+    return pd.util.hash_pandas_object(values, index=False).to_numpy()

@@ -52,7 +52,7 @@ def promote_if_better(
         champ_score = score(champ_pred, x_test, y_test)
         better = cand_score > champ_score + margin
         reason = (
-            f"accuracy {cand_score:.4f} vs champion {champ_score:.4f} "
+            f"v{candidate} accuracy {cand_score:.4f} vs champion v{champion} {champ_score:.4f} "
             f"({'beats' if better else 'does not beat'} it by more than {margin})"
         )
         decision = Decision(better, candidate, champion, cand_score, champ_score, reason)

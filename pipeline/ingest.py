@@ -8,11 +8,12 @@ file or a crash leaves the previous data version exactly as it was.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import os
 import tempfile
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -48,6 +49,7 @@ class IngestReport:
     rows_ok: int = 0
     rows_quarantined: int = 0
     files: list[dict] = field(default_factory=list)
+    source_hash: str = ""  # of the source's contents as read, before validation
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -155,12 +157,13 @@ def source_files(source: Path) -> list[Path]:
 
 
 def load_source(
-    source: str, params: Params, max_bytes: int = MAX_INGEST_BYTES
+    source: str, params: Params, max_bytes: int = MAX_INGEST_BYTES, digits_part: str = "bootstrap"
 ) -> list[tuple[str, pd.DataFrame]]:
-    """(name, frame) per input file of the source."""
+    """(name, frame) per input file of the source; `digits_part` picks the built-in set's
+    part (the demo's bootstrap pool, or all of it)."""
     if source == "digits":
-        frame = load_digits_frame("bootstrap", params.data.bootstrap_fraction, params.seed)
-        return [("digits:bootstrap", frame)]
+        frame = load_digits_frame(digits_part, params.data.bootstrap_fraction, params.seed)
+        return [(f"digits:{digits_part}", frame)]
     path = Path(source)
     if not path.exists():
         raise DataFileError(f"{source}: no such file or directory (or use the built-in 'digits')")
@@ -203,14 +206,22 @@ def ingest(
     name: str | None = None,
     schema: Schema | None = None,
     max_bytes: int = MAX_INGEST_BYTES,
+    keep: Callable[[pd.DataFrame], pd.DataFrame] | None = None,
 ) -> IngestReport:
     """Read, validate and snapshot a source as `raw_dir/<name>.parquet` (callers pass
-    `settings.max_ingest_bytes`)."""
+    `settings.max_ingest_bytes`).
+
+    `keep`, when given, takes the whole validated source and returns the part to snapshot
+    (the loop holds out its production stream this way, pipeline/stream.py); the built-in
+    digits then come whole, not as the demo's bootstrap pool."""
     name = name or params.data.name
-    frames = load_source(source, params, max_bytes)
+    frames = load_source(source, params, max_bytes, "all" if keep else "bootstrap")
+    contents = content_hash(frame for _, frame in frames)
     schema, clean, quarantine, reports = validate_sources(frames, params.data.num_classes, schema)
     if clean.empty:
         raise DataFileError(f"{source}: no valid rows (all {len(quarantine)} quarantined)")
+    if keep is not None:
+        clean = keep(clean)
     snapshot = raw_dir / f"{name}.parquet"
     write_parquet_atomic(clean, snapshot)
     write_atomic(quarantine_dir / f"{name}.csv", lambda p: quarantine.to_csv(p, index=False))
@@ -223,6 +234,7 @@ def ingest(
         rows_ok=len(clean),
         rows_quarantined=len(quarantine),
         files=[r.to_dict() for r in reports],
+        source_hash=contents,
     )
     log.info(
         "ingested %s: %d rows kept, %d quarantined -> %s (md5 %s)",
@@ -235,8 +247,21 @@ def ingest(
     return report
 
 
+def content_hash(frames: Iterable[pd.DataFrame]) -> str:
+    """An md5 of tables' columns and values (not of their file format): the same data read
+    from a CSV or a Parquet file hashes the same."""
+    digest = hashlib.md5()
+    for frame in frames:
+        digest.update("\x1f".join(map(str, frame.columns)).encode())
+        digest.update(pd.util.hash_pandas_object(frame, index=False).to_numpy().tobytes())
+    return digest.hexdigest()
+
+
 def write_atomic(path: Path, write: Callable[[Path], None]) -> None:
-    """Write through a temporary file in the same directory, fsync, then rename over `path`."""
+    """Write through a temporary file in the same directory, fsync, then rename over `path`.
+
+    The file gets the mode an ordinary write would (0666 less the umask), not mkstemp's 0600:
+    data outputs are shared with DVC, other users and containers."""
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     os.close(fd)
@@ -245,6 +270,7 @@ def write_atomic(path: Path, write: Callable[[Path], None]) -> None:
         write(tmp)
         with tmp.open("rb+") as fh:
             os.fsync(fh.fileno())
+        os.chmod(tmp, 0o666 & ~_umask())
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
@@ -253,6 +279,12 @@ def write_atomic(path: Path, write: Callable[[Path], None]) -> None:
         os.fsync(dir_fd)
     finally:
         os.close(dir_fd)
+
+
+def _umask() -> int:
+    mask = os.umask(0)  # the only portable way to read it is to set it
+    os.umask(mask)
+    return mask
 
 
 def write_parquet_atomic(frame: pd.DataFrame, path: Path) -> None:

@@ -14,17 +14,25 @@ from pathlib import Path
 from pipeline.ingest import file_md5
 from pipeline.preprocess import REPORT_FILE
 
+# What the stages and the loop write into a checkout: their changes are data, not code, so
+# they do not make a commit "dirty" (the data version is recorded apart, by its DVC hash).
+WRITTEN_BY_THE_LOOP = ("data", "models", "metrics.json", "dvc.lock")
+
 
 def git_commit(root: Path) -> tuple[str, bool]:
-    """(commit sha, dirty) of the repository holding `root`; ("unknown", False) outside git."""
+    """(commit sha, dirty) of the repository holding `root`; ("unknown", False) outside git.
+
+    Dirty means a tracked file of code or parameters differs from the commit: changes under
+    WRITTEN_BY_THE_LOOP (relative to `root`) and untracked files do not count."""
     try:
         sha = subprocess.run(
             ["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True, timeout=10
         )
         if sha.returncode != 0:
             return "unknown", False
+        excluded = [f":(exclude){path}" for path in WRITTEN_BY_THE_LOOP]
         status = subprocess.run(
-            ["git", "status", "--porcelain", "--untracked-files=no"],
+            ["git", "status", "--porcelain", "--untracked-files=no", "--", ":/", *excluded],
             cwd=root,
             capture_output=True,
             text=True,
@@ -141,13 +149,21 @@ def restore_data(root: Path, data_dir: Path, digest: str) -> None:
     spec = {"outs": [{"md5": digest, "path": data_dir.name, "hash": "md5"}]}
     dvcfile.write_text(yaml.safe_dump(spec, sort_keys=False))
     target = str(dvcfile.relative_to(root))
-    with _quiet_dvc(root), Repo(str(root)) as repo:
-        try:
-            repo.checkout(targets=[target], force=True)
-        except Exception:  # noqa: BLE001 - not in the local cache: fetch it from the remote
-            repo.pull(targets=[target], force=True)
-        repo.add(str(data_dir.relative_to(root)))  # re-hash what is on disk
-    if _dvc_hash(data_dir) != digest:
-        raise DataVersionError(
-            f"restored {data_dir} hashes to {_dvc_hash(data_dir)}, expected {digest}"
-        )
+    try:
+        with _quiet_dvc(root), Repo(str(root)) as repo:
+            try:
+                repo.checkout(targets=[target], force=True)
+            except Exception:  # noqa: BLE001 - not in the local cache: fetch it from the remote
+                try:
+                    repo.pull(targets=[target], force=True)
+                except Exception as exc:  # noqa: BLE001 - one line for the user
+                    raise DataVersionError(
+                        f"data version {digest} is neither in the DVC cache nor on the default "
+                        f"remote ({type(exc).__name__}: {str(exc).strip().splitlines()[0]})"
+                    ) from exc
+            repo.add(str(data_dir.relative_to(root)))  # re-hash what is on disk
+        restored = _dvc_hash(data_dir)
+    finally:  # the handle has done its work; leave no untracked file behind
+        dvcfile.unlink(missing_ok=True)
+    if restored != digest:
+        raise DataVersionError(f"restored {data_dir} hashes to {restored}, expected {digest}")

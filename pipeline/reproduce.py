@@ -11,11 +11,11 @@ import pandas as pd
 
 from pipeline.config import Params, Settings
 from pipeline.experiment import warm_start_weights
-from pipeline.feedback import BOOTSTRAP, FEEDBACK, ID
-from pipeline.lineage import restore_data
+from pipeline.feedback import training_frames
+from pipeline.lineage import DataVersionError, restore_data
 from pipeline.model import Predictor
 from pipeline.preprocess import preprocess_frames, raw_test_set
-from pipeline.registry import RegistryError
+from pipeline.registry import RegistryError, resolve
 from pipeline.store import PredictionStore
 from pipeline.tracking import configure_tracking, with_retries
 from pipeline.train import SplitData, TrainParams, train_model
@@ -33,12 +33,8 @@ def trace(settings: Settings, prediction_id: str) -> dict:
     if row is None:
         raise RegistryError(f"no prediction with id {prediction_id!r} in {store.safe_url}")
     configure_tracking(settings)
-    client = mlflow.MlflowClient()
-    mv = with_retries(
-        "reading the model version",
-        lambda: client.get_model_version(row["model_name"], row["model_version"]),
-    )
-    run = client.get_run(mv.run_id)
+    mv = resolve(row["model_name"], row["model_version"])
+    run = with_retries("reading the run", lambda: mlflow.MlflowClient().get_run(mv.run_id))
     tags = run.data.tags
     data_hash = tags.get("data_hash", "unknown")
     return {
@@ -59,12 +55,13 @@ def trace(settings: Settings, prediction_id: str) -> dict:
         "data": {
             "hash": data_hash,
             "source": tags.get("data_source"),
-            "where": _where(settings, data_hash),
+            "source_hash": tags.get("data_source_hash") or None,
+            "where": _where(settings, data_hash, row["model_version"]),
         },
     }
 
 
-def _where(settings, data_hash: str) -> dict:
+def _where(settings, data_hash: str, version: str) -> dict:
     """Where the bytes of a data version live: the DVC cache and the default remote."""
     digest = data_hash.removesuffix(".dir")
     cache = (
@@ -79,8 +76,7 @@ def _where(settings, data_hash: str) -> dict:
     where = {
         "dvc_cache": str(cache),
         "in_cache": cache.exists(),
-        "restore": f"mlops reproduce <version>  (or a .dvc file with md5 {data_hash} "
-        "and `dvc checkout`)",
+        "restore": f"mlops reproduce {version}",
     }
     try:
         from dvc.repo import Repo
@@ -98,20 +94,19 @@ def reproduce(settings: Settings, params: Params, version: str) -> dict:
     """Restore the exact data `version` was trained on (hash verified) and retrain it with
     the same parameters on the CPU; returns the original and the reproduced metrics."""
     configure_tracking(settings)
-    client = mlflow.MlflowClient()
-    mv = with_retries(
-        "reading the model version", lambda: client.get_model_version(settings.model_name, version)
-    )
-    run = client.get_run(mv.run_id)
-    digest = run.data.tags["data_hash"]
+    if not str(version).isdigit():
+        raise RegistryError(f"{version!r} is not a version number (see `mlops status`)")
+    mv = resolve(settings.model_name, version)
+    run = mlflow.MlflowClient().get_run(mv.run_id)
+    digest = run.data.tags.get("data_hash", "unknown")
+    if digest == "unknown":
+        raise DataVersionError(f"v{version} was trained on data DVC did not version")
     work = settings.data_dir / "reproduce" / f"v{version}"
     is_dir = digest.endswith(".dir")
     target = work / ("loop" if is_dir else "dataset.parquet")
     restore_data(settings.root, target, digest)
-    if is_dir:
-        feedback = target / FEEDBACK
-        base = pd.read_parquet(target / BOOTSTRAP)
-        extra = pd.read_parquet(feedback).drop(columns=[ID]) if feedback.exists() else None
+    if is_dir:  # the loop's data: the same bootstrap + feedback the flow trained on
+        base, extra = training_frames(target)
     else:
         base, extra = pd.read_parquet(target), None
     run_params = dict(run.data.params)

@@ -130,9 +130,29 @@ def train_model(
 
     `init_state` warm-starts from another model's weights (same architecture).
     `on_epoch(epoch, metrics)` is called after every epoch (metric logging, Optuna pruning).
+
+    Training owns its random streams, so on the CPU the weights depend on the data and
+    `params` alone, not on what is displayed or logged around it: the sampler, the loader
+    and the augmentation have generators of their own, seeded from `params.seed`; dropout
+    and initialisation draw from torch's global generator, which is seeded here, saved and
+    restored around `on_epoch` (a callback may draw from it), and handed back to the caller
+    as it was. (A progress bar that opened a second DataLoader iterator used to draw the
+    loader's base seed from the global generator and so change every dropout mask.)
     """
     device = torch.device(device)
-    torch.manual_seed(params.seed)
+    with _own_rng(device):
+        torch.manual_seed(params.seed)
+        return _train(data, params, device, init_state, on_epoch, show_progress)
+
+
+def _train(
+    data: SplitData,
+    params: TrainParams,
+    device: torch.device,
+    init_state: dict | None,
+    on_epoch: EpochCallback | None,
+    show_progress: bool,
+) -> TrainResult:
     if device.type == "cpu":
         torch.use_deterministic_algorithms(True, warn_only=True)
     cfg = ModelConfig.for_schema(data.preprocessor.schema, params.hidden, params.dropout)
@@ -186,7 +206,8 @@ def train_model(
         else:
             bad_epochs += 1
         if on_epoch is not None:
-            on_epoch(epoch, metrics)
+            with _own_rng(device):
+                on_epoch(epoch, metrics)
         if bad_epochs >= params.patience:
             log.info("early stop at epoch %d (best %d)", epoch, result.best_epoch)
             break
@@ -198,6 +219,13 @@ def train_model(
     return result
 
 
+def _own_rng(device: torch.device):
+    """Torch's global generator (and the GPU's), restored when the block ends."""
+    if device.type == "cuda":
+        return torch.random.fork_rng(devices=[device], device_type="cuda")
+    return torch.random.fork_rng(devices=[], device_type="cpu")
+
+
 def _loader(data: SplitData, params: TrainParams, device: torch.device) -> DataLoader:
     dataset = TensorDataset(torch.from_numpy(data.x["train"]), torch.from_numpy(data.y["train"]))
     if is_distributed():
@@ -205,7 +233,11 @@ def _loader(data: SplitData, params: TrainParams, device: torch.device) -> DataL
     else:
         sampler = RandomSampler(dataset, generator=torch.Generator().manual_seed(params.seed))
     return DataLoader(
-        dataset, batch_size=params.batch_size, sampler=sampler, pin_memory=device.type == "cuda"
+        dataset,
+        batch_size=params.batch_size,
+        sampler=sampler,
+        pin_memory=device.type == "cuda",
+        generator=torch.Generator().manual_seed(params.seed + 2),  # its iterators' base seeds
     )
 
 
@@ -231,6 +263,6 @@ def _evaluate(
 def _progress(loader: DataLoader, epoch: int, epochs: int, enabled: bool):
     if not enabled:
         return loader
-    from tqdm.auto import tqdm
+    from tqdm import tqdm  # not tqdm.auto: its asyncio class opens a second iterator
 
     return tqdm(loader, desc=f"epoch {epoch}/{epochs}", leave=False, unit="batch")

@@ -76,8 +76,15 @@ def tune(
                     mlflow.set_tag("pruned", "true")
                     raise optuna.TrialPruned(f"pruned at epoch {epoch}")
 
-            result = train_model(data, params, device, on_epoch=on_epoch, show_progress=False)
-            mlflow.log_metric("best_val_loss", result.best_val_loss)
+            try:
+                result = train_model(data, params, device, on_epoch=on_epoch, show_progress=False)
+            except optuna.TrialPruned as exc:  # its run ends FINISHED, tagged pruned: not FAILED
+                pruned: optuna.TrialPruned | None = exc
+            else:
+                pruned = None
+                mlflow.log_metric("best_val_loss", result.best_val_loss)
+        if pruned is not None:
+            raise pruned
         log.info(
             "trial %d: val loss %.4f with %s",
             trial.number,

@@ -122,3 +122,16 @@ def test_evaluate_and_cross_validation(project, params):
     assert result.exit_code == 0, result.output
     cv = json.loads((project / "data/reports/cv.json").read_text())
     assert len(cv["folds"]) == 3 and cv["accuracy_std"] >= 0 and 0.5 < cv["accuracy_mean"] <= 1
+
+
+def test_a_model_trained_on_a_file_is_tagged_with_that_file(project, tmp_path):
+    source = tmp_path / "digits.csv"
+    load_digits_frame("all").iloc[:400].to_csv(source, index=False)
+    for args in (["ingest", "--source", str(source)], ["preprocess"]):
+        assert runner.invoke(app, args).exit_code == 0
+    result = runner.invoke(app, ["train", "--epochs", "1", "--no-progress", "--no-promote"])
+    assert result.exit_code == 0, result.output
+    import mlflow
+
+    version = mlflow.MlflowClient().get_model_version("digits-classifier", "1")
+    assert version.tags["data_source"] == str(source)

@@ -52,6 +52,7 @@ def test_mlops_run_two_rounds_then_lineage_and_reproduce(tmp_path):
     assert [c[0] for c in cells] == ["1", "2"]
     assert int(cells[1][2]) > int(cells[0][2])  # round 2 trained on the feedback too
     assert "Traceback" not in done.stdout + done.stderr
+    assert "Add type hints" not in done.stdout + done.stderr
 
     pid = (
         sqlite3.connect(root / "predictions.db")
@@ -73,3 +74,41 @@ def test_mlops_run_two_rounds_then_lineage_and_reproduce(tmp_path):
 
     missing = _mlops(root, "lineage", "no-such-id")
     assert missing.returncode == 1 and "no prediction with id 'no-such-id'" in missing.stderr
+
+
+@pytest.mark.parametrize(
+    ("content", "message"),
+    [
+        (b"", "empty"),
+        (b"\x89PNG\r\n\x1a\n\x00\x00\x00\rIHDR\x00\x00", "not UTF-8"),
+        (b"label,pixel0,pixel1\n1,0,0\n2,0", "truncated"),
+    ],
+)
+def test_mlops_run_on_a_bad_source_says_one_line(tmp_path, content, message):
+    """The same one clear line `mlops ingest` prints, no Prefect traceback around it."""
+    root = tmp_path / "demo"
+    root.mkdir()
+    shutil.copy(REPO / "params.yaml", root / "params.yaml")
+    bad = tmp_path / "bad.csv"
+    bad.write_bytes(content)
+    done = _mlops(root, "run", "--rounds", "1", "--source", str(bad), timeout=300)
+    output = done.stdout + done.stderr
+    assert done.returncode == 1, output
+    errors = [line for line in output.splitlines() if "error" in line.lower()]
+    assert len(errors) == 1 and errors[0].startswith("error: "), output
+    assert message in errors[0]
+    assert "Traceback" not in output
+
+
+def test_reproduce_and_lineage_of_unknown_things_say_one_line(tmp_path):
+    root = tmp_path / "demo"
+    root.mkdir()
+    shutil.copy(REPO / "params.yaml", root / "params.yaml")
+    for args, message in (
+        (("reproduce", "99"), "no version '99'"),
+        (("reproduce", "latest"), "not a version number"),
+    ):
+        done = _mlops(root, *args, timeout=120)
+        assert done.returncode == 1, done.stdout + done.stderr
+        assert message in done.stderr and "Traceback" not in done.stdout + done.stderr
+        assert len(done.stderr.strip().splitlines()) == 1, done.stderr

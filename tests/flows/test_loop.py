@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import mlflow
 import pandas as pd
 import pytest
@@ -10,6 +12,7 @@ from pipeline.config import get_settings, load_params
 from pipeline.feedback import FEEDBACK
 from pipeline.ingest import load_digits_frame
 from pipeline.store import PredictionStore
+from pipeline.stream import read_cursor
 
 pytestmark = [pytest.mark.slow, pytest.mark.integration]
 
@@ -24,7 +27,8 @@ def test_loop_flow_closes_the_loop(prefect_api, loop_project, monkeypatch):
     rows = loop_flow(rounds=2, source="digits", trials=1, epochs=4)
     settings = get_settings()
     params = load_params(settings.params_path)
-    streamed = len(load_digits_frame("stream", params.data.bootstrap_fraction, params.seed))
+    held_out = len(load_digits_frame("stream", params.data.bootstrap_fraction, params.seed))
+    per_round = math.ceil(held_out * params.data.stream_per_round)
 
     assert [r["round"] for r in rows] == [1, 2]
     first, second = rows
@@ -36,7 +40,8 @@ def test_loop_flow_closes_the_loop(prefect_api, loop_project, monkeypatch):
     # every answered row was logged; labels were joined; feedback became data
     store = PredictionStore(settings.prediction_db)
     logged, labelled = store.count(), store.count(labelled=True)
-    assert logged == labelled == streamed
+    assert logged == labelled == 2 * per_round  # two rounds of the held-out stream
+    assert read_cursor(settings.stream_dir)["sent"] == logged
     feedback = pd.read_parquet(settings.loop_dir / FEEDBACK)
     assert len(feedback) == labelled and feedback["id"].is_unique
     assert (settings.root / "data" / "loop.dvc").exists()
@@ -57,10 +62,13 @@ def test_loop_flow_closes_the_loop(prefect_api, loop_project, monkeypatch):
     decision = monitor_flow()
     assert decision["retrain"] is False and decision["new_labels"] == 0
 
-    # a second run on the same project logs its own predictions (new client ids)
+    # a second run on the same project continues the stream: new rows, none sent twice
     loop_flow(rounds=1, source="digits", trials=0, epochs=2)
-    assert store.count() == store.count(labelled=True) == 2 * streamed
-    assert len(pd.read_parquet(settings.loop_dir / FEEDBACK)) == 2 * streamed
+    assert store.count() == store.count(labelled=True) == 3 * per_round
+    feedback = pd.read_parquet(settings.loop_dir / FEEDBACK)
+    assert len(feedback) == 3 * per_round
+    features = feedback.drop(columns=["id", "label"])
+    assert not features.duplicated().any()  # no image came back twice
 
 
 def test_monitor_triggers_retraining_on_new_labels(prefect_api, loop_project, monkeypatch):
@@ -72,8 +80,8 @@ def test_monitor_triggers_retraining_on_new_labels(prefect_api, loop_project, mo
     settings = get_settings()
     store = PredictionStore(settings.prediction_db)
     # relabel 5 rows: the pull watermark moves past them, so they count as new labels
-    ids = [r["id"] for r in store.labelled_since(0)[:5]]
-    store.add_labels([(i, 0) for i in ids], overwrite=True)
+    rows = store.labelled_since(0)[:5]
+    store.add_labels([(r["id"], (r["true_label"] + 1) % 10) for r in rows], overwrite=True)
     params = settings.params_path.read_text().replace("min_new_labels: 200", "min_new_labels: 5")
     settings.params_path.write_text(params.replace("cooldown_s: 600", "cooldown_s: 0"))
 

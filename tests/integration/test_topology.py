@@ -9,6 +9,7 @@ clicking "Run" in the UI.
 
 from __future__ import annotations
 
+import math
 import os
 import subprocess
 import sys
@@ -217,7 +218,8 @@ def test_loop_runs_on_the_native_production_topology(topology):
     store = PredictionStore(topology["dbs"]["predictions"])
     try:
         p = load_params(REPO / "params.yaml")
-        streamed = len(load_digits_frame("stream", p.data.bootstrap_fraction, p.seed))
-        assert store.count() == store.count(labelled=True) == streamed
+        held_out = len(load_digits_frame("stream", p.data.bootstrap_fraction, p.seed))
+        per_round = math.ceil(held_out * p.data.stream_per_round)
+        assert store.count() == store.count(labelled=True) == 2 * per_round
     finally:
         store.dispose()

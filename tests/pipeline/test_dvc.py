@@ -116,3 +116,77 @@ def test_loop_root_becomes_a_dvc_project_without_nesting_git(tmp_path: Path, ins
     assert Path(toplevel).resolve() == (outer if inside_a_repo else root).resolve()
     ensure_dvc_repo(root)  # a second call changes nothing
     assert (root / ".git").exists() is not inside_a_repo
+
+
+@pytest.mark.parametrize("layout", ["project checkout", "subdirectory project"])
+def test_a_version_restores_under_the_projects_own_gitignore(tmp_path: Path, layout):
+    """`mlops reproduce` restores into data/reproduce/, which the project's .gitignore
+    covers: DVC must accept it there (it refuses a git-ignored .dvc file), in the project's
+    own checkout and as a DVC subdirectory project, and leave nothing untracked behind."""
+    from pipeline.lineage import DataVersionError, ensure_dvc_repo, restore_data, version_data
+
+    repo = tmp_path / "checkout"
+    repo.mkdir()
+    subprocess.run(["git", "init", "-q"], cwd=repo, check=True)
+    shutil.copy(REPO / ".gitignore", repo / ".gitignore")
+    root = repo if layout == "project checkout" else repo / "experiments"
+    root.mkdir(exist_ok=True)
+    if root != repo:
+        shutil.copy(REPO / ".gitignore", root / ".gitignore")
+    ensure_dvc_repo(root)
+    data = root / "data" / "loop"
+    data.mkdir(parents=True)
+    (data / "rows.csv").write_text("label,x\n1,0.5\n2,0.25\n")
+    digest = version_data(root, data, push=False)
+
+    def untracked() -> set[str]:
+        out = subprocess.run(
+            ["git", "status", "--porcelain", "--untracked-files=all"],
+            cwd=repo,
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout
+        return {line[3:] for line in out.splitlines()}
+
+    before = untracked()
+    target = root / "data" / "reproduce" / "v1" / "loop"
+    restore_data(root, target, digest)
+    assert (target / "rows.csv").read_text() == "label,x\n1,0.5\n2,0.25\n"
+    assert untracked() == before  # restored data ignored, no .dvc handle left over
+    with pytest.raises(DataVersionError, match="neither in the DVC cache nor on"):
+        restore_data(root, root / "data" / "reproduce" / "v9" / "loop", "0" * 32 + ".dir")
+    assert untracked() == before
+
+
+def test_the_commit_is_dirty_for_code_and_params_not_for_data(tmp_path: Path):
+    from pipeline.lineage import git_commit
+
+    repo = tmp_path / "repo"
+    (repo / "data" / "reports").mkdir(parents=True)
+    (repo / "pipeline").mkdir()
+    files = {
+        "pipeline/model.py": "x = 1\n",
+        "params.yaml": "seed: 1\n",
+        "metrics.json": "{}\n",
+        "data/reports/ingest.json": "{}\n",
+        "data/.gitignore": "/raw\n",
+    }
+    for name, text in files.items():
+        (repo / name).write_text(text)
+    for args in (
+        ["init", "-q"],
+        ["add", "."],
+        ["-c", "user.email=t@example.invalid", "-c", "user.name=t", "commit", "-qm", "x"],
+    ):
+        subprocess.run(["git", *args], cwd=repo, check=True)
+    sha, dirty = git_commit(repo)
+    assert len(sha) == 40 and not dirty
+    for name in ("metrics.json", "data/reports/ingest.json", "data/.gitignore"):
+        (repo / name).write_text("rewritten by the loop\n")
+    (repo / "data" / "loop.dvc").write_text("outs: []\n")  # untracked
+    assert git_commit(repo) == (sha, False)
+    for name in ("params.yaml", "pipeline/model.py"):
+        (repo / name).write_text("changed by hand\n")
+        assert git_commit(repo) == (sha, True), name
+        subprocess.run(["git", "checkout", "-q", "--", name], cwd=repo, check=True)

@@ -115,3 +115,29 @@ def test_training_frames_drop_ids(store, tmp_path):
     bootstrap, feedback = training_frames(loop)
     assert list(feedback.columns) == list(bootstrap.columns)
     assert feedback["label"].tolist() == [4]
+
+
+def test_an_example_enters_training_once_whatever_its_ids(store, tmp_path):
+    """The same image sent again under new ids, or already in the bootstrap pool, adds
+    nothing to training; among repeats in the feedback the newest label wins."""
+    loop = tmp_path / "loop"
+    loop.mkdir()
+    rng = np.random.default_rng(1)
+    x = (rng.random((3, 64)) * 16).astype(np.float32)
+    pool = pd.DataFrame(x[:1], columns=[f"pixel{i}" for i in range(64)])
+    pool.insert(0, "label", [7])
+    pool.to_parquet(loop / "bootstrap.parquet")
+    _log(store, ["in-pool", "a", "b"], x)
+    store.add_labels([("in-pool", 7), ("a", 1), ("b", 2)])
+    pull_feedback(store, loop, SCHEMA, tmp_path / "q")
+    _log(store, ["a-again", "b-again"], x[1:])  # a later run resends two of them
+    store.add_labels([("a-again", 1), ("b-again", 5)])
+    pull_feedback(store, loop, SCHEMA, tmp_path / "q")
+    assert len(pd.read_parquet(loop / FEEDBACK)) == 5  # the log is kept whole, by id
+
+    bootstrap, feedback = training_frames(loop)
+    assert len(bootstrap) == 1 and len(feedback) == 2
+    assert sorted(feedback["label"].tolist()) == [1, 5]  # b's newest label
+    np.testing.assert_array_equal(
+        np.sort(feedback.drop(columns="label").to_numpy(), axis=0), np.sort(x[1:], axis=0)
+    )

@@ -92,3 +92,16 @@ def test_crash_while_writing_leaves_previous_file(tmp_path):
         write_atomic(target, crash)
     assert target.read_bytes() == b"version 1"
     assert [p.name for p in tmp_path.iterdir()] == ["snap.parquet"]
+
+
+def test_atomic_writes_get_the_ordinary_file_mode(tmp_path):
+    """Not mkstemp's 0600: DVC, other users and containers read the data outputs."""
+    import os
+
+    mask = os.umask(0o022)
+    try:
+        target = tmp_path / "out.json"
+        write_atomic(target, lambda p: p.write_text("{}"))
+        assert target.stat().st_mode & 0o777 == 0o644
+    finally:
+        os.umask(mask)

@@ -51,6 +51,7 @@ def test_gate_promotes_first_rejects_weaker_and_rollback_restores(prepared, sett
     weak = fit(settings, _weak(params), show_progress=False)
     d2 = promote_if_better(settings, weak.version, x, y, margin=0.0)
     assert not d2.promoted and d2.candidate_score < d2.champion_score
+    assert d2.reason.startswith(f"v{weak.version} accuracy") and "champion v1" in d2.reason
     assert alias_version(settings.model_name, CHAMPION) == "1"
     assert alias_version(settings.model_name, CHALLENGER) == weak.version
 
@@ -131,7 +132,13 @@ def test_lineage_tags_params_and_artifacts(prepared, settings, params):
 
 
 def test_mlflow_pyfunc_agrees_with_own_predictor(prepared, settings, params):
-    cand = _fit(settings, params, epochs=3)
+    import warnings
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        cand = _fit(settings, params, epochs=3)
+        mlflow.pyfunc.load_model(f"models:/{settings.model_name}/{cand.version}")
+    assert not [w for w in caught if "type hints" in str(w.message)]
     x, _ = _test_set(settings)
     own, _ = load_predictor(settings.model_name, cand.version)
     pyfunc = mlflow.pyfunc.load_model(f"models:/{settings.model_name}/{cand.version}")
@@ -177,3 +184,19 @@ def test_unknown_version_is_a_clear_error(prepared, settings, params):
     with pytest.raises(RegistryError, match="no version '42'"):
         set_champion(settings, "42")
     assert isinstance(load_predictor(settings.model_name, "1")[0], Predictor)
+
+
+def test_a_pruned_trial_is_a_finished_run_tagged_pruned(prepared, settings, params, monkeypatch):
+    """Optuna prunes trial 1 (forced here; the pruner itself is Optuna's): its MLflow run
+    ends FINISHED with pruned=true, not FAILED, and the study goes on."""
+    import optuna
+
+    monkeypatch.setattr(optuna.trial.Trial, "should_prune", lambda self: self.number == 1)
+    fit(settings, params, trials=3, epochs=2, register_model=False, show_progress=False)
+    exp = mlflow.get_experiment_by_name(settings.model_name)
+    runs = {
+        r.info.run_name: r for r in mlflow.search_runs([exp.experiment_id], output_format="list")
+    }
+    assert runs["trial-1"].data.tags.get("pruned") == "true"
+    assert {r.info.status for r in runs.values()} == {"FINISHED"}
+    assert runs["trial-0"].data.metrics["best_val_loss"] > 0

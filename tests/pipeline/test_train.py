@@ -43,6 +43,29 @@ def test_cpu_training_is_deterministic(prepared, settings, params):
     )
 
 
+def test_weights_do_not_depend_on_what_is_displayed_or_logged(prepared, settings, params):
+    """Progress bars, a callback that draws random numbers, and the caller's own use of the
+    global generator leave the trained weights bit for bit the same (and training leaves the
+    caller's generator as it was)."""
+    tp = replace(TrainParams.from_params(params), epochs=3)
+    quiet = train_model(_data(settings), tp, "cpu", show_progress=False)
+    torch.manual_seed(1234)
+    caller_state = torch.random.get_rng_state()
+    noisy = train_model(
+        _data(settings),
+        tp,
+        "cpu",
+        on_epoch=lambda epoch, metrics: torch.rand(1000),
+        show_progress=True,
+    )
+    assert torch.equal(torch.random.get_rng_state(), caller_state)
+    for (name, a), (_, b) in zip(
+        quiet.model.state_dict().items(), noisy.model.state_dict().items(), strict=True
+    ):
+        assert torch.equal(a, b), name
+    assert [h["train_loss"] for h in quiet.history] == [h["train_loss"] for h in noisy.history]
+
+
 def test_early_stopping_restores_the_best_weights(prepared, settings, params):
     # A learning rate this high makes validation loss worsen after the first epochs, so
     # training must stop early, `patience` epochs after the best one.
