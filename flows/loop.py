@@ -36,6 +36,7 @@ def loop_flow(
     epochs: int | None = None,
     drift: bool = False,
     params: Params | None = None,
+    allow_schema_change: bool = False,
 ) -> list[dict]:
     """`rounds` turns of the loop. Unset arguments come from params.yaml (`params`: all of
     it, recorded with the run); `source` defaults to params' data.source."""
@@ -46,7 +47,8 @@ def loop_flow(
     publish_params(params)
     trials = params.tune.trials if trials is None else trials
     warm = params.train.warm_start
-    ingest_source(settings, params, source)  # bootstrap pool + held-out production stream
+    # data source: the bootstrap pool + the held-out production stream
+    ingest_source(settings, params, source, allow_schema_change)
     chunks = plan_stream(settings, params, rounds)
     server = start_api(settings)
     summary: list[dict] = []

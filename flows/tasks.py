@@ -40,7 +40,9 @@ def _logger():
 
 
 @task(task_run_name="ingest {source}", cache_policy=NO_CACHE)
-def ingest_source(settings: Settings, params: Params, source: str) -> dict:
+def ingest_source(
+    settings: Settings, params: Params, source: str, allow_schema_change: bool = False
+) -> dict:
     """Source -> data/loop/bootstrap.parquet and the held-out production stream
     (validated; bad rows quarantined)."""
     lineage.ensure_dvc_repo(settings.root)
@@ -51,6 +53,7 @@ def ingest_source(settings: Settings, params: Params, source: str) -> dict:
         settings.quarantine_dir,
         params,
         settings.max_ingest_bytes,
+        allow_schema_change,
     )
     _logger().info(
         "%d rows from %s (%d quarantined)", report.rows_ok, source, report.rows_quarantined

@@ -85,6 +85,9 @@ def ingest(
         str | None, typer.Option(help="digits, a CSV/Parquet file or a directory")
     ] = None,
     name: Annotated[str | None, typer.Option(help="snapshot name under data/raw/")] = None,
+    allow_schema_change: Annotated[
+        bool, typer.Option(help="replace data with other columns or value scale")
+    ] = False,
 ) -> None:
     """Read and validate a source into an immutable raw snapshot (bad rows quarantined)."""
     from pipeline.ingest import ingest as run_ingest
@@ -99,6 +102,7 @@ def ingest(
             params,
             name=name,
             max_bytes=settings.max_ingest_bytes,
+            allow_schema_change=allow_schema_change,
         )
     _write_ingest_report(settings, report)
     typer.echo(
@@ -300,6 +304,9 @@ def run(
     trials: Annotated[int | None, typer.Option(min=0, help="Optuna trials per round")] = None,
     epochs: Annotated[int | None, typer.Option(min=1)] = None,
     drift: Annotated[bool, typer.Option(help="distort the production stream")] = False,
+    allow_schema_change: Annotated[
+        bool, typer.Option(help="replace data with other columns or value scale")
+    ] = False,
 ) -> None:
     """Run the whole loop for N rounds (a Prefect flow) and print one row per round."""
     from rich.console import Console
@@ -320,6 +327,7 @@ def run(
             epochs=epochs,
             drift=drift,
             params=params,
+            allow_schema_change=allow_schema_change,
         )
     Console().print(loop_table(settings.model_name, rows))
 

@@ -237,6 +237,11 @@ class Settings(BaseSettings):
         "off: no prediction log (benchmarks only: breaks the feedback loop)",
     )
     log_queue_max: int = 50_000
+    out_of_range: Literal["flag", "refuse", "off"] = Field(
+        default="flag",
+        description="rows unlike the training data (other units, other ranges): flag them "
+        "in the answer and on /metrics, refuse the request (422), or do not check",
+    )
     api_url: str | None = Field(
         default=None,
         description="a running prediction server the loop deploys to "

@@ -30,6 +30,7 @@ class DriftReport:
     confidence_reference: float = 0.0
     confidence_current: float = 0.0
     drifted: bool = False
+    out_of_range_share: float = 0.0  # logged rows unlike the training data (preprocess.py)
 
     @property
     def confidence_drop(self) -> float:

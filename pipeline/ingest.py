@@ -50,6 +50,7 @@ class IngestReport:
     rows_quarantined: int = 0
     files: list[dict] = field(default_factory=list)
     source_hash: str = ""  # of the source's contents as read, before validation
+    schema_change: str = ""  # how it differs from the data version it replaced (allowed)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -207,22 +208,34 @@ def ingest(
     schema: Schema | None = None,
     max_bytes: int = MAX_INGEST_BYTES,
     keep: Callable[[pd.DataFrame], pd.DataFrame] | None = None,
+    allow_schema_change: bool = False,
 ) -> IngestReport:
     """Read, validate and snapshot a source as `raw_dir/<name>.parquet` (callers pass
     `settings.max_ingest_bytes`).
 
     `keep`, when given, takes the whole validated source and returns the part to snapshot
     (the loop holds out its production stream this way, pipeline/stream.py); the built-in
-    digits then come whole, not as the demo's bootstrap pool."""
+    digits then come whole, not as the demo's bootstrap pool.
+
+    A source whose columns or value scale differ from the snapshot it would replace is
+    refused unless `allow_schema_change`; an allowed change is recorded in the report."""
     name = name or params.data.name
     frames = load_source(source, params, max_bytes, "all" if keep else "bootstrap")
     contents = content_hash(frame for _, frame in frames)
     schema, clean, quarantine, reports = validate_sources(frames, params.data.num_classes, schema)
     if clean.empty:
         raise DataFileError(f"{source}: no valid rows (all {len(quarantine)} quarantined)")
+    snapshot = raw_dir / f"{name}.parquet"
+    change = schema_change(snapshot, clean, schema)
+    if change and not allow_schema_change:
+        raise DataFileError(
+            f"{source}: {change}; pass --allow-schema-change to replace the current data "
+            "version with it"
+        )
+    if change:
+        log.warning("%s: %s (allowed)", source, change)
     if keep is not None:
         clean = keep(clean)
-    snapshot = raw_dir / f"{name}.parquet"
     write_parquet_atomic(clean, snapshot)
     write_atomic(quarantine_dir / f"{name}.csv", lambda p: quarantine.to_csv(p, index=False))
     report = IngestReport(
@@ -235,6 +248,7 @@ def ingest(
         rows_quarantined=len(quarantine),
         files=[r.to_dict() for r in reports],
         source_hash=contents,
+        schema_change=change,
     )
     log.info(
         "ingested %s: %d rows kept, %d quarantined -> %s (md5 %s)",
@@ -245,6 +259,50 @@ def ingest(
         report.data_hash,
     )
     return report
+
+
+def schema_change(snapshot: Path, clean: pd.DataFrame, schema: Schema) -> str:
+    """How a new source differs from the snapshot it would replace ("" when it does not):
+    other feature columns, or values on another scale (the largest absolute value four times
+    smaller or larger: 0-1 pixels replacing 0-255 ones). Reads only the snapshot's schema
+    and its Parquet column statistics."""
+    import pyarrow.parquet as pq
+
+    if not snapshot.exists():
+        return ""
+    meta = pq.ParquetFile(snapshot)
+    old = [n for n in meta.schema_arrow.names if n != LABEL]
+    new = list(schema.feature_names)
+    if old != new:
+        gone, added = sorted(set(old) - set(new)), sorted(set(new) - set(old))
+        detail = f"{len(new)} feature columns where the current data has {len(old)}"
+        if gone or added:
+            detail += f" (missing {_preview(gone)}; new {_preview(added)})"
+        return detail
+    old_peak = _peak(meta, old)
+    new_peak = float(np.abs(clean.loc[:, new].to_numpy(np.float64)).max()) if len(clean) else 0.0
+    if old_peak and new_peak and not 0.25 <= new_peak / old_peak <= 4:
+        return f"values up to {new_peak:g} where the current data goes up to {old_peak:g}"
+    return ""
+
+
+def _peak(meta, names: list[str]) -> float:
+    """The largest absolute value of the columns, from the row-group statistics."""
+    wanted = set(names)
+    peak = 0.0
+    for g in range(meta.metadata.num_row_groups):
+        group = meta.metadata.row_group(g)
+        for c in range(group.num_columns):
+            column = group.column(c)
+            stats = column.statistics
+            if column.path_in_schema in wanted and stats is not None and stats.has_min_max:
+                peak = max(peak, abs(float(stats.min)), abs(float(stats.max)))
+    return peak
+
+
+def _preview(items: list[str], limit: int = 4) -> str:
+    shown = ", ".join(items[:limit]) or "none"
+    return shown + (f" and {len(items) - limit} more" if len(items) > limit else "")
 
 
 def content_hash(frames: Iterable[pd.DataFrame]) -> str:

@@ -48,6 +48,7 @@ def check_drift(settings: Settings, params: Params, since: float) -> dict:
             cur_probs,
             threshold=params.monitor.drift_threshold,
         )
+        report.out_of_range_share = float(predictor.preprocessor.out_of_range(current).mean())
         store.add_drift(report.score, json.dumps(report.to_dict()))
     finally:
         store.dispose()
@@ -57,18 +58,20 @@ def check_drift(settings: Settings, params: Params, since: float) -> dict:
                 "drift_score": report.score,
                 "class_psi": report.class_psi,
                 "confidence_drop": report.confidence_drop,
+                "out_of_range_share": report.out_of_range_share,
             }
         )
         mlflow.log_dict(report.to_dict(), "drift/report.json")
         plot = drift_plot(report, reference, current, Path(tmp) / "drift.png")
         mlflow.log_artifact(str(plot), "drift")
     log.info(
-        "drift score %.2f (%s), class PSI %.3f, confidence %.3f -> %.3f",
+        "drift score %.2f (%s), class PSI %.3f, confidence %.3f -> %.3f, %.1f%% rows out of range",
         report.score,
         "DRIFT" if report.drifted else "ok",
         report.class_psi,
         report.confidence_reference,
         report.confidence_current,
+        100 * report.out_of_range_share,
     )
     return report.to_dict()
 

@@ -27,11 +27,15 @@ _MIN_SCALE = 1e-6
 
 @dataclass
 class Preprocessor:
-    """Per-feature standardisation fitted on the training split only."""
+    """Per-feature standardisation fitted on the training split only, and the ranges of the
+    training data, so the server can tell rows the model has never seen the like of."""
 
     schema: Schema
     mean: np.ndarray  # (F,) float32
     scale: np.ndarray  # (F,) float32
+    low: np.ndarray | None = None  # (F,) float32: training minimum per feature
+    high: np.ndarray | None = None  # (F,) float32: training maximum per feature
+    row_peak: tuple[float, float] | None = None  # 0.5th and 99.5th percentile of max|row|
 
     @classmethod
     def fit(cls, features: np.ndarray, schema: Schema) -> Preprocessor:
@@ -40,7 +44,29 @@ class Preprocessor:
         mean = features.mean(axis=0, dtype=np.float64)
         std = features.std(axis=0, dtype=np.float64)
         scale = np.where(std < _MIN_SCALE, 1.0, std)  # constant pixels: leave unscaled
-        return cls(schema, mean.astype(np.float32), scale.astype(np.float32))
+        peaks = np.abs(features).max(axis=1)
+        return cls(
+            schema,
+            mean.astype(np.float32),
+            scale.astype(np.float32),
+            features.min(axis=0).astype(np.float32),
+            features.max(axis=0).astype(np.float32),
+            (float(np.percentile(peaks, 0.5)), float(np.percentile(peaks, 99.5))),
+        )
+
+    def out_of_range(self, features: np.ndarray) -> np.ndarray:
+        """(n,) bool: rows unlike the training data. A feature beyond its training range by
+        more than a quarter of that range, or a row whose largest value is a quarter of the
+        smallest training rows' peak or four times the largest: the signs of other units
+        (pixels in 0-1 sent to a model trained on 0-255) or of another kind of data."""
+        features = np.asarray(features, dtype=np.float32)
+        if self.low is None or self.high is None or self.row_peak is None:
+            return np.zeros(len(features), dtype=bool)  # a state saved before ranges were kept
+        margin = (self.high - self.low) / 4
+        beyond = ((features < self.low - margin) | (features > self.high + margin)).any(axis=1)
+        peak = np.abs(features).max(axis=1)
+        low_peak, high_peak = self.row_peak
+        return beyond | (peak < low_peak / 4) | (peak > high_peak * 4)
 
     def transform(self, features: np.ndarray) -> np.ndarray:
         """(n, F) raw features -> (n, F) float32 standardised features."""
@@ -52,25 +78,42 @@ class Preprocessor:
         return (features - self.mean) / self.scale
 
     def to_dict(self) -> dict:
-        return {
+        state = {
             "kind": "standardize",
-            "version": 1,
+            "version": 2,
             "schema": self.schema.to_dict(),
             # float32 -> Python float is exact, so the JSON round trip is lossless.
             "mean": [float(v) for v in self.mean],
             "scale": [float(v) for v in self.scale],
         }
+        if self.low is not None and self.high is not None and self.row_peak is not None:
+            state["low"] = [float(v) for v in self.low]
+            state["high"] = [float(v) for v in self.high]
+            state["row_peak"] = list(self.row_peak)
+        return state
 
     @classmethod
     def from_dict(cls, data: dict) -> Preprocessor:
-        if data.get("kind") != "standardize" or data.get("version") != 1:
+        """Version 2 (with ranges) or 1 (before ranges: such a model flags no row)."""
+        if data.get("kind") != "standardize" or data.get("version") not in (1, 2):
             raise ValueError(f"unknown preprocessor state: kind={data.get('kind')!r}")
         schema = Schema.from_dict(data["schema"])
-        mean = np.asarray(data["mean"], dtype=np.float32)
-        scale = np.asarray(data["scale"], dtype=np.float32)
-        if mean.shape != (schema.n_features,) or scale.shape != (schema.n_features,):
+        arrays = {
+            k: np.asarray(data[k], dtype=np.float32)
+            for k in ("mean", "scale", "low", "high")
+            if k in data
+        }
+        if any(a.shape != (schema.n_features,) for a in arrays.values()):
             raise ValueError("preprocessor state does not match its schema")
-        return cls(schema, mean, scale)
+        peak = data.get("row_peak")
+        return cls(
+            schema,
+            arrays["mean"],
+            arrays["scale"],
+            arrays.get("low"),
+            arrays.get("high"),
+            (float(peak[0]), float(peak[1])) if peak else None,
+        )
 
     def to_json(self) -> str:
         return json.dumps(self.to_dict())

@@ -140,6 +140,7 @@ def ingest_with_stream(
     quarantine_dir: Path,
     params: Params,
     max_bytes: int,
+    allow_schema_change: bool = False,
 ) -> IngestReport:
     """The loop's ingest: validate the whole source, hold out the production stream, and
     snapshot the rest as the bootstrap pool (data/loop/bootstrap.parquet)."""
@@ -159,8 +160,16 @@ def ingest_with_stream(
         name=BOOTSTRAP.removesuffix(".parquet"),
         max_bytes=max_bytes,
         keep=keep_pool,
+        allow_schema_change=allow_schema_change,
     )
-    write_json_atomic({"source": source, "source_hash": report.source_hash}, loop_dir / SOURCE)
+    write_json_atomic(
+        {
+            "source": source,
+            "source_hash": report.source_hash,
+            "schema_change": report.schema_change,
+        },
+        loop_dir / SOURCE,
+    )
     log.info(
         "%d rows held out as the production stream, %d in the bootstrap pool",
         held["rows"],

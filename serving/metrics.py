@@ -40,6 +40,10 @@ LOG_FAILURES = Counter("mlops_log_failures_total", "Failed log commits (store un
 MODEL_VERSION = Gauge(
     "mlops_model_version", "Loaded model version (numeric)", multiprocess_mode="max"
 )
+OUT_OF_RANGE = Counter(
+    "mlops_rows_out_of_range_total",
+    "Request rows outside the serving model's training ranges (flagged or refused)",
+)
 LOAD_FAILURES = Counter("mlops_model_load_failures_total", "Failed model loads or reloads")
 DRIFT = Gauge(
     "mlops_drift_score",

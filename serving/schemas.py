@@ -38,6 +38,11 @@ class Prediction(BaseModel):
     id: str
     label: int
     probabilities: list[float]
+    out_of_range: bool | None = Field(
+        default=None,
+        description="present (true) when the row is unlike the model's training data "
+        "(MLOPS_OUT_OF_RANGE=flag); the X-Out-Of-Range header counts such rows",
+    )
 
 
 class PredictionResponse(BaseModel):

@@ -135,3 +135,16 @@ def test_a_model_trained_on_a_file_is_tagged_with_that_file(project, tmp_path):
 
     version = mlflow.MlflowClient().get_model_version("digits-classifier", "1")
     assert version.tags["data_source"] == str(source)
+
+
+def test_a_schema_change_needs_the_flag(project, tmp_path):
+    assert runner.invoke(app, ["ingest"]).exit_code == 0
+    fewer = tmp_path / "fewer.csv"
+    load_digits_frame("all").drop(columns="pixel63").to_csv(fewer, index=False)
+    result = runner.invoke(app, ["ingest", "--source", str(fewer)])
+    assert result.exit_code == 1 and "Traceback" not in result.output
+    assert "63 feature columns where the current data has 64" in result.output
+    result = runner.invoke(app, ["ingest", "--source", str(fewer), "--allow-schema-change"])
+    assert result.exit_code == 0, result.output
+    report = json.loads((project / "data/reports/ingest.json").read_text())
+    assert "63 feature columns" in report["schema_change"]

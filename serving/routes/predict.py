@@ -15,6 +15,7 @@ from fastapi import APIRouter, Request
 from fastapi.responses import Response
 
 from pipeline.store import encode_rows
+from serving import metrics
 from serving.deps import ApiKey, State, StateDep
 from serving.requests import (
     BadRequest,
@@ -40,8 +41,8 @@ ERRORS = (400, 401, 413, 415, 422, 503)
 
 # (body, content type, serving model, max rows) -> (rows, one id per row)
 Parser = Callable[[bytes, str | None, LoadedModel, int], tuple[np.ndarray, list[str]]]
-# (model that answered, ids, labels, probability lists) -> the JSON body
-Shaper = Callable[[LoadedModel, list[str], list[int], list[list[float]]], dict]
+# (model that answered, ids, labels, probability lists, out-of-range flags) -> the JSON body
+Shaper = Callable[[LoadedModel, list[str], list[int], list[list[float]], np.ndarray], dict]
 
 
 @router.post(
@@ -81,18 +82,21 @@ def _parse_mlflow(
     return rows, parse_ids(None, len(rows))
 
 
-def _predictions(used: LoadedModel, ids: list[str], labels: list[int], probs: list) -> dict:
-    return {
-        "model_name": used.name,
-        "model_version": used.version,
-        "predictions": [
-            {"id": i, "label": lbl, "probabilities": p}
-            for i, lbl, p in zip(ids, labels, probs, strict=True)
-        ],
-    }
+def _predictions(
+    used: LoadedModel, ids: list[str], labels: list[int], probs: list, unusual: np.ndarray
+) -> dict:
+    predictions = [
+        {"id": i, "label": lbl, "probabilities": p}
+        for i, lbl, p in zip(ids, labels, probs, strict=True)
+    ]
+    for k in np.flatnonzero(unusual):  # only flagged rows carry the key: the common case stays
+        predictions[k]["out_of_range"] = True
+    return {"model_name": used.name, "model_version": used.version, "predictions": predictions}
 
 
-def _mlflow_records(used: LoadedModel, ids: list[str], labels: list[int], probs: list) -> dict:
+def _mlflow_records(
+    used: LoadedModel, ids: list[str], labels: list[int], probs: list, unusual: np.ndarray
+) -> dict:
     return {
         "predictions": [
             {"label": lbl, **{f"prob_{k}": v for k, v in enumerate(p)}}
@@ -116,11 +120,34 @@ async def _score(request: Request, state: State, parse: Parser, shape: Shaper) -
         )
     finally:
         state.batcher.arriving -= 1
+    unusual = _out_of_range(state, model, rows)
     probs, used = await _infer(state, rows)
     labels = probs.argmax(axis=1).tolist()
     await _log(state, ids, rows, labels, probs, used, start)
-    body = shape(used, ids, labels, probs.tolist())
-    return json_response(body, headers={"X-Model-Version": used.version})
+    body = shape(used, ids, labels, probs.tolist(), unusual)
+    headers = {"X-Model-Version": used.version}
+    if unusual.any():
+        headers["X-Out-Of-Range"] = str(int(unusual.sum()))
+    return json_response(body, headers=headers)
+
+
+def _out_of_range(state: State, model: LoadedModel, rows: np.ndarray) -> np.ndarray:
+    """Rows unlike the model's training data: counted, and flagged or refused."""
+    mode = state.settings.out_of_range
+    if mode == "off":
+        return np.zeros(len(rows), dtype=bool)
+    unusual = model.predictor.preprocessor.out_of_range(rows)
+    count = int(unusual.sum())
+    if count:
+        metrics.OUT_OF_RANGE.inc(count)
+        if mode == "refuse":
+            raise BadRequest(
+                422,
+                f"{count} of {len(rows)} rows are outside the ranges of v{model.version}'s "
+                "training data (other units or another kind of data?); nothing was predicted",
+                rows=np.flatnonzero(unusual).tolist(),
+            )
+    return unusual
 
 
 def _model_or_503(state: State) -> LoadedModel:

@@ -137,3 +137,38 @@ def test_digits_parts_partition_the_set():
         return array[np.lexsort(array.T[::-1])]
 
     np.testing.assert_array_equal(rows(pd.concat([boot, stream])), rows(everything))
+
+
+def test_other_columns_or_scale_do_not_replace_the_data_silently(settings, params, tmp_path):
+    """783 pixels replacing 784, or 0-1 pixels replacing 0-255 ones, trains a different
+    model on different data: refused with one line unless asked for, then recorded."""
+    from pipeline.ingest import ingest, load_digits_frame
+
+    digits = load_digits_frame("all").iloc[:300]
+    first = tmp_path / "first.csv"
+    digits.to_csv(first, index=False)
+    ingest(str(first), settings.raw_dir, settings.quarantine_dir, params)
+    before = file_md5(settings.raw_dir / "dataset.parquet")
+
+    fewer = tmp_path / "fewer.csv"
+    digits.drop(columns="pixel63").to_csv(fewer, index=False)
+    scaled = tmp_path / "scaled.csv"
+    digits.assign(**{c: digits[c] / 16 for c in digits.columns if c != "label"}).to_csv(
+        scaled, index=False
+    )
+    for path, message in (
+        (fewer, "63 feature columns where the current data has 64 (missing pixel63; new none)"),
+        (scaled, "values up to 1 where the current data goes up to 16"),
+    ):
+        with pytest.raises(DataFileError, match=r"--allow-schema-change") as err:
+            ingest(str(path), settings.raw_dir, settings.quarantine_dir, params)
+        assert message in str(err.value)
+        assert file_md5(settings.raw_dir / "dataset.parquet") == before
+
+    report = ingest(
+        str(scaled), settings.raw_dir, settings.quarantine_dir, params, allow_schema_change=True
+    )
+    assert "values up to 1" in report.schema_change
+    assert file_md5(settings.raw_dir / "dataset.parquet") != before
+    same = ingest(str(scaled), settings.raw_dir, settings.quarantine_dir, params)
+    assert same.schema_change == ""
