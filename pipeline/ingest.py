@@ -8,11 +8,13 @@ file or a crash leaves the previous data version exactly as it was.
 
 from __future__ import annotations
 
+import gzip
 import hashlib
 import json
 import logging
 import os
 import tempfile
+import zipfile
 from collections.abc import Callable, Iterable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -31,8 +33,6 @@ from pipeline.validate import (
 )
 
 log = logging.getLogger(__name__)
-
-TABLE_SUFFIXES = {".csv", ".parquet", ".pq"}
 
 
 class DataFileError(ValueError):
@@ -96,12 +96,75 @@ def read_table(path: Path, max_bytes: int = MAX_INGEST_BYTES) -> pd.DataFrame:
             f"{path}: {size:,} bytes is over the ingest limit of {max_bytes:,} "
             "(MLOPS_MAX_INGEST_BYTES); split the file or raise the limit"
         )
-    suffix = path.suffix.lower()
-    if suffix in {".parquet", ".pq"}:
+    kind = _table_kind(path)
+    if kind == "parquet":
         return _read_parquet(path)
-    if suffix == ".csv":
+    if kind == "csv":
         return _read_csv(path)
-    raise DataFileError(f"{path}: unsupported file type {suffix!r} (use .csv or .parquet)")
+    if kind in {"csv.gz", "zip"}:
+        return _read_compressed(path, kind, max_bytes)
+    raise DataFileError(
+        f"{path}: unsupported file type {path.suffix.lower()!r} "
+        "(use .csv, .csv.gz, .zip with one CSV, or .parquet)"
+    )
+
+
+def _table_kind(path: Path) -> str | None:
+    """csv, parquet, csv.gz or zip (one CSV inside); None for anything else."""
+    name = path.name.lower()
+    for kind in ("csv.gz", "csv", "parquet", "pq", "zip"):
+        if name.endswith("." + kind):
+            return "parquet" if kind == "pq" else kind
+    return None
+
+
+def _read_compressed(path: Path, kind: str, max_bytes: int) -> pd.DataFrame:
+    """A gzipped CSV, or a zip archive holding one CSV: decompressed into a temporary file
+    (at most `max_bytes`: a decompression bomb is refused, not unpacked), then read as CSV.
+    Errors name the archive, not the temporary file."""
+    with tempfile.TemporaryDirectory(prefix="mlops-unpack-") as tmp:
+        csv = Path(tmp) / "data.csv"
+        try:
+            if kind == "csv.gz":
+                with gzip.open(path, "rb") as src:
+                    _copy_bounded(src, csv, max_bytes, path)
+            else:
+                with zipfile.ZipFile(path) as archive:
+                    inside = [
+                        m
+                        for m in archive.infolist()
+                        if not m.is_dir()
+                        and m.filename.lower().endswith(".csv")
+                        and not m.filename.startswith("__MACOSX/")
+                    ]
+                    if len(inside) != 1:
+                        raise DataFileError(
+                            f"{path}: a zip source must hold exactly one .csv file, "
+                            f"it holds {len(inside)}"
+                        )
+                    with archive.open(inside[0]) as src:
+                        _copy_bounded(src, csv, max_bytes, path)
+        except (OSError, EOFError, zipfile.BadZipFile) as exc:
+            raise DataFileError(f"{path}: not a readable {kind} file ({exc})") from exc
+        if csv.stat().st_size == 0:
+            raise DataFileError(f"{path}: the file is empty once decompressed")
+        try:
+            return _read_csv(csv)
+        except DataFileError as exc:
+            raise DataFileError(str(exc).replace(str(csv), f"{path} (decompressed)")) from exc
+
+
+def _copy_bounded(src, dst: Path, max_bytes: int, origin: Path) -> None:
+    written = 0
+    with dst.open("wb") as out:
+        while chunk := src.read(1 << 20):
+            written += len(chunk)
+            if written > max_bytes:
+                raise DataFileError(
+                    f"{origin}: over {max_bytes:,} bytes once decompressed "
+                    "(MLOPS_MAX_INGEST_BYTES); split the file or raise the limit"
+                )
+            out.write(chunk)
 
 
 def _read_parquet(path: Path) -> pd.DataFrame:
@@ -150,7 +213,7 @@ def _check_not_truncated(path: Path) -> None:
 
 def source_files(source: Path) -> list[Path]:
     if source.is_dir():
-        files = sorted(p for p in source.iterdir() if p.suffix.lower() in TABLE_SUFFIXES)
+        files = sorted(p for p in source.iterdir() if p.is_file() and _table_kind(p))
         if not files:
             raise DataFileError(f"{source}: directory holds no .csv or .parquet files")
         return files

@@ -105,3 +105,48 @@ def test_atomic_writes_get_the_ordinary_file_mode(tmp_path):
         assert target.stat().st_mode & 0o777 == 0o644
     finally:
         os.umask(mask)
+
+
+def test_compressed_sources_are_read_directly(settings, params, tmp_path):
+    """A gzipped CSV, and a zip holding one CSV, ingest like the plain CSV they hold."""
+    import gzip
+    import zipfile
+
+    from pipeline.ingest import DataFileError, load_digits_frame
+
+    digits = load_digits_frame("all").iloc[:200]
+    text = digits.to_csv(index=False).encode()
+    gz = tmp_path / "digits.csv.gz"
+    gz.write_bytes(gzip.compress(text))
+    zipped = tmp_path / "digits.zip"
+    with zipfile.ZipFile(zipped, "w") as archive:
+        archive.writestr("folder/digits.csv", text)
+        archive.writestr("__MACOSX/folder/._digits.csv", b"junk")
+    plain = tmp_path / "digits.csv"
+    plain.write_bytes(text)
+    reports = [
+        ingest(str(p), settings.raw_dir, settings.quarantine_dir, params, name=f"copy{k}")
+        for k, p in enumerate((plain, gz, zipped))
+    ]
+    assert {r.rows_ok for r in reports} == {200}
+    assert len({r.source_hash for r in reports}) == 1  # the same contents, whatever the wrapping
+
+    two = tmp_path / "two.zip"
+    with zipfile.ZipFile(two, "w") as archive:
+        archive.writestr("a.csv", text)
+        archive.writestr("b.csv", text)
+    cut = tmp_path / "cut.csv.gz"
+    cut.write_bytes(gzip.compress(text)[:-20])
+    bomb = tmp_path / "bomb.csv.gz"
+    bomb.write_bytes(gzip.compress(b"label,pixel0\n" + b"1,0\n" * 200_000))
+    for path, message, limit in (
+        (two, "exactly one .csv file, it holds 2", None),
+        (cut, "not a readable csv.gz file", None),
+        (bomb, "once decompressed", 100_000),
+    ):
+        kwargs = {"max_bytes": limit} if limit else {}
+        with pytest.raises(DataFileError, match=message) as err:
+            ingest(
+                str(path), settings.raw_dir, settings.quarantine_dir, params, name="bad", **kwargs
+            )
+        assert str(path) in str(err.value)
