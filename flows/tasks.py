@@ -22,6 +22,7 @@ from prefect.cache_policies import NO_CACHE
 from pipeline import feedback, gate, lineage, monitor, process, stream
 from pipeline.config import Params, Settings
 from pipeline.experiment import fit
+from pipeline.ingest import read_fixed_test
 from pipeline.preprocess import load_preprocessor, preprocess_frames
 from pipeline.store import PredictionStore
 
@@ -54,6 +55,7 @@ def ingest_source(
         params,
         settings.max_ingest_bytes,
         allow_schema_change,
+        settings.downloads_dir,
     )
     _logger().info(
         "%d rows from %s (%d quarantined)", report.rows_ok, source, report.rows_quarantined
@@ -75,7 +77,8 @@ def version_data(settings: Settings) -> str:
 def preprocess_data(settings: Settings, params: Params, data_hash: str) -> dict:
     """Split (fixed test split) and fit the preprocessor; cached by data hash."""
     bootstrap, extra = feedback.training_frames(settings.loop_dir)
-    return preprocess_frames(bootstrap, settings.processed_dir, params, data_hash, extra)
+    fixed = read_fixed_test(settings.loop_dir / feedback.BOOTSTRAP)  # mnist's official test
+    return preprocess_frames(bootstrap, settings.processed_dir, params, data_hash, extra, fixed)
 
 
 # --- training + optimisation --------------------------------------------------------------------

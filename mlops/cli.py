@@ -82,7 +82,8 @@ def _config():
 @app.command()
 def ingest(
     source: Annotated[
-        str | None, typer.Option(help="digits, a CSV/Parquet file or a directory")
+        str | None,
+        typer.Option(help="digits, mnist, a CSV/Parquet file (.csv.gz, .zip) or a directory"),
     ] = None,
     name: Annotated[str | None, typer.Option(help="snapshot name under data/raw/")] = None,
     allow_schema_change: Annotated[
@@ -103,6 +104,7 @@ def ingest(
             name=name,
             max_bytes=settings.max_ingest_bytes,
             allow_schema_change=allow_schema_change,
+            download_dir=settings.downloads_dir,
         )
     _write_ingest_report(settings, report)
     typer.echo(

@@ -288,6 +288,11 @@ class Settings(BaseSettings):
         return self.data_dir / "loop"
 
     @property
+    def downloads_dir(self) -> Path:
+        """Downloaded sources (`mnist`), each checked and kept for the next run."""
+        return self.data_dir / "downloads"
+
+    @property
     def stream_dir(self) -> Path:
         """The production stream the loop's simulated clients send (pipeline/stream.py)."""
         return self.data_dir / "stream"

@@ -49,6 +49,7 @@ class IngestReport:
     rows_ok: int = 0
     rows_quarantined: int = 0
     files: list[dict] = field(default_factory=list)
+    fixed_test_rows: int = 0  # a source's official test split (mnist), kept beside it
     source_hash: str = ""  # of the source's contents as read, before validation
     schema_change: str = ""  # how it differs from the data version it replaced (allowed)
 
@@ -272,6 +273,7 @@ def ingest(
     max_bytes: int = MAX_INGEST_BYTES,
     keep: Callable[[pd.DataFrame], pd.DataFrame] | None = None,
     allow_schema_change: bool = False,
+    download_dir: Path | None = None,
 ) -> IngestReport:
     """Read, validate and snapshot a source as `raw_dir/<name>.parquet` (callers pass
     `settings.max_ingest_bytes`).
@@ -281,14 +283,27 @@ def ingest(
     digits then come whole, not as the demo's bootstrap pool.
 
     A source whose columns or value scale differ from the snapshot it would replace is
-    refused unless `allow_schema_change`; an allowed change is recorded in the report."""
+    refused unless `allow_schema_change`; an allowed change is recorded in the report.
+
+    `mnist` is downloaded once into `download_dir`; its official test split is validated
+    too and written beside the snapshot (`<name>.test.parquet`, see `fixed_test_path`)."""
     name = name or params.data.name
-    frames = load_source(source, params, max_bytes, "all" if keep else "bootstrap")
+    fixed_test: pd.DataFrame | None = None
+    if source == "mnist":
+        frames, fixed_test = _mnist(download_dir)
+    else:
+        frames = load_source(source, params, max_bytes, "all" if keep else "bootstrap")
     contents = content_hash(frame for _, frame in frames)
     schema, clean, quarantine, reports = validate_sources(frames, params.data.num_classes, schema)
     if clean.empty:
         raise DataFileError(f"{source}: no valid rows (all {len(quarantine)} quarantined)")
     snapshot = raw_dir / f"{name}.parquet"
+    test_path = fixed_test_path(snapshot)
+    if fixed_test is not None:
+        _, fixed_test, bad_test, _ = validate_sources(
+            [("mnist:test", fixed_test)], params.data.num_classes, schema
+        )
+        quarantine = pd.concat([quarantine, bad_test])
     change = schema_change(snapshot, clean, schema)
     if change and not allow_schema_change:
         raise DataFileError(
@@ -299,6 +314,10 @@ def ingest(
         log.warning("%s: %s (allowed)", source, change)
     if keep is not None:
         clean = keep(clean)
+    if fixed_test is not None:
+        write_parquet_atomic(fixed_test, test_path)
+    else:  # a source without an official test split: the test split is carved from it
+        test_path.unlink(missing_ok=True)
     write_parquet_atomic(clean, snapshot)
     write_atomic(quarantine_dir / f"{name}.csv", lambda p: quarantine.to_csv(p, index=False))
     report = IngestReport(
@@ -312,6 +331,7 @@ def ingest(
         files=[r.to_dict() for r in reports],
         source_hash=contents,
         schema_change=change,
+        fixed_test_rows=0 if fixed_test is None else len(fixed_test),
     )
     log.info(
         "ingested %s: %d rows kept, %d quarantined -> %s (md5 %s)",
@@ -322,6 +342,30 @@ def ingest(
         report.data_hash,
     )
     return report
+
+
+def fixed_test_path(snapshot: Path) -> Path:
+    """Where a snapshot's official test split lives, when its source has one."""
+    return snapshot.with_name(snapshot.name.removesuffix(".parquet") + ".test.parquet")
+
+
+def read_fixed_test(snapshot: Path) -> pd.DataFrame | None:
+    path = fixed_test_path(snapshot)
+    return pd.read_parquet(path) if path.exists() else None
+
+
+def _mnist(download_dir: Path | None) -> tuple[list[tuple[str, pd.DataFrame]], pd.DataFrame]:
+    from pipeline.mnist import MnistUnavailable, load_mnist
+
+    if download_dir is None:
+        raise DataFileError("mnist: no download directory given")
+    try:
+        train, test = load_mnist(download_dir / "mnist")
+    except MnistUnavailable as exc:
+        raise DataFileError(f"mnist: {exc}") from exc
+    except ValueError as exc:  # a cached file that is not what it claims
+        raise DataFileError(f"mnist: {exc}") from exc
+    return [("mnist:train", train)], test
 
 
 def schema_change(snapshot: Path, clean: pd.DataFrame, schema: Schema) -> str:

@@ -12,7 +12,13 @@ import numpy as np
 import pandas as pd
 
 from pipeline.config import Params
-from pipeline.ingest import file_md5, write_json_atomic, write_parquet_atomic
+from pipeline.ingest import (
+    file_md5,
+    fixed_test_path,
+    read_fixed_test,
+    write_json_atomic,
+    write_parquet_atomic,
+)
 from pipeline.validate import LABEL, Schema
 
 log = logging.getLogger(__name__)
@@ -159,6 +165,21 @@ def split_frame(
     }
 
 
+def _train_val(frame: pd.DataFrame, val_share: float, seed: int) -> dict[str, pd.DataFrame]:
+    """Train and validation only (the test split is given), stratified when possible."""
+    from sklearn.model_selection import train_test_split
+
+    counts = frame[LABEL].value_counts()
+    stratify = frame[LABEL] if len(counts) > 1 and counts.min() >= 2 else None
+    train, val = train_test_split(
+        np.arange(len(frame)), test_size=val_share, stratify=stratify, random_state=seed
+    )
+    return {
+        "train": frame.iloc[np.sort(train)].reset_index(drop=True),
+        "val": frame.iloc[np.sort(val)].reset_index(drop=True),
+    }
+
+
 def features_labels(frame: pd.DataFrame, schema: Schema) -> tuple[np.ndarray, np.ndarray]:
     """(n, F) float32 features and (n,) int64 labels of a validated frame."""
     features = frame.loc[:, list(schema.feature_names)].to_numpy(dtype=np.float32)
@@ -184,8 +205,13 @@ def raw_test_set(processed_dir: Path, schema: Schema) -> tuple[np.ndarray, np.nd
 
 
 def preprocess(raw: Path, out_dir: Path, params: Params) -> dict:
-    """Split the raw snapshot, fit the preprocessor on train, write splits + state + report."""
-    return preprocess_frames(pd.read_parquet(raw), out_dir, params, file_md5(raw))
+    """Split the raw snapshot, fit the preprocessor on train, write splits + state + report.
+    A snapshot with an official test split beside it (mnist) keeps that split as test."""
+    fixed = read_fixed_test(raw)
+    digest = file_md5(raw)
+    if fixed is not None:
+        digest += "+" + file_md5(fixed_test_path(raw))
+    return preprocess_frames(pd.read_parquet(raw), out_dir, params, digest, fixed_test=fixed)
 
 
 def preprocess_frames(
@@ -194,9 +220,12 @@ def preprocess_frames(
     params: Params,
     data_hash: str,
     extra: pd.DataFrame | None = None,
+    fixed_test: pd.DataFrame | None = None,
 ) -> dict:
     """Split `base` into train/val/test; `extra` rows (feedback) join train and val only, so
     the test split stays the same across data versions and rounds compare like with like.
+    `fixed_test` (a source's official test split) is the test split as it is; `base` then
+    only gives train and val.
 
     Cached by data hash: when out_dir already holds this data version's output made with the
     same split parameters, nothing is recomputed.
@@ -208,7 +237,11 @@ def preprocess_frames(
         log.info("preprocess: data version %s already processed (cached)", data_hash[:10])
         return cached
     schema = Schema(tuple(c for c in base.columns if c != LABEL), params.data.num_classes)
-    parts = split_frame(base, split.val_size, split.test_size, params.seed)
+    if fixed_test is None:
+        parts = split_frame(base, split.val_size, split.test_size, params.seed)
+    else:
+        parts = _train_val(base, split.val_size / (1 - split.test_size), params.seed)
+        parts["test"] = fixed_test.loc[:, [LABEL, *schema.feature_names]].reset_index(drop=True)
     if extra is not None and len(extra):
         extra = extra.loc[:, [LABEL, *schema.feature_names]]
         val_share = split.val_size / (1 - split.test_size)

@@ -11,7 +11,8 @@ import pandas as pd
 
 from pipeline.config import Params, Settings
 from pipeline.experiment import warm_start_weights
-from pipeline.feedback import training_frames
+from pipeline.feedback import BOOTSTRAP, training_frames
+from pipeline.ingest import read_fixed_test
 from pipeline.lineage import DataVersionError, restore_data
 from pipeline.model import Predictor
 from pipeline.preprocess import preprocess_frames, raw_test_set
@@ -105,8 +106,10 @@ def reproduce(settings: Settings, params: Params, version: str) -> dict:
     is_dir = digest.endswith(".dir")
     target = work / ("loop" if is_dir else "dataset.parquet")
     restore_data(settings.root, target, digest)
+    fixed = None
     if is_dir:  # the loop's data: the same bootstrap + feedback the flow trained on
         base, extra = training_frames(target)
+        fixed = read_fixed_test(target / BOOTSTRAP)
     else:
         base, extra = pd.read_parquet(target), None
     run_params = dict(run.data.params)
@@ -118,7 +121,7 @@ def reproduce(settings: Settings, params: Params, version: str) -> dict:
         },
     )
     processed = work / "processed"
-    preprocess_frames(base, processed, repro_params, digest, extra)
+    preprocess_frames(base, processed, repro_params, digest, extra, fixed)
     logged = {
         f.name: _cast(f.type, run_params[f.name])
         for f in fields(TrainParams)

@@ -141,6 +141,7 @@ def ingest_with_stream(
     params: Params,
     max_bytes: int,
     allow_schema_change: bool = False,
+    download_dir: Path | None = None,
 ) -> IngestReport:
     """The loop's ingest: validate the whole source, hold out the production stream, and
     snapshot the rest as the bootstrap pool (data/loop/bootstrap.parquet)."""
@@ -161,6 +162,7 @@ def ingest_with_stream(
         max_bytes=max_bytes,
         keep=keep_pool,
         allow_schema_change=allow_schema_change,
+        download_dir=download_dir,
     )
     write_json_atomic(
         {

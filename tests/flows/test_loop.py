@@ -89,3 +89,37 @@ def test_monitor_triggers_retraining_on_new_labels(prefect_api, loop_project, mo
     assert decision["retrain"] is True and "5 new labels" in decision["reason"]
     versions = mlflow.MlflowClient().search_model_versions(f"name='{settings.model_name}'")
     assert len(versions) == 2  # the retraining run registered a second version
+
+
+def test_the_loop_closes_on_mnist_with_its_official_test_split(
+    prefect_api, loop_project, monkeypatch
+):
+    """Any source closes the loop: MNIST's training images give the bootstrap pool and the
+    production stream, its official test images stay the test split in every round."""
+    import gzip
+
+    from flows.loop import loop_flow
+    from pipeline import mnist
+    from tests.pipeline.test_mnist import _idx, _images
+
+    settings = get_settings()
+    cache = settings.downloads_dir / "mnist"
+    cache.mkdir(parents=True)
+    (train_x, train_y), (test_x, test_y) = _images(400, 0), _images(80, 1)
+    for name, array in (
+        ("train-images-idx3-ubyte.gz", train_x),
+        ("train-labels-idx1-ubyte.gz", train_y),
+        ("t10k-images-idx3-ubyte.gz", test_x),
+        ("t10k-labels-idx1-ubyte.gz", test_y),
+    ):
+        (cache / name).write_bytes(gzip.compress(_idx(array)))
+    monkeypatch.setattr(mnist, "FILES", {p.name: mnist.md5(p) for p in cache.iterdir()})
+    monkeypatch.setenv("MLOPS_RELOAD_INTERVAL_S", "0")
+    rows = loop_flow(rounds=2, source="mnist", trials=0, epochs=2)
+    first, second = rows
+    assert second["rows"] > first["rows"] and second["data_version"] != first["data_version"]
+    assert first["pulled"] > 0 and second["serving"] in {"1", "2"}
+    test = pd.read_parquet(settings.processed_dir / "test.parquet")
+    assert len(test) == 80  # the official test images, not a share of the training ones
+    version = mlflow.MlflowClient().get_model_version(settings.model_name, "2")
+    assert version.tags["data_source"] == "mnist" and version.tags["data_source_hash"]
