@@ -5,20 +5,17 @@ project (its real .gitignore, DVC config and remote), then lineage and reproduct
 from __future__ import annotations
 
 import json
-import os
 import sqlite3
 import subprocess
-import sys
-from pathlib import Path
 
 import numpy as np
 import pandas as pd
 import pytest
 
 from tests.conftest import REPO
+from tests.e2e.helpers import mlops as _mlops
 
 pytestmark = [pytest.mark.slow, pytest.mark.integration]
-BIN = Path(sys.executable).parent
 
 
 def strokes(n: int, seed: int = 0) -> pd.DataFrame:
@@ -42,25 +39,6 @@ def strokes(n: int, seed: int = 0) -> pd.DataFrame:
     frame = pd.DataFrame(images.reshape(n, -1).round(), columns=[f"pixel{i}" for i in range(784)])
     frame.insert(0, "label", labels)
     return frame
-
-
-def _mlops(root: Path, *args: str, timeout: int = 900) -> subprocess.CompletedProcess:
-    env = {
-        **os.environ,
-        "MLOPS_ROOT": str(root),
-        "COLUMNS": "200",
-        "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}",
-    }
-    for key in ("MLFLOW_TRACKING_URI", "PREFECT_API_URL"):
-        env.pop(key, None)
-    return subprocess.run(
-        [str(BIN / "mlops"), *args],
-        cwd=root,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-    )
 
 
 def test_the_loop_closes_and_reproduces_on_the_users_own_28x28_csv(tmp_path):

@@ -4,38 +4,16 @@ repository, real server process; then lineage of a real prediction and reproduct
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import sqlite3
 import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 
 from tests.conftest import REPO
+from tests.e2e.helpers import mlops as _mlops
 
 pytestmark = [pytest.mark.slow, pytest.mark.integration]
-BIN = Path(sys.executable).parent
-
-
-def _mlops(root: Path, *args: str, timeout: int = 600) -> subprocess.CompletedProcess:
-    env = {
-        **os.environ,
-        "MLOPS_ROOT": str(root),
-        "COLUMNS": "200",
-        "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}",
-    }
-    env.pop("MLFLOW_TRACKING_URI", None)
-    env.pop("PREFECT_API_URL", None)
-    return subprocess.run(
-        [str(BIN / "mlops"), *args],
-        cwd=root,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-    )
 
 
 def test_mlops_run_two_rounds_then_lineage_and_reproduce(tmp_path):

@@ -1,0 +1,31 @@
+"""The `mlops` command as a user runs it: a subprocess on a project root."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+BIN = Path(sys.executable).parent
+
+
+def mlops(root: Path, *args: str, timeout: int = 600) -> subprocess.CompletedProcess:
+    """`mlops ARGS` in `root`, with the venv's tools on PATH and no tracking or Prefect
+    server inherited from the test run."""
+    env = {
+        **os.environ,
+        "MLOPS_ROOT": str(root),
+        "COLUMNS": "200",
+        "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}",
+    }
+    env.pop("MLFLOW_TRACKING_URI", None)
+    env.pop("PREFECT_API_URL", None)
+    return subprocess.run(
+        [str(BIN / "mlops"), *args],
+        cwd=root,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
