@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import logging
 from dataclasses import dataclass
+from functools import cached_property
 from pathlib import Path
 
 import numpy as np
@@ -66,13 +67,22 @@ class Preprocessor:
         smallest training rows' peak or four times the largest: the signs of other units
         (pixels in 0-1 sent to a model trained on 0-255) or of another kind of data."""
         features = np.asarray(features, dtype=np.float32)
-        if self.low is None or self.high is None or self.row_peak is None:
+        bounds = self._bounds
+        if bounds is None:
             return np.zeros(len(features), dtype=bool)  # a state saved before ranges were kept
-        margin = (self.high - self.low) / 4
-        beyond = ((features < self.low - margin) | (features > self.high + margin)).any(axis=1)
+        lowest, highest, low_peak, high_peak = bounds
+        beyond = ((features < lowest) | (features > highest)).any(axis=1)
         peak = np.abs(features).max(axis=1)
+        return beyond | (peak < low_peak) | (peak > high_peak)
+
+    @cached_property
+    def _bounds(self) -> tuple[np.ndarray, np.ndarray, float, float] | None:
+        """The limits `out_of_range` compares with, computed once (it runs per request)."""
+        if self.low is None or self.high is None or self.row_peak is None:
+            return None
+        margin = (self.high - self.low) / 4
         low_peak, high_peak = self.row_peak
-        return beyond | (peak < low_peak / 4) | (peak > high_peak * 4)
+        return self.low - margin, self.high + margin, low_peak / 4, high_peak * 4
 
     def transform(self, features: np.ndarray) -> np.ndarray:
         """(n, F) raw features -> (n, F) float32 standardised features."""
