@@ -314,10 +314,9 @@ def ingest(
         log.warning("%s: %s (allowed)", source, change)
     if keep is not None:
         clean = keep(clean)
-    if fixed_test is not None:
-        write_parquet_atomic(fixed_test, test_path)
-    else:  # a source without an official test split: the test split is carved from it
-        test_path.unlink(missing_ok=True)
+    # Always written, so the dvc.yaml stage has one fixed set of outputs: a source without an
+    # official test split gets an empty one (its test split is then carved from the data).
+    write_parquet_atomic(clean.iloc[:0] if fixed_test is None else fixed_test, test_path)
     write_parquet_atomic(clean, snapshot)
     write_atomic(quarantine_dir / f"{name}.csv", lambda p: quarantine.to_csv(p, index=False))
     report = IngestReport(
@@ -345,13 +344,16 @@ def ingest(
 
 
 def fixed_test_path(snapshot: Path) -> Path:
-    """Where a snapshot's official test split lives, when its source has one."""
+    """Where a snapshot's official test split lives (zero rows when its source has none)."""
     return snapshot.with_name(snapshot.name.removesuffix(".parquet") + ".test.parquet")
 
 
 def read_fixed_test(snapshot: Path) -> pd.DataFrame | None:
     path = fixed_test_path(snapshot)
-    return pd.read_parquet(path) if path.exists() else None
+    if not path.exists():
+        return None
+    frame = pd.read_parquet(path)
+    return frame if len(frame) else None
 
 
 def _mnist(download_dir: Path | None) -> tuple[list[tuple[str, pd.DataFrame]], pd.DataFrame]:

@@ -7,12 +7,15 @@ prediction id -> model name@version -> MLflow run -> git commit + DVC data hash
 from __future__ import annotations
 
 import json
+import logging
 import subprocess
 from contextlib import contextmanager, redirect_stdout
 from pathlib import Path
 
 from pipeline.ingest import file_md5
 from pipeline.preprocess import REPORT_FILE
+
+log = logging.getLogger(__name__)
 
 # What the stages and the loop write into a checkout: their changes are data, not code, so
 # they do not make a commit "dirty" (the data version is recorded apart, by its DVC hash).
@@ -119,15 +122,31 @@ def ensure_dvc_repo(root: Path) -> None:
 
 
 def version_data(root: Path, data_dir: Path, push: bool = True) -> str:
-    """`dvc add` the directory (a new data version) and push it; returns DVC's hash of it."""
+    """`dvc add` the directory (a new data version) and push it; returns DVC's hash of it.
+
+    A remote that cannot take the push (unreachable, read-only) does not stop the loop: the
+    version is in the local DVC cache, the failure is logged in one line, and a later
+    `dvc push` (or the next version's push) sends it."""
     from dvc.repo import Repo
 
     target = str(data_dir.relative_to(root))
     with _quiet_dvc(root), Repo(str(root)) as repo:
         repo.add(target)
         digest = _dvc_hash(data_dir)
-        if push and repo.config["core"].get("remote"):
-            repo.push(targets=[target + ".dvc"])
+        remote = repo.config["core"].get("remote")
+        if push and remote:
+            try:
+                repo.push(targets=[target + ".dvc"])
+            except Exception as exc:  # noqa: BLE001 - the cache holds it; say so, go on
+                first = (str(exc).strip().splitlines() or [""])[0]
+                log.warning(
+                    "data version %s is in the local DVC cache but not on remote %r "
+                    "(%s: %s); run `dvc push` once the remote is reachable",
+                    digest,
+                    remote,
+                    type(exc).__name__,
+                    first,
+                )
     return digest
 
 

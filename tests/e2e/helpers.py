@@ -10,21 +10,26 @@ from pathlib import Path
 BIN = Path(sys.executable).parent
 
 
-def mlops(root: Path, *args: str, timeout: int = 600) -> subprocess.CompletedProcess:
+def mlops(
+    root: Path, *args: str, timeout: int = 600, env: dict[str, str] | None = None
+) -> subprocess.CompletedProcess:
     """`mlops ARGS` in `root`, with the venv's tools on PATH and no tracking or Prefect
-    server inherited from the test run."""
-    env = {
-        **os.environ,
-        "MLOPS_ROOT": str(root),
-        "COLUMNS": "200",
-        "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}",
-    }
+    server inherited from the test run (unless `env` names one)."""
+    extra, env = (
+        env,
+        {
+            **os.environ,
+            "MLOPS_ROOT": str(root),
+            "COLUMNS": "200",
+            "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}",
+        },
+    )
     env.pop("MLFLOW_TRACKING_URI", None)
     env.pop("PREFECT_API_URL", None)
     return subprocess.run(
         [str(BIN / "mlops"), *args],
         cwd=root,
-        env=env,
+        env={**env, **(extra or {})},
         capture_output=True,
         text=True,
         timeout=timeout,

@@ -13,6 +13,7 @@ import pandas as pd
 import pytest
 
 from tests.conftest import REPO
+from tests.e2e.helpers import BIN
 from tests.e2e.helpers import mlops as _mlops
 
 pytestmark = [pytest.mark.slow, pytest.mark.integration]
@@ -85,3 +86,23 @@ def test_the_loop_closes_and_reproduces_on_the_users_own_28x28_csv(tmp_path):
         ["git", "status", "--porcelain"], cwd=clone, capture_output=True, text=True, check=True
     ).stdout
     assert "data/reproduce" not in status  # restored data stays out of git's way
+
+    # A second clone pulls the loop's newest data version from the remote the loop pushed to
+    # (the default remote lies beside the checkout, so clones on one machine share it) once
+    # the user commits its pointer, and reproduces an older version through a shared registry.
+    git = ["git", "-c", "user.email=ci@example.invalid", "-c", "user.name=ci"]
+    subprocess.run([*git, "add", "data/loop.dvc"], cwd=clone, check=True)
+    subprocess.run([*git, "commit", "-qm", "loop data version"], cwd=clone, check=True)
+    second = tmp_path / "second"
+    subprocess.run(["git", "clone", "-q", str(clone), str(second)], check=True)
+    pulled = subprocess.run(
+        [str(BIN / "dvc"), "pull", "data/loop.dvc"], cwd=second, capture_output=True, text=True
+    )
+    assert pulled.returncode == 0, pulled.stdout + pulled.stderr
+    for name in ("bootstrap.parquet", "feedback.parquet"):
+        assert (second / "data/loop" / name).read_bytes() == (
+            clone / "data/loop" / name
+        ).read_bytes()
+    shared = {"MLFLOW_TRACKING_URI": f"sqlite:///{clone / 'mlflow.db'}"}
+    repro = _mlops(second, "reproduce", "1", env=shared)
+    assert repro.returncode == 0 and "identical" in repro.stdout, repro.stdout + repro.stderr

@@ -190,3 +190,31 @@ def test_the_commit_is_dirty_for_code_and_params_not_for_data(tmp_path: Path):
         (repo / name).write_text("changed by hand\n")
         assert git_commit(repo) == (sha, True), name
         subprocess.run(["git", "checkout", "-q", "--", name], cwd=repo, check=True)
+
+
+def test_a_remote_that_refuses_the_push_leaves_the_version_in_the_cache(tmp_path: Path, caplog):
+    """The loop must not die because its remote is unreachable or read-only: the version is
+    in the local cache, one warning says so, and `dvc push` later sends it."""
+    from pipeline.lineage import ensure_dvc_repo, version_data
+
+    root = tmp_path / "root"
+    root.mkdir()
+    ensure_dvc_repo(root)
+    blocker = tmp_path / "not-a-dir"
+    blocker.write_text("a file where the remote's directory should be")
+    _sh(root, "dvc", "remote", "add", "-d", "local", str(blocker / "remote"))
+    data = root / "data" / "loop"
+    data.mkdir(parents=True)
+    (data / "rows.csv").write_text("label,x\n1,0.5\n")
+    with caplog.at_level("WARNING", logger="pipeline.lineage"):
+        digest = version_data(root, data)
+    assert digest.endswith(".dir")
+    [warning] = [r.getMessage() for r in caplog.records if r.name == "pipeline.lineage"]
+    assert digest in warning and "'local'" in warning and "dvc push" in warning
+    assert len(warning.splitlines()) == 1
+    cache = root / ".dvc" / "cache" / "files" / "md5" / digest[:2] / digest[2:]
+    assert cache.exists()  # nothing lost: the version is restorable from the cache
+
+    _sh(root, "dvc", "remote", "modify", "local", "url", str(tmp_path / "remote"))
+    _sh(root, "dvc", "push")  # the later push the warning names sends it
+    assert any((tmp_path / "remote").rglob(digest[2:]))

@@ -10,10 +10,11 @@ import threading
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 import pytest
 
 from pipeline import mnist
-from pipeline.ingest import DataFileError, fixed_test_path, ingest
+from pipeline.ingest import DataFileError, fixed_test_path, ingest, read_fixed_test
 from pipeline.preprocess import preprocess
 
 
@@ -156,3 +157,33 @@ def test_mnist_ingests_with_its_official_test_split(settings, params, mnist_file
             params,
             download_dir=settings.downloads_dir,
         )
+
+
+def test_a_source_without_an_official_split_replaces_mnists(
+    settings, params, mnist_files, monkeypatch
+):
+    """The stage always writes `<name>.test.parquet` (dvc.yaml names it as an output): after
+    mnist, a CSV source leaves zero rows there, so its test split is carved from its own data."""
+    cache = settings.downloads_dir / "mnist"
+    cache.mkdir(parents=True)
+    for name, data in mnist_files.items():
+        (cache / name).write_bytes(data)
+    monkeypatch.setattr(mnist, "FILES", _md5s(mnist_files))
+    ingest(
+        "mnist",
+        settings.raw_dir,
+        settings.quarantine_dir,
+        params,
+        download_dir=settings.downloads_dir,
+    )
+    snapshot = settings.raw_dir / "dataset.parquet"
+    assert read_fixed_test(snapshot) is not None
+    frame = pd.read_parquet(snapshot).head(200)
+    csv = settings.root / "mine.csv"
+    frame.to_csv(csv, index=False)
+    report = ingest(str(csv), settings.raw_dir, settings.quarantine_dir, params)
+    assert report.fixed_test_rows == 0
+    assert len(pd.read_parquet(fixed_test_path(snapshot))) == 0
+    assert read_fixed_test(snapshot) is None
+    split = preprocess(snapshot, settings.processed_dir, params)
+    assert sum(split["rows"].values()) == 200
