@@ -22,7 +22,15 @@ import torch
 
 from pipeline.config import Params, Settings
 from pipeline.evaluate import classification_metrics
-from pipeline.model import CHECKPOINT, Predictor, choose_device, read_checkpoint
+from pipeline.model import (
+    CHECKPOINT,
+    ModelConfig,
+    Predictor,
+    build_model,
+    choose_device,
+    count_parameters,
+    read_checkpoint,
+)
 from pipeline.preprocess import PREPROCESSOR_FILE, Preprocessor, features_labels, raw_test_set
 from pipeline.registry import CHAMPION, alias_version, download_model, register
 from pipeline.tracking import (
@@ -75,6 +83,7 @@ def finish_run(
         {
             "best_epoch": result.best_epoch,
             "best_val_loss": result.best_val_loss,
+            "best_val_accuracy": result.best_val_accuracy,
             "train_seconds": result.seconds,
             "samples_per_s": result.samples_per_s,
         },
@@ -97,8 +106,8 @@ def champion_state(settings: Settings, hidden: int) -> tuple[dict | None, str | 
         return None, None
     model_dir, _ = download_model(settings.model_name, version)
     cfg, state = read_checkpoint(model_dir / CHECKPOINT)
-    schema = json.loads((model_dir / PREPROCESSOR_FILE).read_text())["schema"]
-    if cfg.hidden != hidden or cfg.n_features != len(schema["feature_names"]):
+    schema = Schema.from_dict(json.loads((model_dir / PREPROCESSOR_FILE).read_text())["schema"])
+    if cfg != ModelConfig.for_schema(schema, hidden, cfg.dropout):
         log.warning("champion v%s has another architecture: training from scratch", version)
         return None, None
     return state, version
@@ -133,6 +142,8 @@ def fit(
                 str(device),
             )
         tp = replace(tp, **best.best_params)
+    description = describe_model(data, tp)
+    log.info("model: %s", description)
     if settings.train_processes > 1:
         if warm_start:
             log.warning("warm start is not supported under torchrun: training from scratch")
@@ -150,6 +161,7 @@ def fit(
             "warm_start_from": warm_from or "",
             "tuning_trials": trials,
             "data_source_hash": source_hash,
+            "model_description": description,
         },
     )
     try:
@@ -168,8 +180,16 @@ def fit(
     return register_candidate(settings, candidate) if register_model else candidate
 
 
+def describe_model(data: SplitData, tp: TrainParams) -> str:
+    """What `fit` builds for this data, and why, with its parameter count."""
+    cfg = ModelConfig.for_schema(data.preprocessor.schema, tp.hidden, tp.dropout)
+    scaling = data.preprocessor.scaling
+    return f"{cfg.describe(count_parameters(build_model(cfg)))}; {scaling} scaling"
+
+
 def register_candidate(settings: Settings, candidate: Candidate) -> Candidate:
-    """Register the run's model with its lineage and training params as version tags."""
+    """Register the run's model with its lineage and training params as version tags, and
+    what it is (architecture, why, parameters) as the version's description."""
     run = mlflow.MlflowClient().get_run(candidate.run_id)
     tags = dict(run.data.tags)
     lineage = {k: tags[k] for k in LINEAGE_TAGS if k in tags}
@@ -177,7 +197,8 @@ def register_candidate(settings: Settings, candidate: Candidate) -> Candidate:
     lineage["params"] = json.dumps(
         {k: run.data.params[k] for k in train_keys if k in run.data.params}, sort_keys=True
     )
-    candidate.version = register(candidate.model_uri, settings.model_name, lineage)
+    description = run.data.tags.get("model_description")
+    candidate.version = register(candidate.model_uri, settings.model_name, lineage, description)
     return candidate
 
 
@@ -238,7 +259,9 @@ def cross_validate(frame: pd.DataFrame, params: Params, k: int = 5, device: str 
             random_state=params.seed,
         )
         parts = {"train": frame.iloc[train], "val": frame.iloc[val], "test": frame.iloc[test]}
-        pre = Preprocessor.fit(features_labels(parts["train"], schema)[0], schema)
+        pre = Preprocessor.fit(
+            features_labels(parts["train"], schema)[0], schema, params.preprocess.scaling
+        )
         data = SplitData.from_frames(parts, pre)
         result = train_model(data, tp, device, show_progress=False)
         probs = Predictor(result.model, result.cfg, pre, device).predict_proba(

@@ -31,7 +31,11 @@ class ModelConfig:
     hidden: int  # units of the dense layer (params.yaml train.hidden)
     dropout: float  # before the output layer (params.yaml train.dropout)
     image_side: int | None = None  # set: a CNN over (1, side, side) images; None: an MLP
-    conv_filters: int = 32  # one 3x3 layer, as in the seed's reference CNN
+    conv_filters: int = 32  # filters of the first 3x3 convolution, as in the seed's reference
+    # Convolution blocks (each conv 3x3 + batch norm + ReLU + max-pool 2x2, the filters
+    # doubling per block). A checkpoint without these keys predates them: one block, no norm.
+    conv_blocks: int = 1
+    batch_norm: bool = False
 
     @property
     def kind(self) -> str:
@@ -39,27 +43,62 @@ class ModelConfig:
 
     @classmethod
     def for_schema(cls, schema: Schema, hidden: int, dropout: float) -> ModelConfig:
+        """The default architecture for a schema. Images: two conv blocks of 16 and 32
+        filters with batch norm (bench/quality.py: 0.98 on the 8x8 digits and 0.97 on its
+        28x28 set, against 0.97 and 0.88 for the seed's one-block reference, at about the
+        same time per epoch); one block when the image is too small to pool twice."""
+        side = schema.image_side
         return cls(
-            schema.n_features, schema.num_classes, hidden, dropout, image_side=schema.image_side
+            schema.n_features,
+            schema.num_classes,
+            hidden,
+            dropout,
+            image_side=side,
+            conv_filters=16,
+            conv_blocks=2 if side and side >= 4 else 1,
+            batch_norm=True,
         )
+
+    def describe(self, parameters: int | None = None) -> str:
+        """What was built and why, in one line (printed by `mlops train`, logged on the run
+        and written into the model version's description)."""
+        if self.kind == "cnn":
+            side = self.image_side
+            filters = ", ".join(str(self.conv_filters * 2**i) for i in range(self.conv_blocks))
+            text = (
+                f"CNN: the {self.n_features} features are a {side}x{side} image "
+                f"({self.n_features} = {side}^2); {self.conv_blocks} conv block(s) of "
+                f"{filters} filters{' with batch norm' if self.batch_norm else ''}, "
+                f"dense {self.hidden}, {self.num_classes} classes"
+            )
+        else:
+            text = (
+                f"MLP: {self.n_features} features are not a square image; 2 hidden layers of "
+                f"{self.hidden}, {self.num_classes} classes"
+            )
+        return text if parameters is None else f"{text}; {parameters:,} parameters"
 
 
 class ConvNet(nn.Module):
-    """Conv 3x3 (32) + ReLU -> MaxPool 2x2 -> Flatten -> Dense (64) + ReLU -> Dropout -> Dense."""
+    """[Conv 3x3 -> (BatchNorm) -> ReLU -> MaxPool 2x2] x blocks -> Flatten -> Dense + ReLU
+    -> Dropout -> Dense."""
 
     def __init__(self, cfg: ModelConfig) -> None:
         super().__init__()
         side = cfg.image_side
         assert side is not None
         self.side = side
-        self.features = nn.Sequential(
-            nn.Conv2d(1, cfg.conv_filters, kernel_size=3, padding=1),  # (B, 32, S, S)
-            nn.ReLU(),
-            nn.MaxPool2d(2),  # (B, 32, S/2, S/2)
-            nn.Flatten(),
-        )
+        layers: list[nn.Module] = []
+        channels, filters, size = 1, cfg.conv_filters, side
+        for _ in range(cfg.conv_blocks):
+            layers.append(nn.Conv2d(channels, filters, kernel_size=3, padding=1))
+            if cfg.batch_norm:
+                layers.append(nn.BatchNorm2d(filters))
+            layers += [nn.ReLU(), nn.MaxPool2d(2)]
+            channels, filters, size = filters, filters * 2, size // 2
+        self.features = nn.Sequential(*layers, nn.Flatten())
         self.head = nn.Sequential(
-            nn.Linear(cfg.conv_filters * (side // 2) ** 2, cfg.hidden),
+            nn.Linear(channels * size**2, cfg.hidden),
             nn.ReLU(),
             nn.Dropout(cfg.dropout),
             nn.Linear(cfg.hidden, cfg.num_classes),  # logits; softmax at prediction time
@@ -89,6 +128,10 @@ class MLP(nn.Module):
 
 def build_model(cfg: ModelConfig) -> nn.Module:
     return ConvNet(cfg) if cfg.kind == "cnn" else MLP(cfg)
+
+
+def count_parameters(model: nn.Module) -> int:
+    return sum(p.numel() for p in unwrap(model).parameters())
 
 
 def choose_device(preference: str = "auto") -> torch.device:

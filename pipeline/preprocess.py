@@ -32,10 +32,28 @@ REPORT_FILE = "report.json"
 _MIN_SCALE = 1e-6
 
 
+SCALINGS = ("image", "feature")
+
+
+def choose_scaling(schema: Schema, preference: str = "auto") -> str:
+    """ "image" (one mean and scale for every pixel) for image schemas, "feature" (each
+    column its own) for tables; an explicit preference wins."""
+    if preference != "auto":
+        if preference not in SCALINGS:
+            raise ValueError(f"unknown scaling {preference!r}: auto, image or feature")
+        return preference
+    return "image" if schema.image_side else "feature"
+
+
 @dataclass
 class Preprocessor:
-    """Per-feature standardisation fitted on the training split only, and the ranges of the
-    training data, so the server can tell rows the model has never seen the like of."""
+    """Standardisation fitted on the training split only, and the ranges of the training
+    data, so the server can tell rows the model has never seen the like of.
+
+    Images are scaled by one global mean and standard deviation (the pixels keep their
+    relative brightness; a border pixel that is almost always 0 does not get a huge scale),
+    tables per feature. Either way the state is a mean and a scale per feature, so the
+    transform, the JSON and the server do not depend on the choice."""
 
     schema: Schema
     mean: np.ndarray  # (F,) float32
@@ -43,14 +61,20 @@ class Preprocessor:
     low: np.ndarray | None = None  # (F,) float32: training minimum per feature
     high: np.ndarray | None = None  # (F,) float32: training maximum per feature
     row_peak: tuple[float, float] | None = None  # 0.5th and 99.5th percentile of max|row|
+    scaling: str = "feature"  # "image" or "feature": how mean and scale were fitted
 
     @classmethod
-    def fit(cls, features: np.ndarray, schema: Schema) -> Preprocessor:
+    def fit(cls, features: np.ndarray, schema: Schema, scaling: str = "auto") -> Preprocessor:
         if features.ndim != 2 or features.shape[1] != schema.n_features:
             raise ValueError(f"expected (n, {schema.n_features}) features, got {features.shape}")
-        mean = features.mean(axis=0, dtype=np.float64)
-        std = features.std(axis=0, dtype=np.float64)
-        scale = np.where(std < _MIN_SCALE, 1.0, std)  # constant pixels: leave unscaled
+        scaling = choose_scaling(schema, scaling)
+        if scaling == "image":
+            mean = np.full(schema.n_features, features.mean(dtype=np.float64))
+            std = np.full(schema.n_features, features.std(dtype=np.float64))
+        else:
+            mean = features.mean(axis=0, dtype=np.float64)
+            std = features.std(axis=0, dtype=np.float64)
+        scale = np.where(std < _MIN_SCALE, 1.0, std)  # constant features: leave unscaled
         peaks = np.abs(features).max(axis=1)
         return cls(
             schema,
@@ -59,6 +83,7 @@ class Preprocessor:
             features.min(axis=0).astype(np.float32),
             features.max(axis=0).astype(np.float32),
             (float(np.percentile(peaks, 0.5)), float(np.percentile(peaks, 99.5))),
+            scaling,
         )
 
     def out_of_range(self, features: np.ndarray) -> np.ndarray:
@@ -97,6 +122,7 @@ class Preprocessor:
         state = {
             "kind": "standardize",
             "version": 2,
+            "scaling": self.scaling,
             "schema": self.schema.to_dict(),
             # float32 -> Python float is exact, so the JSON round trip is lossless.
             "mean": [float(v) for v in self.mean],
@@ -129,6 +155,7 @@ class Preprocessor:
             arrays.get("low"),
             arrays.get("high"),
             (float(peak[0]), float(peak[1])) if peak else None,
+            data.get("scaling", "feature"),  # states before the choice were per feature
         )
 
     def to_json(self) -> str:
@@ -241,7 +268,12 @@ def preprocess_frames(
     same split parameters, nothing is recomputed.
     """
     split = params.split
-    key = {"data_hash": data_hash, "seed": params.seed, "split": split.model_dump()}
+    key = {
+        "data_hash": data_hash,
+        "seed": params.seed,
+        "split": split.model_dump(),
+        "scaling": params.preprocess.scaling,
+    }
     cached = _cached_report(out_dir, key)
     if cached is not None:
         log.info("preprocess: data version %s already processed (cached)", data_hash[:10])
@@ -259,7 +291,7 @@ def preprocess_frames(
         parts["train"] = pd.concat([parts["train"], extra[~picks]], ignore_index=True)
         parts["val"] = pd.concat([parts["val"], extra[picks]], ignore_index=True)
     train_x, _ = features_labels(parts["train"], schema)
-    preprocessor = Preprocessor.fit(train_x, schema)
+    preprocessor = Preprocessor.fit(train_x, schema, params.preprocess.scaling)
     for name, part in parts.items():
         write_parquet_atomic(part, split_path(out_dir, name))
     preprocessor.save(out_dir / PREPROCESSOR_FILE)
@@ -289,23 +321,26 @@ def _cached_report(out_dir: Path, key: dict) -> dict | None:
 def augment_batch(batch, max_shift: int, noise_std: float, generator=None):
     """Training-only augmentation of a (B, C, H, W) or (B, F) tensor.
 
-    Images are shifted by up to `max_shift` pixels (the same shift for the whole batch,
-    zeros shifted in) and every input gets Gaussian noise of `noise_std` (in standardised
-    units). Never applied at evaluation or serving time.
+    Each image is shifted by its own random offset of up to `max_shift` pixels, the uncovered
+    border filled with that image's background (its smallest value, which after image
+    scaling is the transformed 0, not the mean); every input gets Gaussian noise of
+    `noise_std` (in standardised units). Never applied at evaluation or serving time.
     """
     import torch
 
     if batch.ndim == 4 and max_shift > 0:
-        dy, dx = (
-            int(v) - max_shift
-            for v in torch.randint(0, 2 * max_shift + 1, (2,), generator=generator)
-        )
-        shifted = torch.zeros_like(batch)
-        h, w = batch.shape[-2:]
-        ys, yd = (slice(0, h - dy), slice(dy, h)) if dy >= 0 else (slice(-dy, h), slice(0, h + dy))
-        xs, xd = (slice(0, w - dx), slice(dx, w)) if dx >= 0 else (slice(-dx, w), slice(0, w + dx))
-        shifted[..., yd, xd] = batch[..., ys, xs]
-        batch = shifted
+        b, _, h, w = batch.shape
+        s = max_shift
+        background = batch.amin(dim=(1, 2, 3), keepdim=True)
+        padded = background.expand(b, batch.shape[1], h + 2 * s, w + 2 * s).clone()
+        padded[..., s : s + h, s : s + w] = batch
+        offsets = torch.randint(0, 2 * s + 1, (2, b), generator=generator).to(batch.device)
+        rows = (offsets[0][:, None] + torch.arange(h, device=batch.device))[:, :, None]
+        cols = (offsets[1][:, None] + torch.arange(w, device=batch.device))[:, None, :]
+        picked = padded.permute(0, 2, 3, 1)[
+            torch.arange(b, device=batch.device)[:, None, None], rows, cols
+        ]
+        batch = picked.permute(0, 3, 1, 2).contiguous()
     if noise_std > 0:
         noise = torch.randn(batch.shape, generator=generator, device="cpu").to(batch.device)
         batch = batch + noise_std * noise

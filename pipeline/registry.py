@@ -28,11 +28,21 @@ class RegistryError(RuntimeError):
     """A registry request that cannot succeed (unknown version, nothing to roll back to)."""
 
 
-def register(model_uri: str, name: str, tags: dict[str, str]) -> str:
-    """Register a logged model as a new version of `name`; returns the version string."""
+def register(
+    model_uri: str, name: str, tags: dict[str, str], description: str | None = None
+) -> str:
+    """Register a logged model as a new version of `name` (with a description the MLflow UI
+    shows on the version's page); returns the version string."""
     mv = with_retries(
         "registering the model", lambda: mlflow.register_model(model_uri, name, tags=tags)
     )
+    if description:
+        with_retries(
+            "describing the model version",
+            lambda: mlflow.MlflowClient().update_model_version(
+                name, str(mv.version), description=description
+            ),
+        )
     return str(mv.version)
 
 

@@ -21,7 +21,7 @@ import pandas as pd
 import torch
 import torch.distributed as dist
 from torch import nn
-from torch.utils.data import DataLoader, DistributedSampler, RandomSampler, TensorDataset
+from torch.utils.data import DistributedSampler
 
 from pipeline.config import Params
 from pipeline.model import ModelConfig, build_model, unwrap
@@ -52,6 +52,7 @@ class TrainParams:
     augment: bool
     max_shift: int
     noise_std: float
+    schedule: str
     seed: int
 
     @classmethod
@@ -102,6 +103,7 @@ class TrainResult:
     history: list[dict] = field(default_factory=list)
     best_epoch: int = 0
     best_val_loss: float = math.inf
+    best_val_accuracy: float = 0.0
     seconds: float = 0.0
     samples_per_s: float = 0.0
     warm_started: bool = False
@@ -126,7 +128,11 @@ def train_model(
     on_epoch: EpochCallback | None = None,
     show_progress: bool = True,
 ) -> TrainResult:
-    """Train with AdamW and early stopping on validation loss; the best weights are restored.
+    """Train with AdamW, the learning rate schedule of `params.schedule`, and early
+    stopping on validation accuracy: the weights of the epoch with the best validation
+    accuracy (the lower validation loss breaks a tie) are restored, and training stops after
+    `params.patience` epochs without a better one. (Stopping on the loss alone kept epoch-2
+    weights on 28x28 data while the accuracy still rose from 0.83 to 0.95.)
 
     `init_state` warm-starts from another model's weights (same architecture).
     `on_epoch(epoch, metrics)` is called after every epoch (metric logging, Optuna pruning).
@@ -167,7 +173,11 @@ def _train(
             model, device_ids=[device.index] if device.type == "cuda" else None
         )
     opt = torch.optim.AdamW(model.parameters(), lr=params.lr, weight_decay=params.weight_decay)
-    loader = _loader(data, params, device)
+    train_x = torch.from_numpy(data.x["train"])
+    train_y = torch.from_numpy(data.y["train"])
+    order_gen = torch.Generator().manual_seed(params.seed)
+    steps = params.epochs * math.ceil(_local_rows(len(train_y)) / params.batch_size)
+    sched = _schedule(opt, params.schedule, steps)
     val_x = torch.from_numpy(data.x["val"]).to(device)
     val_y = torch.from_numpy(data.y["val"]).to(device)
     aug_gen = torch.Generator().manual_seed(params.seed + 1)
@@ -176,13 +186,12 @@ def _train(
     result = TrainResult(model, cfg, params, str(device), warm_started=warm)
     best_state, bad_epochs, seen, start = None, 0, 0, time.perf_counter()
     for epoch in range(1, params.epochs + 1):
-        if isinstance(loader.sampler, DistributedSampler):
-            loader.sampler.set_epoch(epoch)
         model.train()
         total, count = 0.0, 0
-        for xb, yb in _progress(loader, epoch, params.epochs, show_progress and rank() == 0):
-            xb = xb.to(device, non_blocking=True)
-            yb = yb.to(device, non_blocking=True)
+        batches = _batches(len(train_y), params, epoch, order_gen)
+        for idx in _progress(batches, epoch, params.epochs, show_progress and rank() == 0):
+            xb = train_x[idx].to(device, non_blocking=True)
+            yb = train_y[idx].to(device, non_blocking=True)
             if params.augment:
                 xb = _augment(xb, cfg, params, aug_gen)
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_bf16):
@@ -190,6 +199,7 @@ def _train(
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
+            sched.step()
             total += float(loss.detach()) * len(yb)
             count += len(yb)
         seen += count
@@ -198,10 +208,12 @@ def _train(
             "train_loss": total / max(count, 1),
             "val_loss": val_loss,
             "val_accuracy": val_acc,
+            "lr": opt.param_groups[0]["lr"],
         }
         result.history.append({"epoch": epoch, **metrics})
-        if val_loss < result.best_val_loss - 1e-6:
-            result.best_val_loss, result.best_epoch, bad_epochs = val_loss, epoch, 0
+        if _better(val_acc, val_loss, result):
+            result.best_val_accuracy, result.best_val_loss = val_acc, val_loss
+            result.best_epoch, bad_epochs = epoch, 0
             best_state = {k: v.detach().clone() for k, v in unwrap(model).state_dict().items()}
         else:
             bad_epochs += 1
@@ -226,19 +238,44 @@ def _own_rng(device: torch.device):
     return torch.random.fork_rng(devices=[], device_type="cpu")
 
 
-def _loader(data: SplitData, params: TrainParams, device: torch.device) -> DataLoader:
-    dataset = TensorDataset(torch.from_numpy(data.x["train"]), torch.from_numpy(data.y["train"]))
-    if is_distributed():
-        sampler = DistributedSampler(dataset, shuffle=True, seed=params.seed)
-    else:
-        sampler = RandomSampler(dataset, generator=torch.Generator().manual_seed(params.seed))
-    return DataLoader(
-        dataset,
-        batch_size=params.batch_size,
-        sampler=sampler,
-        pin_memory=device.type == "cuda",
-        generator=torch.Generator().manual_seed(params.seed + 2),  # its iterators' base seeds
+def _better(val_acc: float, val_loss: float, best: TrainResult) -> bool:
+    """A better epoch: higher validation accuracy, or the same with a lower loss."""
+    if best.best_epoch == 0:
+        return True
+    if val_acc > best.best_val_accuracy + 1e-9:
+        return True
+    return abs(val_acc - best.best_val_accuracy) <= 1e-9 and val_loss < best.best_val_loss - 1e-6
+
+
+def _schedule(opt: torch.optim.Optimizer, kind: str, steps: int):
+    """Per-step learning-rate factor: cosine from 1 to ~0 over the whole budget, or 1."""
+    if kind == "constant":
+        return torch.optim.lr_scheduler.LambdaLR(opt, lambda step: 1.0)
+    if kind != "cosine":
+        raise ValueError(f"unknown schedule {kind!r}: cosine or constant")
+    total = max(steps, 1)
+    return torch.optim.lr_scheduler.LambdaLR(
+        opt, lambda step: 0.02 + 0.98 * 0.5 * (1 + math.cos(math.pi * min(step, total) / total))
     )
+
+
+def _local_rows(n: int) -> int:
+    """Rows this rank trains on per epoch (DistributedSampler pads to equal shards)."""
+    return math.ceil(n / dist.get_world_size()) if is_distributed() else n
+
+
+def _batches(n: int, params: TrainParams, epoch: int, gen: torch.Generator) -> list[torch.Tensor]:
+    """This epoch's mini-batches as index tensors into the in-memory training split: a
+    seeded permutation, or this rank's DistributedSampler shard under DDP. (Indexing the
+    tensors directly is several times faster than a DataLoader's per-row collation on
+    data this size.)"""
+    if is_distributed():
+        sampler = DistributedSampler(range(n), shuffle=True, seed=params.seed)
+        sampler.set_epoch(epoch)
+        order = torch.tensor(list(sampler), dtype=torch.long)
+    else:
+        order = torch.randperm(n, generator=gen)
+    return list(order.split(params.batch_size))
 
 
 def _augment(xb: torch.Tensor, cfg: ModelConfig, params: TrainParams, gen: torch.Generator):
@@ -260,9 +297,9 @@ def _evaluate(
     return loss, (logits.argmax(1) == y).float().mean().item()
 
 
-def _progress(loader: DataLoader, epoch: int, epochs: int, enabled: bool):
+def _progress(batches: list, epoch: int, epochs: int, enabled: bool):
     if not enabled:
-        return loader
-    from tqdm import tqdm  # not tqdm.auto: its asyncio class opens a second iterator
+        return batches
+    from tqdm import tqdm
 
-    return tqdm(loader, desc=f"epoch {epoch}/{epochs}", leave=False, unit="batch")
+    return tqdm(batches, desc=f"epoch {epoch}/{epochs}", leave=False, unit="batch")

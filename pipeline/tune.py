@@ -1,4 +1,8 @@
-"""Hyperparameter search with Optuna: TPE sampler, median pruner fed the validation loss.
+"""Hyperparameter search with Optuna: TPE sampler, median pruner fed the validation accuracy.
+
+The objective is the best validation accuracy a trial reached (the metric that early
+stopping keeps). The first trial is always the configured defaults, so the search can only
+keep or improve on them on the validation split.
 
 The search space lives in params.yaml (`tune.space`, typed by pipeline/config.py):
 
@@ -11,7 +15,6 @@ Each trial is a nested MLflow run under the caller's active run.
 from __future__ import annotations
 
 import logging
-import math
 from dataclasses import dataclass, replace
 
 import mlflow
@@ -27,7 +30,7 @@ log = logging.getLogger(__name__)
 @dataclass
 class TuneResult:
     best_params: dict
-    best_val_loss: float
+    best_val_accuracy: float
     n_trials: int
     n_pruned: int
 
@@ -57,8 +60,11 @@ def tune(
     """Run the study; each trial is a nested MLflow run under the active (parent) run."""
     sampler = optuna.samplers.TPESampler(seed=base.seed)
     pruner = optuna.pruners.MedianPruner(n_startup_trials=2, n_warmup_steps=2)
-    study = optuna.create_study(direction="minimize", sampler=sampler, pruner=pruner)
     optuna.logging.set_verbosity(optuna.logging.WARNING)
+    study = optuna.create_study(direction="maximize", sampler=sampler, pruner=pruner)
+    defaults = {name: getattr(base, name) for name in space}
+    if _inside(defaults, space):
+        study.enqueue_trial(defaults)
 
     def objective(trial: optuna.Trial) -> float:
         params = replace(base, **suggest(trial, space))
@@ -71,7 +77,7 @@ def tune(
             def on_epoch(epoch: int, metrics: dict[str, float]) -> None:
                 if logger:
                     logger(epoch, metrics)
-                trial.report(metrics["val_loss"], epoch)
+                trial.report(metrics["val_accuracy"], epoch)
                 if trial.should_prune():
                     mlflow.set_tag("pruned", "true")
                     raise optuna.TrialPruned(f"pruned at epoch {epoch}")
@@ -82,16 +88,21 @@ def tune(
                 pruned: optuna.TrialPruned | None = exc
             else:
                 pruned = None
-                mlflow.log_metric("best_val_loss", result.best_val_loss)
+                mlflow.log_metrics(
+                    {
+                        "best_val_accuracy": result.best_val_accuracy,
+                        "best_val_loss": result.best_val_loss,
+                    }
+                )
         if pruned is not None:
             raise pruned
         log.info(
-            "trial %d: val loss %.4f with %s",
+            "trial %d: val accuracy %.4f with %s",
             trial.number,
-            result.best_val_loss,
+            result.best_val_accuracy,
             {k: getattr(params, k) for k in space},
         )
-        return result.best_val_loss
+        return result.best_val_accuracy
 
     study.optimize(objective, n_trials=n_trials, timeout=timeout_s, catch=())
     complete = [t for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE]
@@ -102,11 +113,23 @@ def tune(
     if mlflow.active_run():
         mlflow.log_params({f"best_{k}": v for k, v in best.params.items()})
         mlflow.log_metrics(
-            {"best_val_loss": best.value, "trials": len(study.trials), "trials_pruned": pruned}
+            {"best_val_accuracy": best.value, "trials": len(study.trials), "trials_pruned": pruned}
         )
     return TuneResult(
         dict(best.params),
-        float(best.value if best.value is not None else math.inf),
+        float(best.value if best.value is not None else 0.0),
         len(study.trials),
         pruned,
     )
+
+
+def _inside(point: dict, space: dict[str, list | Range]) -> bool:
+    """Whether the defaults are a point of the search space (Optuna refuses others)."""
+    for name, spec in space.items():
+        value = point[name]
+        if isinstance(spec, list):
+            if value not in spec:
+                return False
+        elif not spec.low <= value <= spec.high:
+            return False
+    return True

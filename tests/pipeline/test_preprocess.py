@@ -39,7 +39,7 @@ def test_preprocessor_is_fitted_on_train_only():
     parts = split_frame(load_digits_frame("all"), 0.15, 0.2, seed=3)
     train_x, _ = features_labels(parts["train"], SCHEMA)
     test_x, _ = features_labels(parts["test"], SCHEMA)
-    pre = Preprocessor.fit(train_x, SCHEMA)
+    pre = Preprocessor.fit(train_x, SCHEMA, "feature")
     np.testing.assert_allclose(pre.mean, train_x.mean(axis=0), rtol=1e-6)
     assert not np.allclose(pre.mean, test_x.mean(axis=0))
     transformed = pre.transform(train_x)
@@ -48,6 +48,33 @@ def test_preprocessor_is_fitted_on_train_only():
     np.testing.assert_allclose(transformed[:, varying].mean(axis=0), 0, atol=1e-4)
     np.testing.assert_allclose(transformed[:, varying].std(axis=0), 1, atol=1e-3)
     assert np.isfinite(transformed).all()  # constant pixels are not divided by zero
+
+
+def test_images_are_scaled_globally_and_tables_per_feature():
+    """Images keep the pixels' relative brightness: one mean and scale for all (a border
+    pixel that is almost always 0 would otherwise get a scale that blows its rare ink up);
+    tables keep per-feature standardisation; "auto" picks by the schema."""
+    parts = split_frame(load_digits_frame("all"), 0.15, 0.2, seed=3)
+    train_x, _ = features_labels(parts["train"], SCHEMA)
+    image = Preprocessor.fit(train_x, SCHEMA)  # auto: 64 pixels are an 8x8 image
+    assert image.scaling == "image"
+    assert np.unique(image.mean).size == 1 and np.unique(image.scale).size == 1
+    assert image.mean[0] == pytest.approx(train_x.mean(), rel=1e-5)
+    out = image.transform(train_x)
+    assert out.mean() == pytest.approx(0, abs=1e-4) and out.std() == pytest.approx(1, abs=1e-3)
+    # the border: per-feature scaling turns a rare 1 in a nearly always-0 pixel into a huge
+    # value; image scaling keeps it a faint stroke
+    per_feature = Preprocessor.fit(train_x, SCHEMA, "feature")
+    assert np.abs(per_feature.transform(train_x)).max() > 10 * np.abs(out).max()
+    assert Preprocessor.from_json(image.to_json()).scaling == "image"
+
+    table = Schema(("age", "income", "score"), 2)
+    rows = np.array([[20, 1000, 0.1], [40, 5000, 0.9], [60, 9000, 0.5]], dtype=np.float32)
+    pre = Preprocessor.fit(rows, table)
+    assert pre.scaling == "feature"
+    np.testing.assert_allclose(pre.transform(rows).std(axis=0), 1, atol=1e-5)
+    with pytest.raises(ValueError, match="unknown scaling"):
+        Preprocessor.fit(rows, table, "pixels")
 
 
 def test_json_round_trip_transforms_identically():
@@ -88,3 +115,15 @@ def test_augmentation_shifts_and_adds_noise_deterministically():
         batch, max_shift=0, noise_std=0.1, generator=torch.Generator().manual_seed(1)
     )
     assert 0.05 < (noisy - batch).std() < 0.15
+
+
+def test_each_image_gets_its_own_shift_and_its_own_background():
+    """Shifts differ between the images of a batch, and the uncovered border takes the
+    image's background (after image scaling, the transformed 0 is negative, not 0)."""
+    batch = torch.full((32, 1, 8, 8), -0.5)
+    batch[:, :, 2:6, 2:6] = 2.0
+    shifted = augment_batch(batch, 2, 0.0, torch.Generator().manual_seed(0))
+    corners = {tuple(img[0].eq(2.0).nonzero().min(0).values.tolist()) for img in shifted}
+    assert len(corners) > 5  # not one shift for the whole batch
+    assert set(shifted.unique().tolist()) == {-0.5, 2.0}  # no 0 shifted in
+    assert torch.equal(shifted.eq(2.0).sum((1, 2, 3)), batch.eq(2.0).sum((1, 2, 3)))

@@ -112,7 +112,9 @@ def test_unreadable_file_stops_and_keeps_previous_version(
         _ingest(settings, params, bad)
     assert str(bad) in str(err.value)
     assert file_md5(snapshot) == before
-    assert sorted(p.name for p in settings.raw_dir.iterdir()) == ["dataset.parquet"]
+    # nothing half-written beside the snapshot and its (here empty) official test split
+    names = sorted(p.name for p in settings.raw_dir.iterdir())
+    assert names == ["dataset.parquet", "dataset.test.parquet"]
 
 
 def test_all_rows_bad_keeps_previous_version(settings, params, tmp_path):
