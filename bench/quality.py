@@ -16,8 +16,10 @@ digits resampled to 28x28 on a 0-255 scale, twice each with random shifts, strok
 thickness and background noise: the CNN path at the MNIST image size) and `mnist` when
 `mlops ingest --source mnist` has cached the real files (a seeded subset, `--mnist-rows`).
 
-Prints accuracy and macro F1 (mean and spread over seeds), training seconds per epoch, and
-the ratios of the default against each reference measured in the same run.
+Prints accuracy and macro F1 (mean, standard deviation and range over the seeds), training
+seconds per epoch, and the default's margin over each reference and its time ratio to the
+reference CNN, all measured in the same run. "Beats" means a mean margin larger than the
+larger of the two arms' seed-to-seed standard deviations.
 
     python bench/quality.py [--seeds 3] [--trials 0] [--data digits8,digits28] [--json OUT]
 """
@@ -218,8 +220,13 @@ class Arm:
         return float(np.mean([getattr(s, key) for s in self.scores]))
 
     def spread(self, key: str) -> float:
+        """The seed-to-seed spread: the sample standard deviation over the seeds."""
         values = [getattr(s, key) for s in self.scores]
-        return float(max(values) - min(values)) if values else 0.0
+        return float(np.std(values, ddof=1)) if len(values) > 1 else 0.0
+
+    def range(self, key: str) -> tuple[float, float]:
+        values = [getattr(s, key) for s in self.scores]
+        return min(values), max(values)
 
 
 def splits_for(name: str, seed: int, params, mnist_rows: int) -> dict[str, pd.DataFrame] | None:
@@ -285,14 +292,16 @@ def main() -> None:
 
 def _report(results: dict[str, dict[str, Arm]], out: Path | None) -> None:
     print()
-    print("| data | arm | accuracy (mean, spread) | macro F1 | s/epoch | epochs |")
+    print("| data | arm | accuracy: mean ± sd (min-max) | macro F1 | s/epoch | epochs |")
     print("| --- | --- | --- | --- | --- | --- |")
     summary = {}
     for name, arms in results.items():
         for arm, a in arms.items():
+            low, high = a.range("accuracy")
             print(
-                f"| {name} | {arm} | {a.mean('accuracy'):.4f} ({a.spread('accuracy'):.4f}) | "
-                f"{a.mean('macro_f1'):.4f} | {a.mean('per_epoch'):.3f} | {a.mean('epochs'):.1f} |"
+                f"| {name} | {arm} | {a.mean('accuracy'):.4f} ± {a.spread('accuracy'):.4f} "
+                f"({low:.4f}-{high:.4f}) | {a.mean('macro_f1'):.4f} | "
+                f"{a.mean('per_epoch'):.3f} | {a.mean('epochs'):.1f} |"
             )
         default = arms["default"]
         summary[name] = {

@@ -222,13 +222,12 @@ def source_files(source: Path) -> list[Path]:
 
 
 def load_source(
-    source: str, params: Params, max_bytes: int = MAX_INGEST_BYTES, digits_part: str = "bootstrap"
+    source: str, params: Params, max_bytes: int = MAX_INGEST_BYTES
 ) -> list[tuple[str, pd.DataFrame]]:
-    """(name, frame) per input file of the source; `digits_part` picks the built-in set's
-    part (the demo's bootstrap pool, or all of it)."""
+    """(name, frame) per input file of the source; the built-in digits come whole (all
+    1,797 images: `mlops run` holds its production stream out of them, pipeline/stream.py)."""
     if source == "digits":
-        frame = load_digits_frame(digits_part, params.data.bootstrap_fraction, params.seed)
-        return [(f"digits:{digits_part}", frame)]
+        return [("digits", load_digits_frame("all"))]
     path = Path(source)
     if not path.exists():
         raise DataFileError(f"{source}: no such file or directory (or use the built-in 'digits')")
@@ -279,8 +278,7 @@ def ingest(
     `settings.max_ingest_bytes`).
 
     `keep`, when given, takes the whole validated source and returns the part to snapshot
-    (the loop holds out its production stream this way, pipeline/stream.py); the built-in
-    digits then come whole, not as the demo's bootstrap pool.
+    (the loop holds out its production stream this way, pipeline/stream.py).
 
     A source whose columns or value scale differ from the snapshot it would replace is
     refused unless `allow_schema_change`; an allowed change is recorded in the report.
@@ -292,7 +290,7 @@ def ingest(
     if source == "mnist":
         frames, fixed_test = _mnist(download_dir)
     else:
-        frames = load_source(source, params, max_bytes, "all" if keep else "bootstrap")
+        frames = load_source(source, params, max_bytes)
     contents = content_hash(frame for _, frame in frames)
     schema, clean, quarantine, reports = validate_sources(frames, params.data.num_classes, schema)
     if clean.empty:

@@ -172,7 +172,12 @@ def _train(
         model = nn.parallel.DistributedDataParallel(
             model, device_ids=[device.index] if device.type == "cuda" else None
         )
-    opt = torch.optim.AdamW(model.parameters(), lr=params.lr, weight_decay=params.weight_decay)
+    opt = torch.optim.AdamW(  # fused: one kernel per step instead of one per tensor
+        model.parameters(),
+        lr=params.lr,
+        weight_decay=params.weight_decay,
+        fused=device.type in ("cpu", "cuda"),
+    )
     train_x = torch.from_numpy(data.x["train"])
     train_y = torch.from_numpy(data.y["train"])
     order_gen = torch.Generator().manual_seed(params.seed)

@@ -13,15 +13,14 @@ from pipeline.ingest import file_md5, load_digits_frame
 runner = CliRunner()
 
 
-def _bootstrap_rows(params) -> int:
-    return len(load_digits_frame("bootstrap", params.data.bootstrap_fraction, params.seed))
-
-
 def test_ingest_then_preprocess(project, params):
+    """`mlops ingest` of the built-in digits is the whole set (1,797 images), not the loop's
+    bootstrap pool, which users took for the data set."""
     result = runner.invoke(app, ["ingest"])
     assert result.exit_code == 0, result.output
     report = json.loads((project / "data/reports/ingest.json").read_text())
-    n = _bootstrap_rows(params)
+    n = len(load_digits_frame("all"))
+    assert n == 1797
     assert report["rows_ok"] == n and report["rows_quarantined"] == 0
     result = runner.invoke(app, ["preprocess"])
     assert result.exit_code == 0, result.output
@@ -115,7 +114,7 @@ def test_evaluate_and_cross_validation(project, params):
     result = runner.invoke(app, ["evaluate"])
     assert result.exit_code == 0, result.output
     metrics = json.loads((project / "metrics.json").read_text())
-    n_test = math.ceil(_bootstrap_rows(params) * params.split.test_size)
+    n_test = math.ceil(len(load_digits_frame("all")) * params.split.test_size)
     assert 0.5 < metrics["accuracy"] <= 1 and metrics["n"] == n_test
     assert (project / "data/reports/confusion_matrix.png").stat().st_size > 1000
     result = runner.invoke(app, ["evaluate", "--cv", "3"])

@@ -8,8 +8,14 @@ from pipeline.preprocess import preprocess
 
 @pytest.fixture
 def prepared(settings, params):
-    """The digits bootstrap pool ingested and preprocessed in the test's own project."""
-    report = ingest("digits", settings.raw_dir, settings.quarantine_dir, params)
+    """The demo's digits bootstrap pool (a third of the set: quick to train on) ingested and
+    preprocessed in the test's own project."""
+    from pipeline.ingest import load_digits_frame
+
+    pool = load_digits_frame("bootstrap", params.data.bootstrap_fraction, params.seed)
+    report = ingest(
+        "digits", settings.raw_dir, settings.quarantine_dir, params, keep=lambda _: pool
+    )
     preprocess(settings.raw_dir / "dataset.parquet", settings.processed_dir, params)
     return report
 
