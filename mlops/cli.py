@@ -42,6 +42,9 @@ def main(
         datefmt="[%X]",
         handlers=[RichHandler(show_path=False, rich_tracebacks=False)],
     )
+    from pipeline import redact
+
+    redact.install()
     for noisy in (
         "alembic",
         "mlflow.store.db.utils",  # "Creating initial MLflow database tables..." on a new store
@@ -60,7 +63,9 @@ def main(
 
 
 def _fail(message: str, code: int = 1) -> typer.Exit:
-    typer.secho(f"error: {message}", fg=typer.colors.RED, err=True)
+    from pipeline.redact import redact
+
+    typer.secho(f"error: {redact(message)}", fg=typer.colors.RED, err=True)
     return typer.Exit(code)
 
 

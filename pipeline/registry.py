@@ -17,6 +17,7 @@ from mlflow.exceptions import MlflowException
 from pipeline import ledger
 from pipeline.config import Settings
 from pipeline.model import Predictor
+from pipeline.redact import redact
 from pipeline.tracking import is_unreachable, with_retries
 
 log = logging.getLogger(__name__)
@@ -133,7 +134,7 @@ def rollback(settings: Settings, reason: str = "manual rollback") -> tuple[str, 
 def status(settings: Settings) -> dict:
     """Champion and challenger with their data versions and test accuracy, plus the ledger."""
     client, name = mlflow.MlflowClient(), settings.model_name
-    out: dict = {"model": name, "tracking_uri": mlflow.get_tracking_uri()}
+    out: dict = {"model": name, "tracking_uri": redact(mlflow.get_tracking_uri())}
     for alias in (CHAMPION, CHALLENGER):
         version = alias_version(name, alias)
         if version is None:

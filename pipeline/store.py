@@ -66,6 +66,10 @@ class StoreUnavailable(RuntimeError):
     """The prediction store cannot be written or read right now."""
 
 
+class _LostRace(Exception):
+    """A label compare-and-set found the row changed since it was read."""
+
+
 COLUMNS = (
     "id",
     "created_at",
@@ -211,31 +215,58 @@ class PredictionStore:
         A different label for an already labelled id is a conflict; unless `overwrite`,
         any conflict leaves the whole request unapplied.
         """
+        for attempt in range(1, 6):
+            try:
+                return self._add_labels_once(labels, overwrite)
+            except _LostRace:
+                continue  # another request labelled one of these ids: read again, decide again
+            except sa.exc.OperationalError as exc:
+                if "locked" not in str(exc) or attempt == 5:  # SQLite's busy snapshot: retry
+                    raise StoreUnavailable(
+                        f"prediction store {self.safe_url}: {_short(exc)}"
+                    ) from exc
+                time.sleep(0.01 * attempt)
+            except sa.exc.SQLAlchemyError as exc:
+                raise StoreUnavailable(f"prediction store {self.safe_url}: {_short(exc)}") from exc
+        raise StoreUnavailable(f"prediction store {self.safe_url}: labels kept changing under us")
+
+    def _add_labels_once(
+        self, labels: Sequence[tuple[str, int]], overwrite: bool
+    ) -> list[LabelOutcome]:
+        """One attempt. A first label is written only where the id is still unlabelled (or
+        already has that label): a compare-and-set, so of two concurrent requests with
+        different labels for one id exactly one wins and the other is told `conflict`."""
         ids = [i for i, _ in labels]
         now = time.time()
-        try:
-            with self.engine.begin() as conn:
-                existing = {
-                    r.id: r.true_label
-                    for r in conn.execute(
-                        sa.select(predictions.c.id, predictions.c.true_label).where(
-                            predictions.c.id.in_(ids)
+        with self.engine.begin() as conn:
+            existing = {
+                r.id: r.true_label
+                for r in conn.execute(
+                    sa.select(predictions.c.id, predictions.c.true_label).where(
+                        predictions.c.id.in_(ids)
+                    )
+                )
+            }
+            outcomes, updates = _label_outcomes(labels, existing, overwrite)
+            if any(o.status == "conflict" for o in outcomes):
+                return outcomes  # nothing applied
+            status = {o.id: o.status for o in outcomes}
+            for pid, label in updates:
+                stmt = (
+                    predictions.update()
+                    .where(predictions.c.id == pid)
+                    .values(true_label=label, labelled_at=now)
+                )
+                if status[pid] == "labelled":  # only if nobody labelled it meanwhile
+                    stmt = stmt.where(
+                        sa.or_(
+                            predictions.c.true_label.is_(None),
+                            predictions.c.true_label == label,
                         )
                     )
-                }
-                outcomes, updates = _label_outcomes(labels, existing, overwrite)
-                if any(o.status == "conflict" for o in outcomes):
-                    return outcomes  # nothing applied
-                if updates:
-                    stmt = (
-                        predictions.update()
-                        .where(predictions.c.id == sa.bindparam("pid"))
-                        .values(true_label=sa.bindparam("lbl"), labelled_at=now)
-                    )
-                    conn.execute(stmt, [{"pid": i, "lbl": lbl} for i, lbl in updates])
-                return outcomes
-        except sa.exc.SQLAlchemyError as exc:
-            raise StoreUnavailable(f"prediction store {self.safe_url}: {_short(exc)}") from exc
+                if conn.execute(stmt).rowcount != 1:
+                    raise _LostRace  # rolls the whole request back
+            return outcomes
 
     def labelled_since(self, after: float, limit: int | None = None) -> list[dict]:
         """Labelled predictions with labelled_at > after, oldest first (the feedback pull)."""

@@ -26,6 +26,7 @@ from pipeline.config import Params, Settings
 from pipeline.evaluate import confusion_matrix_png, loss_curve_png
 from pipeline.lineage import data_version, lineage_tags
 from pipeline.model import Predictor
+from pipeline.redact import redact
 
 log = logging.getLogger(__name__)
 
@@ -74,8 +75,10 @@ def with_retries(action: str, fn: Callable[[], T], attempts: int = 3, delay: flo
                 raise
             if attempt == attempts:
                 raise RegistryUnavailable(
-                    f"MLflow at {mlflow.get_tracking_uri()} is unreachable ({action}; "
-                    f"{attempts} attempts): {_first_line(exc)}"
+                    redact(
+                        f"MLflow at {mlflow.get_tracking_uri()} is unreachable ({action}; "
+                        f"{attempts} attempts): {_first_line(exc)}"
+                    )
                 ) from exc
             log.warning("registry unreachable (%s), retry %d/%d", action, attempt, attempts - 1)
             time.sleep(delay * 2 ** (attempt - 1))

@@ -20,6 +20,8 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import Response
 
 from pipeline.config import Settings, get_settings
+from pipeline.redact import install as install_redaction
+from pipeline.redact import redact
 from pipeline.store import StoreUnavailable
 from pipeline.tracking import configure_tracking
 from serving.deps import State
@@ -57,6 +59,9 @@ def _lifespan(settings: Settings):
     async def lifespan(app: FastAPI):
         import torch
 
+        # In every worker (uvicorn's log config is in place by now): no password in a log line.
+        install_redaction("uvicorn", "uvicorn.error", "uvicorn.access")
+
         threads = settings.torch_threads or max(1, (os.cpu_count() or 2) - 1)
         torch.set_num_threads(threads)
         # The event loop, the inference thread and the log writer hand the GIL to each other
@@ -75,7 +80,8 @@ def _lifespan(settings: Settings):
             await asyncio.to_thread(configure_tracking, settings)
             await asyncio.to_thread(state.manager.refresh)
         except Exception as exc:  # noqa: BLE001 - the server starts; /ready says why not
-            log.warning("no model loaded at start-up: %s", exc)
+            state.manager.last_error = redact(f"no model loaded at start-up: {exc}")
+            log.warning("%s", state.manager.last_error)
         state.manager.start_polling()
         gc.collect()
         gc.freeze()  # start-up objects (MLflow, torch) leave the GC's scans: no long pauses

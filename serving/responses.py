@@ -7,6 +7,8 @@ from typing import Any
 import orjson
 from fastapi.responses import Response
 
+from pipeline.redact import redact
+
 
 def json_response(data: Any, status: int = 200, headers: dict | None = None) -> Response:
     return Response(
@@ -18,5 +20,5 @@ def json_response(data: Any, status: int = 200, headers: dict | None = None) -> 
 
 
 def error(status: int, detail: str, **extra: Any) -> Response:
-    """The one error shape of the API: `{"detail": "...", ...}`."""
-    return json_response({"detail": detail, **extra}, status)
+    """The one error shape of the API: `{"detail": "...", ...}`, credentials redacted."""
+    return json_response({"detail": redact(detail), **extra}, status)

@@ -17,6 +17,7 @@ from pathlib import Path
 import numpy as np
 
 from pipeline.model import Predictor
+from pipeline.redact import redact
 from pipeline.registry import alias_version, download_model
 from pipeline.store import PredictionStore, StoreUnavailable
 from serving import metrics
@@ -92,7 +93,7 @@ class ModelManager:
                     return False
                 loaded = self.load(target)
             except Exception as exc:  # noqa: BLE001 - any failure keeps the old model
-                self.last_error = f"loading {self.settings.model_name}@{ref}: {exc}"
+                self.last_error = redact(f"loading {self.settings.model_name}@{ref}: {exc}")
                 metrics.LOAD_FAILURES.inc()
                 log.error(
                     "model load failed, still serving %s: %s",
