@@ -132,10 +132,14 @@ def preprocess(
     name: Annotated[str | None, typer.Option(help="snapshot name under data/raw/")] = None,
 ) -> None:
     """Split the raw snapshot and fit the preprocessor on the training split."""
+    from pipeline.ingest import DataFileError, check_name
     from pipeline.preprocess import preprocess as run_preprocess
 
     settings, params = _config()
-    raw = settings.raw_dir / f"{name or params.data.name}.parquet"
+    try:
+        raw = settings.raw_dir / f"{check_name(name or params.data.name)}.parquet"
+    except DataFileError as exc:
+        raise _fail(str(exc)) from exc
     if not raw.exists():
         raise _fail(f"{raw} does not exist: run `mlops ingest` first")
     report = run_preprocess(raw, settings.processed_dir, params)

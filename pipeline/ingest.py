@@ -13,6 +13,7 @@ import hashlib
 import json
 import logging
 import os
+import re
 import tempfile
 import zipfile
 from collections.abc import Callable, Iterable
@@ -212,13 +213,43 @@ def _check_not_truncated(path: Path) -> None:
         )
 
 
+_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
+
+
+def check_name(name: str) -> str:
+    """A snapshot name is a plain file name: never a path that could leave data/raw."""
+    if not _NAME.fullmatch(name) or ".." in name:
+        raise DataFileError(
+            f"snapshot name {name[:80]!r}: use 1-64 letters, digits, '.', '_' or '-' "
+            "(a name, not a path)"
+        )
+    return name
+
+
 def source_files(source: Path) -> list[Path]:
+    """The files to read. A symbolic link is followed only when it points inside the
+    directory it was found in (a link in a data folder to a system file is refused, and
+    nothing of that file is read)."""
     if source.is_dir():
         files = sorted(p for p in source.iterdir() if p.is_file() and _table_kind(p))
         if not files:
             raise DataFileError(f"{source}: directory holds no .csv or .parquet files")
+        for file in files:
+            _check_link(file, source)
         return files
+    _check_link(source, source.parent)
     return [source]
+
+
+def _check_link(path: Path, home: Path) -> None:
+    if not path.is_symlink():
+        return
+    target = path.resolve()
+    if not target.is_relative_to(home.resolve()):
+        raise DataFileError(
+            f"{path}: a symbolic link to a file outside {home}; "
+            "pass the real file's path if you mean to read it"
+        )
 
 
 def load_source(
@@ -285,7 +316,7 @@ def ingest(
 
     `mnist` is downloaded once into `download_dir`; its official test split is validated
     too and written beside the snapshot (`<name>.test.parquet`, see `fixed_test_path`)."""
-    name = name or params.data.name
+    name = check_name(name or params.data.name)
     fixed_test: pd.DataFrame | None = None
     if source == "mnist":
         frames, fixed_test = _mnist(download_dir)
@@ -316,7 +347,8 @@ def ingest(
     # official test split gets an empty one (its test split is then carved from the data).
     write_parquet_atomic(clean.iloc[:0] if fixed_test is None else fixed_test, test_path)
     write_parquet_atomic(clean, snapshot)
-    write_atomic(quarantine_dir / f"{name}.csv", lambda p: quarantine.to_csv(p, index=False))
+    safe = neutralise_formulas(quarantine)
+    write_atomic(quarantine_dir / f"{name}.csv", lambda p: safe.to_csv(p, index=False))
     report = IngestReport(
         source=source,
         snapshot=str(snapshot),
@@ -473,3 +505,26 @@ def file_md5(path: Path) -> str:
         for chunk in iter(lambda: fh.read(1 << 20), b""):
             digest.update(chunk)
     return digest.hexdigest()
+
+
+_FORMULA_START = ("=", "+", "-", "@", "\t", "\r")
+
+
+def neutralise_formulas(frame: pd.DataFrame) -> pd.DataFrame:
+    """The quarantine CSV is opened in spreadsheets: a text cell that a spreadsheet would
+    run as a formula (`=cmd|' /C calc'!A0`, `+`, `-`, `@`, tab or CR first) gets a leading
+    `'`, as OWASP recommends for CSV injection. Numbers, negative ones included, are kept."""
+    out = frame.rename(
+        columns=lambda c: "'" + c if isinstance(c, str) and c.startswith(_FORMULA_START) else c
+    )
+    for column in out.columns:
+        values = out[column]
+        if pd.api.types.is_numeric_dtype(values.dtype):
+            continue
+        text = values.map(lambda v: isinstance(v, str) and v.startswith(_FORMULA_START))
+        if not text.any():
+            continue
+        numeric = pd.to_numeric(values.where(text), errors="coerce").notna()
+        risky = text & ~numeric
+        out.loc[risky, column] = "'" + values[risky].astype(str)
+    return out

@@ -102,7 +102,8 @@ def validate_frame(df: pd.DataFrame, schema: Schema, source: str) -> ValidationR
     missing = [c for c in (*schema.feature_names, LABEL) if c not in df.columns]
     if missing:
         raise SchemaError(f"missing column(s) {_preview(missing)}")
-    extra = [c for c in columns if c != LABEL and c not in set(schema.feature_names)]
+    known = set(schema.feature_names)  # once: a set per column made 1M columns quadratic
+    extra = [c for c in columns if c != LABEL and c not in known]
     report = ValidationReport(source=source, rows_in=len(df), extra_columns=extra)
 
     features, non_numeric = _numeric_matrix(df, schema.feature_names)
@@ -171,6 +172,17 @@ def _label_reasons(labels: np.ndarray, num_classes: int) -> np.ndarray:
     return reason
 
 
+_SHOWABLE = re.compile(r"[A-Za-z_][A-Za-z0-9_ .()-]{0,39}")
+
+
 def _preview(items: list[str], limit: int = 8) -> str:
-    shown = ", ".join(map(str, items[:limit]))
-    return shown + (f", ... ({len(items)} in all)" if len(items) > limit else "")
+    """A few column names for an error message. Only names that look like column names are
+    shown: a "header" that is really the first line of some other file (a link to a system
+    file, a binary) is not echoed back."""
+    names = [str(i) for i in items[:limit]]
+    shown = [n for n in names if _SHOWABLE.fullmatch(n)]
+    hidden = len(names) - len(shown)
+    text = ", ".join(shown)
+    if hidden:
+        text += (", " if text else "") + f"{hidden} name(s) not shown"
+    return text + (f", ... ({len(items)} in all)" if len(items) > limit else "")
