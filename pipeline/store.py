@@ -239,15 +239,15 @@ class PredictionStore:
         ids = [i for i, _ in labels]
         now = time.time()
         with self.engine.begin() as conn:
-            existing = {
-                r.id: r.true_label
-                for r in conn.execute(
-                    sa.select(predictions.c.id, predictions.c.true_label).where(
-                        predictions.c.id.in_(ids)
-                    )
-                )
-            }
-            outcomes, updates = _label_outcomes(labels, existing, overwrite)
+            existing, classes = {}, {}
+            for r in conn.execute(
+                sa.select(
+                    predictions.c.id, predictions.c.true_label, predictions.c.probabilities
+                ).where(predictions.c.id.in_(ids))
+            ):
+                existing[r.id] = r.true_label
+                classes[r.id] = len(r.probabilities) // 4  # float32 per class it predicted
+            outcomes, updates = _label_outcomes(labels, existing, overwrite, classes)
             if any(o.status == "conflict" for o in outcomes):
                 return outcomes  # nothing applied
             status = {o.id: o.status for o in outcomes}
@@ -369,11 +369,22 @@ def labelled_query(after: float, limit: int | None = None) -> sa.Select:
     return stmt.limit(limit) if limit else stmt
 
 
-def _label_outcomes(labels, existing, overwrite):
+def _label_outcomes(labels, existing, overwrite, classes=None):
+    """Each label against the stored row: new, the same, a conflict, an overwrite, or
+    outside the classes of the model that made that prediction (its probabilities say how
+    many), which holds whether or not a model is loaded now."""
     outcomes, updates, seen = [], [], {}
     for pid, label in labels:
         if pid not in existing:
             outcomes.append(LabelOutcome(pid, "unknown_id", "no prediction logged with this id"))
+            continue
+        n = (classes or {}).get(pid)
+        if n and not 0 <= label < n:
+            outcomes.append(
+                LabelOutcome(
+                    pid, "invalid_label", f"the model that predicted it has classes 0..{n - 1}"
+                )
+            )
             continue
         current = seen.get(pid, existing[pid])
         if current is None:

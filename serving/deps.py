@@ -48,7 +48,9 @@ async def require_api_key(request: Request) -> None:
     key = request.app.state.mlops.settings.api_key
     if key is None:
         return
-    if not _same_secret(request.headers.get("x-api-key", ""), key):
+    # Surrounding whitespace is trimmed on both sides alike (HTTP strips the leading part
+    # anyway), so a key pasted with a trailing space or newline still matches.
+    if not _same_secret(request.headers.get("x-api-key", "").strip(), key):
         raise BadRequest(401, "missing or wrong X-API-Key")
 
 

@@ -59,6 +59,9 @@ def rows_to_array(
         raise BadRequest(422, f"{field} is empty: send at least one row")
     if len(rows) > max_rows:
         raise BadRequest(413, f"{len(rows)} rows in one request; the limit is {max_rows}")
+    # true/false among numbers would become 1/0 silently; map(type) keeps the scan in C
+    if any(isinstance(row, list) and bool in map(type, row) for row in rows):
+        raise BadRequest(422, f"{field}: values must be numbers, found booleans")
     try:
         array = np.asarray(rows)
     except (ValueError, TypeError, OverflowError):

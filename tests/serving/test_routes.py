@@ -312,6 +312,36 @@ def test_api_key_protects_predict_and_feedback(served, monkeypatch, digits_rows)
         assert c.post("/feedback", json={"labels": [{"id": "a", "label": 1}]}).status_code == 401
         assert _predict(c, digits_rows[:1], headers={"x-api-key": "k-123"}).status_code == 200
         assert c.get("/health").status_code == 200  # ops routes stay open
+        # whitespace around the key counts the same on both sides (a pasted newline)
+        for sent in ("k-123 ", " k-123", "k-123\t"):
+            assert _predict(c, digits_rows[:1], headers={"x-api-key": sent}).status_code == 200
+        assert _predict(c, digits_rows[:1], headers={"x-api-key": "k-12"}).status_code == 401
+
+
+def test_booleans_are_refused_alone_and_among_numbers(client, digits_rows):
+    row = digits_rows[0].tolist()
+    for bad in ([True] * 64, [True, *row[1:]], [*row[:-1], False]):
+        res = client.post("/predict", json={"instances": [row, bad]})
+        assert res.status_code == 422, res.text
+        assert "booleans" in res.json()["detail"]
+    assert _store().count() == 0  # nothing logged
+
+
+def test_labels_outside_the_predicting_models_classes_are_refused_without_a_model(
+    client, digits_rows
+):
+    """/feedback checks a label against the classes of the model that made the prediction
+    (stored with it), so it holds while no model is loaded too."""
+    assert _predict(client, digits_rows[:2], ids=["n-1", "n-2"]).status_code == 200
+    client.app.state.mlops.manager.current = None  # as after a failed start-up load
+    res = client.post(
+        "/feedback", json={"labels": [{"id": "n-1", "label": 10}, {"id": "n-2", "label": 9}]}
+    )
+    assert res.status_code == 200, res.text
+    status = {r["id"]: r["status"] for r in res.json()["results"]}
+    assert status == {"n-1": "invalid_label", "n-2": "labelled"}
+    stored = _store().get(["n-1", "n-2"])
+    assert stored["n-1"]["true_label"] is None and stored["n-2"]["true_label"] == 9
 
 
 def _load_failures(client) -> float:
