@@ -16,7 +16,14 @@ from pipeline import ledger
 from pipeline.config import Params, Settings
 from pipeline.model import Predictor
 from pipeline.preprocess import load_preprocessor, raw_test_set
-from pipeline.registry import CHALLENGER, CHAMPION, alias_version, load_predictor, set_alias
+from pipeline.registry import (
+    CHALLENGER,
+    CHAMPION,
+    champion_lock,
+    current_champion,
+    load_predictor,
+    set_alias,
+)
 
 log = logging.getLogger(__name__)
 
@@ -42,11 +49,20 @@ def promote_if_better(
     name = settings.model_name
     cand_pred, _ = load_predictor(name, candidate)
     cand_score = score(cand_pred, x_test, y_test)
-    champion = alias_version(name, CHAMPION)
+    with champion_lock(settings):  # decided and applied on the champion as it is now
+        champion = current_champion(settings)
+        decision = _decide(settings, candidate, cand_score, champion, x_test, y_test, margin)
+        if decision.reason != "already champion":
+            _apply(settings, decision)
+    return decision
+
+
+def _decide(settings, candidate, cand_score, champion, x_test, y_test, margin) -> Decision:
+    name = settings.model_name
     if champion is None:
         decision = Decision(True, candidate, None, cand_score, None, "first version")
     elif champion == candidate:
-        return Decision(False, candidate, champion, cand_score, cand_score, "already champion")
+        decision = Decision(False, candidate, champion, cand_score, cand_score, "already champion")
     else:
         champ_pred, _ = load_predictor(name, champion)
         champ_score = score(champ_pred, x_test, y_test)
@@ -56,7 +72,6 @@ def promote_if_better(
             f"({'beats' if better else 'does not beat'} it by more than {margin})"
         )
         decision = Decision(better, candidate, champion, cand_score, champ_score, reason)
-    _apply(settings, decision)
     return decision
 
 

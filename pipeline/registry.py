@@ -9,16 +9,18 @@ from __future__ import annotations
 
 import logging
 import tempfile
+from contextlib import contextmanager
 from pathlib import Path
 
 import mlflow
+import numpy as np
 from mlflow.exceptions import MlflowException
 
 from pipeline import ledger
 from pipeline.config import Settings
 from pipeline.model import Predictor
 from pipeline.redact import redact
-from pipeline.tracking import is_unreachable, with_retries
+from pipeline.tracking import RegistryUnavailable, is_unreachable, with_retries
 
 log = logging.getLogger(__name__)
 
@@ -104,30 +106,78 @@ def set_alias(name: str, alias: str, version: str) -> None:
     )
 
 
+@contextmanager
+def champion_lock(settings: Settings):
+    """Serialise every change of the champion (promote, the gate, rollback) across all
+    processes that share the prediction store's database, the one database every server,
+    flow and CLI of a deployment already reaches. Inside, the ledger is read fresh, so a
+    change is decided on the champion as it is, not as it was a moment ago."""
+    from pipeline.store import LockTimeout, PredictionStore
+
+    store = PredictionStore(settings.prediction_db).create()
+    try:
+        with store.lock(f"champion:{settings.model_name}"):
+            yield
+    except LockTimeout as exc:
+        raise RegistryError(f"another promotion or rollback is running: {exc}") from exc
+    finally:
+        store.dispose()
+
+
+def current_champion(settings: Settings) -> str | None:
+    """The champion, by the ledger when the alias disagrees with it (the alias is repaired):
+    the ledger is the record of what was decided; an alias is a pointer that a crash
+    between two calls, or a hand edit in the UI, can leave behind."""
+    name = settings.model_name
+    alias = alias_version(name, CHAMPION)
+    stack = ledger.champion_history(settings)
+    if not stack or stack[-1] == alias:
+        return alias
+    log.warning("@%s is v%s but the ledger says v%s: restoring it", CHAMPION, alias, stack[-1])
+    set_alias(name, CHAMPION, stack[-1])
+    return stack[-1]
+
+
+def check_loads(name: str, version: str) -> None:
+    """A version becomes champion only if it loads and predicts (a row of zeros)."""
+    try:
+        predictor, _ = load_predictor(name, version)
+        predictor.predict_proba(np.zeros((1, len(predictor.feature_names)), dtype=np.float32))
+    except RegistryUnavailable:
+        raise
+    except Exception as exc:  # noqa: BLE001 - whatever is broken in it, it is not promoted
+        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:200]
+        raise RegistryError(f"v{version} cannot be loaded, so it is not promoted: {first}") from exc
+
+
 def set_champion(settings: Settings, version: str, reason: str = "manual promotion") -> None:
     """`mlops promote VERSION`: make an existing version the champion."""
-    name = settings.model_name
+    name, version = settings.model_name, str(version)
     resolve(name, version)
-    current = alias_version(name, CHAMPION)
-    if current == str(version):
-        raise RegistryError(f"v{version} is already the champion")
-    set_alias(name, CHAMPION, str(version))
-    if current:
-        set_alias(name, CHALLENGER, current)
-    ledger.record(settings, "promote", current, str(version), reason, {}, candidate=str(version))
+    check_loads(name, version)
+    with champion_lock(settings):
+        current = current_champion(settings)
+        if current == version:
+            raise RegistryError(f"v{version} is already the champion")
+        set_alias(name, CHAMPION, version)
+        if current:
+            set_alias(name, CHALLENGER, current)
+        ledger.record(settings, "promote", current, version, reason, {}, candidate=version)
 
 
 def rollback(settings: Settings, reason: str = "manual rollback") -> tuple[str, str]:
     """Make the champion before the current one the champion again; returns (from, to)."""
     name = settings.model_name
-    stack = ledger.champion_history(settings)
-    current = alias_version(name, CHAMPION)
-    if len(stack) < 2 or current is None:
-        raise RegistryError("no previous champion to roll back to")
-    target = stack[-2]
-    set_alias(name, CHAMPION, target)
-    set_alias(name, CHALLENGER, current)
-    ledger.record(settings, "rollback", current, target, reason, {})
+    with champion_lock(settings):
+        current = current_champion(settings)
+        stack = ledger.champion_history(settings)
+        if len(stack) < 2 or current is None:
+            raise RegistryError("no previous champion to roll back to")
+        target = stack[-2]
+        check_loads(name, target)
+        set_alias(name, CHAMPION, target)
+        set_alias(name, CHALLENGER, current)
+        ledger.record(settings, "rollback", current, target, reason, {})
     return current, target
 
 

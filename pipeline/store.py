@@ -13,6 +13,7 @@ import logging
 import os
 import threading
 import time
+import uuid
 from collections.abc import Iterable, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -60,6 +61,22 @@ drift_reports = sa.Table(
     sa.Column("score", sa.Float, nullable=False),
     sa.Column("report", sa.Text, nullable=False),  # JSON
 )
+
+
+# Leases that serialise an operation across every process sharing this database (promotion
+# and rollback: `pipeline.registry.champion_lock`). A holder that dies leaves a lease that
+# expires; short transactions only, so the prediction log never waits on a lock holder.
+locks = sa.Table(
+    "locks",
+    metadata,
+    sa.Column("name", sa.String(200), primary_key=True),
+    sa.Column("holder", sa.String(100), nullable=False),
+    sa.Column("expires_at", sa.Float(precision=53), nullable=False),
+)
+
+
+class LockTimeout(RuntimeError):
+    """Another process held the lease for longer than we were willing to wait."""
 
 
 class StoreUnavailable(RuntimeError):
@@ -267,6 +284,40 @@ class PredictionStore:
                 if conn.execute(stmt).rowcount != 1:
                     raise _LostRace  # rolls the whole request back
             return outcomes
+
+    @contextmanager
+    def lock(self, name: str, ttl_s: float = 120.0, wait_s: float = 60.0):
+        """Hold the lease `name` for the block: every process using this database waits
+        its turn. A lease older than `ttl_s` (its holder died) is taken over."""
+        holder = f"{os.getpid()}-{threading.get_ident()}-{uuid.uuid4().hex[:8]}"
+        deadline = time.monotonic() + wait_s
+        pause = 0.02
+        while not self._try_lock(name, holder, ttl_s):
+            if time.monotonic() > deadline:
+                raise LockTimeout(f"{name} is held by another process (waited {wait_s:.0f} s)")
+            time.sleep(pause)
+            pause = min(pause * 1.5, 0.5)
+        try:
+            yield
+        finally:
+            with contextlib.suppress(sa.exc.SQLAlchemyError), self.engine.begin() as conn:
+                conn.execute(locks.delete().where(locks.c.name == name, locks.c.holder == holder))
+
+    def _try_lock(self, name: str, holder: str, ttl_s: float) -> bool:
+        now = time.time()
+        try:
+            with self.engine.begin() as conn:
+                conn.execute(locks.delete().where(locks.c.name == name, locks.c.expires_at < now))
+                conn.execute(
+                    locks.insert().values(name=name, holder=holder, expires_at=now + ttl_s)
+                )
+            return True
+        except sa.exc.IntegrityError:
+            return False  # held
+        except sa.exc.OperationalError as exc:
+            if "locked" in str(exc):
+                return False  # SQLite busy: try again
+            raise StoreUnavailable(f"prediction store {self.safe_url}: {_short(exc)}") from exc
 
     def labelled_since(self, after: float, limit: int | None = None) -> list[dict]:
         """Labelled predictions with labelled_at > after, oldest first (the feedback pull)."""

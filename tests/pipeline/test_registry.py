@@ -200,3 +200,61 @@ def test_a_pruned_trial_is_a_finished_run_tagged_pruned(prepared, settings, para
     assert runs["trial-1"].data.tags.get("pruned") == "true"
     assert {r.info.status for r in runs.values()} == {"FINISHED"}
     assert runs["trial-0"].data.metrics["best_val_loss"] > 0
+
+
+def test_concurrent_promotions_and_rollbacks_leave_alias_and_ledger_agreeing(
+    prepared, settings, params
+):
+    """Eight concurrent pairs of `promote v2` and `rollback` (the lock lives in the
+    prediction store's database, which every process shares): afterwards the champion
+    alias is the ledger's champion, the challenger is another version, and a serial
+    rollback moves from one version to another (never "v1 -> v1")."""
+    import threading
+
+    x, y = _test_set(settings)
+    first = _fit(settings, params, epochs=2)
+    promote_if_better(settings, first.version, x, y, margin=0.0)
+    second = _fit(settings, params, epochs=2)
+    errors: list[str] = []
+
+    def promote() -> None:
+        try:
+            set_champion(settings, second.version, reason="race")
+        except RegistryError as exc:
+            errors.append(str(exc))
+
+    def back() -> None:
+        try:
+            rollback(settings, reason="race")
+        except RegistryError as exc:
+            errors.append(str(exc))
+
+    threads = [threading.Thread(target=f) for _ in range(8) for f in (promote, back)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=300)
+    assert all("already the champion" in e or "no previous champion" in e for e in errors), errors
+    from pipeline.ledger import champion_history
+
+    champion = alias_version(settings.model_name, CHAMPION)
+    assert champion == champion_history(settings)[-1]
+    assert alias_version(settings.model_name, CHALLENGER) != champion
+    if len(champion_history(settings)) >= 2:
+        came_from, went_to = rollback(settings)
+        assert came_from != went_to and came_from == champion
+
+
+def test_a_version_that_cannot_load_is_not_promoted(prepared, settings, params):
+    x, y = _test_set(settings)
+    first = _fit(settings, params, epochs=2)
+    promote_if_better(settings, first.version, x, y, margin=0.0)
+    broken = _fit(settings, params, epochs=2)
+    # break every stored copy of the checkpoint (the artifact store is this temp project's)
+    for path in settings.root.rglob("checkpoint.pt"):
+        if "mlartifacts" in path.parts or "mlruns" in path.parts:
+            path.write_bytes(b"not a checkpoint")
+    with pytest.raises(RegistryError, match=f"v{broken.version} cannot be loaded"):
+        set_champion(settings, broken.version)
+    assert alias_version(settings.model_name, CHAMPION) == first.version
+    assert [e["action"] for e in ledger(settings)] == ["promote"]
