@@ -123,8 +123,13 @@ class PredictionStore:
         self._insert_conn = None  # the DBAPI connection `insert` keeps (opened on first use)
         self._insert_lock = threading.Lock()
         self._dbapi_error = self.engine.dialect.loaded_dbapi.Error
+        self._path: str | None = None  # SQLite: the file every reader of the URL opens
+        self._identity: tuple[int, int] | None = None  # (device, inode) of the file we write
         if self.dialect == "sqlite":
             event.listen(self.engine, "connect", _sqlite_pragmas)
+            database = sa.engine.make_url(url).database
+            if database and database != ":memory:" and not database.startswith("file:"):
+                self._path = os.path.abspath(database)
 
     def create(self) -> PredictionStore:
         """Create the tables if missing (safe to call from several processes at once)."""
@@ -163,7 +168,9 @@ class PredictionStore:
             for attempt in (1, 2):
                 reused = self._insert_conn is not None
                 try:
-                    return self._insert_once(rows)
+                    new = self._insert_once(rows)
+                    self._check_file()  # committed where a reader of the path finds it?
+                    return new
                 except (self._dbapi_error, sa.exc.SQLAlchemyError) as exc:
                     self._drop_insert_conn()
                     # A kept connection may have died since its last use (a database
@@ -174,10 +181,55 @@ class PredictionStore:
                         ) from exc
         raise AssertionError("unreachable")
 
+    def _file_identity(self) -> tuple[int, int] | None:
+        try:
+            st = os.stat(self._path)
+        except (OSError, TypeError):
+            return None
+        return st.st_dev, st.st_ino
+
+    def _check_file(self) -> None:
+        """SQLite: the file at the configured path must still be the one we write into.
+        Deleted or replaced while open, our connections would keep writing into a file no
+        reader can find; so the rows of this commit are not acknowledged, the connections
+        are dropped, the schema is made at the path again, and the next commit goes there."""
+        if self._path is None or self._identity is None:
+            return
+        now = self._file_identity()
+        if now == self._identity:
+            return
+        what = "deleted" if now is None else "replaced"
+        self._drop_insert_conn()
+        self.engine.dispose()
+        self._identity = None
+        log.error(
+            "prediction store %s was %s while open: this commit is not acknowledged; "
+            "reopening it at that path",
+            self._path,
+            what,
+        )
+        with contextlib.suppress(StoreUnavailable):  # else the next commit tries again
+            self.create()
+        raise StoreUnavailable(
+            f"prediction store {self._path} was {what} while open; nothing of this request "
+            "was kept; it has been reopened, retry"
+        )
+
+    def check_file(self) -> bool:
+        """The timer's check (and the health check's): False once a change was handled."""
+        with self._insert_lock:
+            try:
+                self._check_file()
+            except StoreUnavailable:
+                return False
+        return True
+
     def _insert_once(self, rows: Sequence[tuple]) -> int:
         if self._insert_conn is None:
             self._insert_conn = self.engine.raw_connection()
             _autocommit(self._insert_conn.driver_connection, self.dialect)
+            if self._path is not None:
+                self._identity = self._file_identity()
         conn = self._insert_conn.driver_connection
         step = _ROWS_PER_STATEMENT
         chunks = [rows[i : i + step] for i in range(0, len(rows), step)]
@@ -350,6 +402,7 @@ class PredictionStore:
 
         def run() -> None:
             while not stop.wait(interval_s):
+                self.check_file()  # a deleted or replaced file is noticed between commits too
                 try:
                     with self.engine.connect() as conn:
                         conn.exec_driver_sql("PRAGMA wal_checkpoint(PASSIVE)")

@@ -178,3 +178,45 @@ def test_conflicting_labels_racing_for_one_id_have_one_winner(store):
         assert pair == ["conflict", "labelled"], (pid, outcomes[3][pid], outcomes[7][pid])
         winner = 3 if outcomes[3][pid] == "labelled" else 7
         assert stored[pid] == winner
+
+
+@pytest.mark.parametrize("how", ["deleted", "replaced"])
+def test_a_sqlite_file_deleted_or_replaced_while_open_acknowledges_nothing_lost(tmp_path, how):
+    """`rm predictions.db` (or a copy moved over it) while the server writes: the commit
+    that finds the file changed is refused (not acknowledged), the store reopens at the
+    path, and every later acknowledged row is in the file a reader of the path opens."""
+    import os
+    import shutil
+    import sqlite3
+
+    path = tmp_path / "log.db"
+    store = PredictionStore(f"sqlite:///{path}").create()
+    store.insert(_rows(new_ids(5)))
+    if how == "deleted":
+        os.remove(path)
+    else:
+        shutil.copy(path, tmp_path / "other.db")
+        os.replace(tmp_path / "other.db", path)
+    with pytest.raises(StoreUnavailable, match=f"was {how} while open"):
+        store.insert(_rows(new_ids(3)))
+    later = new_ids(4)
+    assert store.insert(_rows(later)) == 4
+    store.dispose()
+    reader = sqlite3.connect(path)
+    found = {r[0] for r in reader.execute("SELECT id FROM predictions")}
+    assert set(later) <= found
+
+
+def test_the_timer_notices_a_deleted_file_between_commits(tmp_path):
+    import os
+
+    path = tmp_path / "log.db"
+    store = PredictionStore(f"sqlite:///{path}").create()
+    store.insert(_rows(new_ids(2)))
+    os.remove(path)
+    assert store.check_file() is False  # handled: reopened, the schema is back
+    assert path.exists() and store.count() == 0
+    assert store.check_file() is True
+    store.insert(_rows(new_ids(2)))
+    assert store.count() == 2
+    store.dispose()

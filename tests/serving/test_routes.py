@@ -394,3 +394,23 @@ def test_no_model_yet_is_503_not_a_crash(project, monkeypatch):
         assert c.get("/ready").status_code == 503
         res = c.post("/predict", json={"instances": [[0] * 64]})
         assert res.status_code == 503 and "no model loaded" in res.json()["detail"]
+
+
+def test_a_deleted_log_file_is_noticed_and_nothing_acknowledged_is_lost(client, digits_rows):
+    import os
+    import sqlite3
+
+    path = get_settings().prediction_db.removeprefix("sqlite:///")
+    assert _predict(client, digits_rows[:2]).status_code == 200
+    os.remove(path)
+    statuses, acknowledged, bodies = [], [], []
+    for i in range(20):
+        res = _predict(client, digits_rows[i : i + 1], ids=[f"after-{i}"])
+        statuses.append(res.status_code)
+        bodies.append(res.json().get("detail", ""))
+        if res.status_code == 200:
+            acknowledged.append(f"after-{i}")
+    assert statuses[0] == 503 and statuses[-1] == 200, statuses
+    assert "was deleted while open" in bodies[0] and "retry" in bodies[0]
+    found = {r[0] for r in sqlite3.connect(path).execute("SELECT id FROM predictions")}
+    assert set(acknowledged) <= found and len(acknowledged) >= 18
