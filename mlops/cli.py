@@ -378,6 +378,8 @@ def serve(
         log_level="info",
         access_log=access_log,
         timeout_graceful_shutdown=30,
+        http="serving.protocol:GuardedHttpTools",  # head/body bounds and timeouts
+        limit_concurrency=settings.max_connections,
     )
 
 

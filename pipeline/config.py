@@ -236,6 +236,17 @@ class Settings(BaseSettings):
     reload_interval_s: float = Field(default=10.0, description="poll the alias (0: never)")
     max_rows_per_request: int = 1024
     max_body_bytes: int = 4 * 1024 * 1024
+    # The HTTP guard (serving/protocol.py): a request head larger than this or with more
+    # header lines gets 431; a head not complete within header_timeout_s, or a body that
+    # stalls for body_timeout_s, closes the connection (408); the rest of a body over
+    # max_body_bytes is read and dropped up to linger_bytes so a client that sends it
+    # all before reading still gets its 413, and a larger one is refused at once.
+    max_header_bytes: int = Field(default=64 * 1024, ge=1024)
+    max_headers: int = Field(default=100, ge=8)
+    header_timeout_s: float = Field(default=10.0, gt=0)
+    body_timeout_s: float = Field(default=30.0, gt=0)
+    linger_bytes: int = Field(default=64 * 1024 * 1024, ge=0)
+    max_connections: int = Field(default=2048, ge=1)  # uvicorn's limit_concurrency: then 503
     batch_max_rows: int = 512
     batch_max_wait_ms: float = 2.0
     log_mode: Literal["durable", "async", "off"] = Field(
