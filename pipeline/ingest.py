@@ -100,7 +100,7 @@ def read_table(path: Path, max_bytes: int = MAX_INGEST_BYTES) -> pd.DataFrame:
         )
     kind = _table_kind(path)
     if kind == "parquet":
-        return _read_parquet(path)
+        return _read_parquet(path, max_bytes)
     if kind == "csv":
         return _read_csv(path)
     if kind in {"csv.gz", "zip"}:
@@ -169,17 +169,55 @@ def _copy_bounded(src, dst: Path, max_bytes: int, origin: Path) -> None:
             out.write(chunk)
 
 
-def _read_parquet(path: Path) -> pd.DataFrame:
+# Bounds checked before a file is read (a compressed Parquet file of a few MB can declare
+# tens of millions of rows; a 16 MB CSV can have a million columns).
+MAX_INGEST_COLUMNS = 100_000
+
+
+def _read_parquet(path: Path, max_bytes: int = MAX_INGEST_BYTES) -> pd.DataFrame:
     import pyarrow as pa
     import pyarrow.parquet as pq
 
+    try:
+        meta = pq.ParquetFile(path).metadata
+    except (pa.ArrowException, OSError) as exc:
+        raise DataFileError(f"{path}: not a readable Parquet file ({exc})") from exc
+    _check_width(path, meta.num_columns)
+    decoded = meta.num_rows * meta.num_columns * 8  # float64 cells once in pandas
+    if decoded > 2 * max_bytes:
+        raise DataFileError(
+            f"{path}: declares {meta.num_rows:,} rows x {meta.num_columns:,} columns, "
+            f"~{decoded:,} bytes once decoded, over twice the ingest limit of {max_bytes:,} "
+            "(MLOPS_MAX_INGEST_BYTES); split the file or raise the limit"
+        )
     try:
         return pq.read_table(path).to_pandas()
     except (pa.ArrowException, OSError) as exc:
         raise DataFileError(f"{path}: not a readable Parquet file ({exc})") from exc
 
 
+def _check_width(path: Path, columns: int) -> None:
+    if columns > MAX_INGEST_COLUMNS:
+        raise DataFileError(
+            f"{path}: {columns:,} columns, over the limit of {MAX_INGEST_COLUMNS:,}; "
+            "a dataset is a label and its features"
+        )
+
+
+def _header_columns(path: Path) -> int:
+    """Columns of a CSV's header line, counted in chunks (never one huge line in memory)."""
+    commas = 0
+    with path.open("rb") as fh:
+        while chunk := fh.read(1 << 20):
+            end = chunk.find(b"\n")
+            commas += chunk.count(b",", 0, end if end >= 0 else len(chunk))
+            if end >= 0 or commas > MAX_INGEST_COLUMNS:
+                break
+    return commas + 1
+
+
 def _read_csv(path: Path) -> pd.DataFrame:
+    _check_width(path, _header_columns(path))
     _check_not_truncated(path)
     try:
         frame = pd.read_csv(path, encoding="utf-8", low_memory=False)

@@ -72,3 +72,30 @@ def test_quarantined_formula_cells_are_neutralised(settings, params, tmp_path):
     safe = neutralise_formulas(frame)
     assert safe["a"].tolist() == ["-1.5", "'-x", "+3", "'=1+1", "ok"]
     assert safe["b"].tolist() == [1, 2, 3, 4, 5]
+
+
+def test_width_and_declared_size_are_checked_before_reading(settings, params, tmp_path):
+    """A million-column CSV and a small Parquet file declaring far more rows than the limit
+    allows are refused from their header and metadata, in one line, before any parse."""
+    import numpy as np
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from pipeline.ingest import MAX_INGEST_COLUMNS
+
+    wide = tmp_path / "wide.csv"
+    with wide.open("w") as fh:
+        fh.write("label," + ",".join(f"c{i}" for i in range(MAX_INGEST_COLUMNS + 5)) + "\n")
+        fh.write("1" + ",0" * (MAX_INGEST_COLUMNS + 5) + "\n")
+    with pytest.raises(DataFileError, match=r"columns, over the limit of 100,000"):
+        ingest(str(wide), settings.raw_dir, settings.quarantine_dir, params)
+
+    bomb = tmp_path / "bomb.parquet"
+    rows = 2_000_000
+    table = pa.table({"label": np.zeros(rows, np.int8), "pixel0": np.zeros(rows, np.int8)})
+    pq.write_table(table, bomb, compression="zstd")
+    assert bomb.stat().st_size < 200_000  # small on disk ...
+    with pytest.raises(DataFileError, match=r"declares 2,000,000 rows x 2 columns"):
+        ingest(  # ... 32 MB once decoded: over twice a 10 MB limit
+            str(bomb), settings.raw_dir, settings.quarantine_dir, params, max_bytes=10_000_000
+        )
