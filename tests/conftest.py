@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import atexit
 import os
 import shutil
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -17,6 +19,13 @@ os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 os.environ.setdefault("DO_NOT_TRACK", "1")
 os.environ.setdefault("MLFLOW_ENABLE_TELEMETRY", "false")
 os.environ.setdefault("GIT_PYTHON_REFRESH", "quiet")
+
+# Prefect keeps its database and artifacts under PREFECT_HOME (~/.prefect by default): the
+# suite's flow runs, and those of the `mlops run` subprocesses it starts, go to a home of
+# their own, never into the user's.
+TEST_PREFECT_HOME = tempfile.mkdtemp(prefix="mlops-test-prefect-")
+os.environ["PREFECT_HOME"] = TEST_PREFECT_HOME
+atexit.register(shutil.rmtree, TEST_PREFECT_HOME, ignore_errors=True)
 
 
 @pytest.fixture(autouse=True)
