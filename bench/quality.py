@@ -11,7 +11,8 @@ For each data set and seed, on the project's own seeded split (train / val / tes
   to [0, 1]) for the same number of epochs as the default's budget, trained on train;
 - **logreg**: scikit-learn's LogisticRegression on standardised features.
 
-Data sets, none downloaded: `digits8` (all 1,797 bundled 8x8 digits), `digits28` (the same
+Data sets, none downloaded: `digits8` (all 1,797 bundled 8x8 digits), `pool` (the demo's
+35% bootstrap pool of them, 628 images: small data, what `mlops run` starts from), `digits28` (the same
 digits resampled to 28x28 on a 0-255 scale, twice each with random shifts, stroke
 thickness and background noise: the CNN path at the MNIST image size) and `mnist` when
 `mlops ingest --source mnist` has cached the real files (a seeded subset, `--mnist-rows`).
@@ -240,6 +241,11 @@ def splits_for(name: str, seed: int, params, mnist_rows: int) -> dict[str, pd.Da
         parts = _train_val(pair[0], split.val_size / (1 - split.test_size), seed)
         parts["test"] = pair[1]
         return parts
+    if name == "pool":  # the demo's bootstrap pool: what `mlops run` trains on in round 1
+        from pipeline.ingest import load_digits_frame
+
+        frame = load_digits_frame("bootstrap", params.data.bootstrap_fraction, 42)
+        return split_frame(frame, split.val_size, split.test_size, seed)
     frame = {"digits8": digits8, "digits28": digits28}[name]()
     return split_frame(frame, split.val_size, split.test_size, seed)
 
@@ -248,7 +254,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--seeds", type=int, default=3)
     parser.add_argument("--trials", type=int, default=0, help="also a tuned arm (K trials)")
-    parser.add_argument("--data", default="digits8,digits28,mnist")
+    parser.add_argument("--data", default="digits8,pool,digits28,mnist")
     parser.add_argument("--mnist-rows", type=int, default=12000)
     parser.add_argument("--json", type=Path, help="write the results here")
     args = parser.parse_args()

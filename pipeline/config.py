@@ -73,7 +73,9 @@ class TrainSection(_Section):
     batch_size: int = Field(default=32, ge=1)  # bench/quality.py: +0.5 points against 64
     lr: float = Field(default=3e-3, gt=0)  # AdamW; tuning searches around it
     weight_decay: float = Field(default=1e-4, ge=0)
-    dropout: float = Field(default=0.25, ge=0, lt=1)
+    # bench/quality.py: 0.1 keeps the demo's small bootstrap pool (400 training images)
+    # stable, 0.965 against 0.937 at 0.25, at the same accuracy on the larger sets
+    dropout: float = Field(default=0.1, ge=0, lt=1)
     hidden: int = Field(default=64, ge=1)  # units of the dense layer
     patience: int = Field(default=8, ge=1)  # epochs without a better validation accuracy
     # The learning rate over the epoch budget: "cosine" decays it to ~0 by the last epoch
