@@ -14,8 +14,9 @@ For each data set and seed, on the project's own seeded split (train / val / tes
 Data sets, none downloaded: `digits8` (all 1,797 bundled 8x8 digits), `pool` (the demo's
 35% bootstrap pool of them, 628 images: small data, what `mlops run` starts from),
 `digits28` (the same digits resampled to 28x28 on a 0-255 scale, twice each with random
-shifts, stroke thickness and background noise: the CNN path at the MNIST image size) and `mnist` when
-`mlops ingest --source mnist` has cached the real files (a seeded subset, `--mnist-rows`).
+shifts, stroke thickness and background noise: the CNN path at the MNIST image size) and
+`mnist` when `mlops ingest --source mnist` has cached the real files (a seeded subset,
+`--mnist-rows`).
 
 Prints accuracy and macro F1 (mean, standard deviation and range over the seeds), training
 seconds per epoch, and the default's margin over each reference and its time ratio to the
