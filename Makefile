@@ -26,6 +26,13 @@ install: $(STAMP)
 
 run: $(STAMP)
 	$(BIN)/mlops run
+	@echo
+	@echo "Next (the commands are in .venv/bin: 'source .venv/bin/activate' puts them on PATH):"
+	@echo "  .venv/bin/mlops status                 champion, challenger and the promotion ledger"
+	@echo "  .venv/bin/mlops ui                     the MLflow UI on the runs and the registry"
+	@echo "  .venv/bin/mlops serve                  the prediction server on the champion (:8000/docs)"
+	@echo "  .venv/bin/mlops lineage PREDICTION_ID  a prediction (an id from a /predict answer) back to its data"
+	@echo "  .venv/bin/dvc repro                    the dvc.yaml stages, reproducibly"
 
 test: $(STAMP)
 	$(BIN)/python -m pytest

@@ -384,15 +384,20 @@ def serve(
 
 
 @app.command()
-def schedule() -> None:
+def schedule(
+    port: Annotated[
+        int, typer.Option(help="port of the Prefect server started when none is configured")
+    ] = 4200,
+) -> None:
     """Serve the retraining (cron) and monitor (interval) deployments on a Prefect API.
 
-    Uses PREFECT_API_URL; when it is unset, starts `prefect server start` on 127.0.0.1:4200.
+    Uses PREFECT_API_URL; when it is unset, starts `prefect server start` on 127.0.0.1:PORT
+    (its UI then talks to that port: PREFECT_UI_API_URL is set to match).
     """
     settings, params = _config()
     _prefect_env()
     if not os.environ.get("PREFECT_API_URL"):
-        os.environ["PREFECT_API_URL"] = _start_prefect_server(settings)
+        os.environ["PREFECT_API_URL"] = _start_prefect_server(settings, port)
     from prefect import serve as prefect_serve
 
     from flows.deployments import build_deployments
@@ -439,20 +444,24 @@ def worker(
     )
 
 
-def _start_prefect_server(settings) -> str:
-    """The Prefect server on 127.0.0.1:4200: the one running there, or a new one left
-    running in the background (schedules need it to outlive this command)."""
+def _start_prefect_server(settings, port: int = 4200) -> str:
+    """The Prefect server on 127.0.0.1:PORT: the one running there, or a new one left
+    running in the background (schedules need it to outlive this command). Its UI is told
+    the same port (PREFECT_UI_API_URL), or it would call 4200."""
     import sys
 
     from pipeline import process
 
-    url = "http://127.0.0.1:4200/api"
+    url = f"http://127.0.0.1:{port}/api"
     if process.is_healthy(url + "/health", timeout=2):
         return url
     prefect = str(Path(sys.executable).parent / "prefect")
     log_path = settings.data_dir / "prefect-server.log"
     server = process.start(
-        [prefect, "server", "start", "--host", "127.0.0.1", "--port", "4200"], url, log_path
+        [prefect, "server", "start", "--host", "127.0.0.1", "--port", str(port)],
+        url,
+        log_path,
+        env={**os.environ, "PREFECT_UI_API_URL": url},
     )
     try:
         server.wait_healthy("/health")

@@ -15,6 +15,29 @@ from serving.schemas import Health, ModelInfo, Readiness, responses
 router = APIRouter(tags=["ops"])
 
 
+@router.get("/", include_in_schema=False)
+async def index(state: StateDep) -> Response:
+    """Where to go from the server's root."""
+    model = state.manager.current
+    return json_response(
+        {
+            "service": "mlops-loop prediction server",
+            "model": state.settings.model_name,
+            "model_version": model.version if model else None,
+            "links": {
+                "docs": "/docs",
+                "openapi": "/openapi.json",
+                "health": "/health",
+                "ready": "/ready",
+                "model": "/model",
+                "metrics": "/metrics",
+                "predict": "POST /predict",
+                "feedback": "POST /feedback",
+            },
+        }
+    )
+
+
 @router.get("/health", responses=responses(Health))
 async def health() -> Response:
     """The process is up."""

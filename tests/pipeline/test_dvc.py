@@ -31,6 +31,7 @@ def dvc_repo(tmp_path: Path) -> Path:
     repo = tmp_path / "repo"
     repo.mkdir()
     shutil.copy(REPO / "dvc.yaml", repo / "dvc.yaml")
+    shutil.copytree(REPO / "bin", repo / "bin")  # the stages' `bin/mlops`
     params = yaml.safe_load((REPO / "params.yaml").read_text())
     params["train"]["epochs"] = 5  # keep the test quick; the stages are what is under test
     (repo / "params.yaml").write_text(yaml.safe_dump(params))

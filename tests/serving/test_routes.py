@@ -49,6 +49,9 @@ def test_ops_routes(client):
     assert info["model_version"] == "1" and info["n_features"] == 64 and info["run_id"]
     assert info["data_hash"] and info["last_load_error"] is None
     assert client.get("/no/such/route").status_code == 404
+    root = client.get("/").json()  # the root points the way
+    assert root["model_version"] == "1" and root["links"]["docs"] == "/docs"
+    assert all(client.get(root["links"][k]).status_code == 200 for k in ("health", "model"))
 
 
 def test_predict_answers_like_the_pipeline_and_logs_every_row(client, digits_rows):
