@@ -18,6 +18,7 @@ import orjson
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import Response
+from fastapi_offline import FastAPIOffline
 
 from pipeline.config import Settings, get_settings
 from pipeline.redact import install as install_redaction
@@ -36,7 +37,8 @@ log = logging.getLogger(__name__)
 
 def create_app(settings: Settings | None = None) -> FastAPI:
     settings = settings or get_settings()
-    app = FastAPI(
+    # /docs and /redoc from assets installed with the package, not a CDN: they work offline.
+    app = FastAPIOffline(
         title="mlops-loop prediction server",
         version="1",
         lifespan=_lifespan(settings),
@@ -117,9 +119,31 @@ def _document_request_bodies(app: FastAPI) -> None:
         if app.openapi_schema is None:
             schema = generate()  # cached by FastAPI as app.openapi_schema
             schema.setdefault("components", {}).setdefault("schemas", {}).update(request_schemas())
+        _examples(app, app.openapi_schema)
         return app.openapi_schema
 
     app.openapi = openapi
+
+
+def _examples(app: FastAPI, schema: dict) -> None:
+    """Request examples that the serving model accepts as they are ("Try it out" in /docs):
+    one row of its width, at its training data's mean; a label in its classes."""
+    state = getattr(app.state, "mlops", None)
+    model = state.manager.current if state is not None else None
+    if model is None:
+        return
+    pre = model.predictor.preprocessor
+    row = [round(float(v), 2) for v in pre.mean]
+    bodies = {
+        "/predict": {"instances": [row], "ids": ["example-1"]},
+        "/invocations": {"instances": [row]},
+        "/feedback": {"labels": [{"id": "example-1", "label": 0}]},
+    }
+    for path, example in bodies.items():
+        operation = schema.get("paths", {}).get(path, {}).get("post")
+        if operation is not None:
+            content = operation["requestBody"]["content"]["application/json"]
+            content["example"] = example
 
 
 async def _on_validation(_request: Request, exc: RequestValidationError) -> Response:

@@ -417,3 +417,22 @@ def test_a_deleted_log_file_is_noticed_and_nothing_acknowledged_is_lost(client, 
     assert "was deleted while open" in bodies[0] and "retry" in bodies[0]
     found = {r[0] for r in sqlite3.connect(path).execute("SELECT id FROM predictions")}
     assert set(acknowledged) <= found and len(acknowledged) >= 18
+
+
+def test_docs_work_offline_with_examples_the_model_accepts(client):
+    """/docs loads Swagger UI from the server itself (no CDN), and the request examples in
+    the OpenAPI document are accepted as they are by the serving model."""
+    html = client.get("/docs").text
+    assert "cdn" not in html.lower() and "/static-offline-docs/swagger-ui-bundle.js" in html
+    assert client.get("/static-offline-docs/swagger-ui-bundle.js").status_code == 200
+    assert client.get("/redoc").status_code == 200
+    paths = client.get("/openapi.json").json()["paths"]
+
+    def example(path: str) -> dict:
+        return paths[path]["post"]["requestBody"]["content"]["application/json"]["example"]
+
+    assert len(example("/predict")["instances"][0]) == 64
+    assert client.post("/predict", json=example("/predict")).status_code == 200
+    assert client.post("/invocations", json=example("/invocations")).status_code == 200
+    res = client.post("/feedback", json=example("/feedback"))
+    assert res.status_code == 200 and res.json()["results"][0]["status"] == "labelled"
