@@ -48,6 +48,7 @@ def main(
     for noisy in (
         "alembic",
         "mlflow.store.db.utils",  # "Creating initial MLflow database tables..." on a new store
+        "mlflow.pyfunc",  # "Validating input example against model signature" per model
         "httpx",
         "urllib3",
         "git",

@@ -7,6 +7,8 @@ new version should become champion is the gate's (pipeline/gate.py).
 
 from __future__ import annotations
 
+import contextlib
+import io
 import logging
 import tempfile
 from contextlib import contextmanager
@@ -36,9 +38,14 @@ def register(
 ) -> str:
     """Register a logged model as a new version of `name` (with a description the MLflow UI
     shows on the version's page); returns the version string."""
-    mv = with_retries(
-        "registering the model", lambda: mlflow.register_model(model_uri, name, tags=tags)
-    )
+    def call():
+        # MLflow prints "Successfully registered model ..." / "Created version ..." to stderr
+        # itself; one log line of ours says it instead, at the level the user chose.
+        with contextlib.redirect_stderr(io.StringIO()):
+            return mlflow.register_model(model_uri, name, tags=tags)
+
+    mv = with_retries("registering the model", call)
+    log.info("registered %s v%s", name, mv.version)
     if description:
         with_retries(
             "describing the model version",
