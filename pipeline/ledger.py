@@ -40,8 +40,19 @@ def record(
         "ledger.reason": reason,
         "ledger.seq": str(time.time_ns()),
         "ledger.actor": _actor(),
+        "mlflow.note.content": reason,  # the run's description in the UI
     }
-    run = client.create_run(exp, run_name=f"{action} v{candidate or to_version}", tags=tags)
+    name = f"{action} v{candidate or to_version}: v{from_version or '-'} -> v{to_version or '-'}"
+    run = client.create_run(exp, run_name=name, tags=tags)
+    # visible columns of the ledger's run list: what was decided, from what, to what, why
+    decision = {
+        "action": action,
+        "from": from_version or "-",
+        "to": to_version or "-",
+        "reason": reason[:500],
+    }
+    for key, value in decision.items():
+        client.log_param(run.info.run_id, key, value)
     log_metrics(run.info.run_id, metrics)
     client.set_terminated(run.info.run_id)
 

@@ -55,14 +55,24 @@ def configure_tracking(settings: Settings) -> str:
     return experiment
 
 
+# MLflow 3's UI opens an experiment by its kind; without the tag it guesses, and a training
+# experiment landed on an empty GenAI "Overview" page ("Traces 0").
+EXPERIMENT_KIND = {"mlflow.experimentKind": "custom_model_development"}
+
+
 def experiment_id(settings: Settings, name: str) -> str:
-    """The id of experiment `name`, created (with artifacts under the root) when missing."""
+    """The id of experiment `name`, created (with artifacts under the root) when missing,
+    marked as a model-development experiment so the MLflow UI opens on its runs."""
     experiment = mlflow.get_experiment_by_name(name)
     if experiment is not None:
+        if "mlflow.experimentKind" not in experiment.tags:  # made by an older release
+            mlflow.MlflowClient().set_experiment_tag(
+                experiment.experiment_id, *next(iter(EXPERIMENT_KIND.items()))
+            )
         return experiment.experiment_id
     local = not settings.tracking_uri.startswith(("http://", "https://", "databricks"))
     location = f"{settings.artifact_location}/{name}" if local else None
-    return mlflow.create_experiment(name, artifact_location=location)
+    return mlflow.create_experiment(name, artifact_location=location, tags=EXPERIMENT_KIND)
 
 
 def with_retries(action: str, fn: Callable[[], T], attempts: int = 3, delay: float = 0.5) -> T:

@@ -258,3 +258,26 @@ def test_a_version_that_cannot_load_is_not_promoted(prepared, settings, params):
         set_champion(settings, broken.version)
     assert alias_version(settings.model_name, CHAMPION) == first.version
     assert [e["action"] for e in ledger(settings)] == ["promote"]
+
+
+def test_the_ui_opens_on_runs_and_the_ledger_shows_its_decisions(prepared, settings, params):
+    """The training and ledger experiments are marked as model development (MLflow 3's UI
+    otherwise opened an empty GenAI overview), and a ledger entry carries its decision in
+    visible fields: run name, params, description."""
+    x, y = _test_set(settings)
+    first = _fit(settings, params, epochs=2)
+    promote_if_better(settings, first.version, x, y, margin=0.0)
+    client = mlflow.MlflowClient()
+    for name in (settings.model_name, f"{settings.model_name}-promotions"):
+        experiment = client.get_experiment_by_name(name)
+        assert experiment.tags["mlflow.experimentKind"] == "custom_model_development", name
+    ledger_exp = client.get_experiment_by_name(f"{settings.model_name}-promotions")
+    [run] = client.search_runs([ledger_exp.experiment_id])
+    assert run.info.run_name == "promote v1: v- -> v1"
+    assert run.data.params == {
+        "action": "promote",
+        "from": "-",
+        "to": "1",
+        "reason": "first version",
+    }
+    assert run.data.tags["mlflow.note.content"] == "first version"
