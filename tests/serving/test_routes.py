@@ -293,7 +293,9 @@ def test_fastapi_telemetry_only_when_asked_for(served, monkeypatch, otel):
             built.append(kwargs)
             super().__init__(**kwargs)
 
-    monkeypatch.setattr(serving.app, "FastAPI", RecordingFastAPI)
+    import fastapi_offline.core  # create_app builds FastAPI through FastAPIOffline
+
+    monkeypatch.setattr(fastapi_offline.core, "FastAPI", RecordingFastAPI)
     create_app(get_settings())
     (kwargs,) = built
     if otel or "telemetry" not in inspect.signature(FastAPI.__init__).parameters:
