@@ -123,14 +123,19 @@ def test_a_wrong_checksum_or_no_network_is_one_clear_line(tmp_path, mirror, mnis
         mnist.ensure_files(tmp_path / "b", mirrors=("http://127.0.0.1:9/",))
 
 
-def test_mnist_ingests_with_its_official_test_split(settings, params, mnist_files, monkeypatch):
-    """`--source mnist` from the cache: 784 pixels (a CNN), the official test images kept as
-    the test split, the training images split into train and validation only."""
+def _cache_mnist(settings, mnist_files, monkeypatch) -> None:
+    """The test's IDX files in the project's MNIST cache, trusted by their md5s."""
     cache = settings.downloads_dir / "mnist"
     cache.mkdir(parents=True)
     for name, data in mnist_files.items():
         (cache / name).write_bytes(data)
     monkeypatch.setattr(mnist, "FILES", _md5s(mnist_files))
+
+
+def test_mnist_ingests_with_its_official_test_split(settings, params, mnist_files, monkeypatch):
+    """`--source mnist` from the cache: 784 pixels (a CNN), the official test images kept as
+    the test split, the training images split into train and validation only."""
+    _cache_mnist(settings, mnist_files, monkeypatch)
     report = ingest(
         "mnist",
         settings.raw_dir,
@@ -164,11 +169,7 @@ def test_a_source_without_an_official_split_replaces_mnists(
 ):
     """The stage always writes `<name>.test.parquet` (dvc.yaml names it as an output): after
     mnist, a CSV source leaves zero rows there, so its test split is carved from its own data."""
-    cache = settings.downloads_dir / "mnist"
-    cache.mkdir(parents=True)
-    for name, data in mnist_files.items():
-        (cache / name).write_bytes(data)
-    monkeypatch.setattr(mnist, "FILES", _md5s(mnist_files))
+    _cache_mnist(settings, mnist_files, monkeypatch)
     ingest(
         "mnist",
         settings.raw_dir,
