@@ -132,17 +132,21 @@ def _cache_mnist(settings, mnist_files, monkeypatch) -> None:
     monkeypatch.setattr(mnist, "FILES", _md5s(mnist_files))
 
 
-def test_mnist_ingests_with_its_official_test_split(settings, params, mnist_files, monkeypatch):
-    """`--source mnist` from the cache: 784 pixels (a CNN), the official test images kept as
-    the test split, the training images split into train and validation only."""
-    _cache_mnist(settings, mnist_files, monkeypatch)
-    report = ingest(
+def _ingest_mnist(settings, params):
+    return ingest(
         "mnist",
         settings.raw_dir,
         settings.quarantine_dir,
         params,
         download_dir=settings.downloads_dir,
     )
+
+
+def test_mnist_ingests_with_its_official_test_split(settings, params, mnist_files, monkeypatch):
+    """`--source mnist` from the cache: 784 pixels (a CNN), the official test images kept as
+    the test split, the training images split into train and validation only."""
+    _cache_mnist(settings, mnist_files, monkeypatch)
+    report = _ingest_mnist(settings, params)
     assert report.rows_ok == 300 and report.fixed_test_rows == 60
     assert report.schema["feature_names"][-1] == "pixel783"
     assert fixed_test_path(settings.raw_dir / "dataset.parquet").exists()
@@ -155,13 +159,7 @@ def test_mnist_ingests_with_its_official_test_split(settings, params, mnist_file
     )
     monkeypatch.setattr(mnist, "MIRRORS", ("http://127.0.0.1:9/",))
     with pytest.raises(DataFileError, match="^mnist: cannot download"):
-        ingest(
-            "mnist",
-            settings.raw_dir,
-            settings.quarantine_dir,
-            params,
-            download_dir=settings.downloads_dir,
-        )
+        _ingest_mnist(settings, params)
 
 
 def test_a_source_without_an_official_split_replaces_mnists(
@@ -170,13 +168,7 @@ def test_a_source_without_an_official_split_replaces_mnists(
     """The stage always writes `<name>.test.parquet` (dvc.yaml names it as an output): after
     mnist, a CSV source leaves zero rows there, so its test split is carved from its own data."""
     _cache_mnist(settings, mnist_files, monkeypatch)
-    ingest(
-        "mnist",
-        settings.raw_dir,
-        settings.quarantine_dir,
-        params,
-        download_dir=settings.downloads_dir,
-    )
+    _ingest_mnist(settings, params)
     snapshot = settings.raw_dir / "dataset.parquet"
     assert read_fixed_test(snapshot) is not None
     frame = pd.read_parquet(snapshot).head(200)
