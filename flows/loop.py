@@ -25,6 +25,7 @@ from flows.tasks import (
     train_model,
     version_data,
 )
+from pipeline import progress
 from pipeline.config import LOOP_ROUNDS, Params, get_settings, load_params
 
 
@@ -54,6 +55,7 @@ def loop_flow(
     summary: list[dict] = []
     try:
         for round_no in range(1, rounds + 1):
+            progress.report("round", round=round_no, rounds=rounds)
             data_hash = version_data(settings)  # data source
             split = preprocess_data(settings, params, data_hash)  # data processing
             model = train_model(  # training + optimisation

@@ -7,6 +7,7 @@ artifact) is what all its tasks ran with.
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 import secrets
@@ -18,8 +19,9 @@ from pathlib import Path
 import httpx
 from prefect import get_run_logger, task
 from prefect.cache_policies import NO_CACHE
+from prefect.context import TaskRunContext
 
-from pipeline import feedback, gate, lineage, monitor, process, stream
+from pipeline import feedback, gate, lineage, monitor, process, progress, stream
 from pipeline.config import Params, Settings
 from pipeline.experiment import fit
 from pipeline.ingest import read_fixed_test
@@ -37,10 +39,27 @@ def _logger():
         return logging.getLogger("flows")
 
 
+def step(**task_options):
+    """A Prefect task that also reports its start and end (under its run name) to
+    pipeline.progress, for the live display of `mlops run`."""
+
+    def decorate(fn):
+        @functools.wraps(fn)
+        def reported(*args, **kwargs):
+            context = TaskRunContext.get()
+            name = context.task_run.name if context else fn.__name__
+            with progress.step(name):
+                return fn(*args, **kwargs)
+
+        return task(**task_options)(reported)
+
+    return decorate
+
+
 # --- data source --------------------------------------------------------------------------------
 
 
-@task(task_run_name="ingest {source}", cache_policy=NO_CACHE)
+@step(task_run_name="ingest {source}", cache_policy=NO_CACHE)
 def ingest_source(
     settings: Settings, params: Params, source: str, allow_schema_change: bool = False
 ) -> dict:
@@ -63,7 +82,7 @@ def ingest_source(
     return report.to_dict()
 
 
-@task(task_run_name="version data (dvc add + push)", cache_policy=NO_CACHE, **IO_RETRIES)
+@step(task_run_name="version data (dvc add + push)", cache_policy=NO_CACHE, **IO_RETRIES)
 def version_data(settings: Settings) -> str:
     digest = lineage.version_data(settings.root, settings.loop_dir)
     _logger().info("data version %s", digest)
@@ -73,7 +92,7 @@ def version_data(settings: Settings) -> str:
 # --- data processing ----------------------------------------------------------------------------
 
 
-@task(task_run_name="preprocess data {data_hash:.10}", cache_policy=NO_CACHE)
+@step(task_run_name="preprocess data {data_hash:.10}", cache_policy=NO_CACHE)
 def preprocess_data(settings: Settings, params: Params, data_hash: str) -> dict:
     """Split (fixed test split) and fit the preprocessor; cached by data hash."""
     bootstrap, extra = feedback.training_frames(settings.loop_dir)
@@ -84,7 +103,7 @@ def preprocess_data(settings: Settings, params: Params, data_hash: str) -> dict:
 # --- training + optimisation --------------------------------------------------------------------
 
 
-@task(task_run_name="train round {round_no} ({trials} tuning trials)", cache_policy=NO_CACHE)
+@step(task_run_name="train round {round_no} ({trials} tuning trials)", cache_policy=NO_CACHE)
 def train_model(
     settings: Settings,
     params: Params,
@@ -116,7 +135,7 @@ def train_model(
     }
 
 
-@task(task_run_name="promote v{version} if better", cache_policy=NO_CACHE, **IO_RETRIES)
+@step(task_run_name="promote v{version} if better", cache_policy=NO_CACHE, **IO_RETRIES)
 def promote(settings: Settings, params: Params, version: str) -> dict:
     d = gate.promote_on_test_split(settings, params, version)
     _logger().info("v%s %s: %s", version, "promoted" if d.promoted else "not promoted", d.reason)
@@ -133,7 +152,7 @@ class ApiServer:
     token: str
 
 
-@task(task_run_name="start API server", cache_policy=NO_CACHE)
+@step(task_run_name="start API server", cache_policy=NO_CACHE)
 def start_api(settings: Settings) -> ApiServer:
     """A real `mlops serve` process on a free loopback port, following the champion; or the
     running server named by MLOPS_API_URL (production topology)."""
@@ -163,7 +182,7 @@ def start_api(settings: Settings) -> ApiServer:
     return ApiServer(server, server.url, token)
 
 
-@task(task_run_name="deploy champion to the API", cache_policy=NO_CACHE, **IO_RETRIES)
+@step(task_run_name="deploy champion to the API", cache_policy=NO_CACHE, **IO_RETRIES)
 def deploy(api: ApiServer) -> str:
     """Hot-swap the running server to the current champion; returns the version it serves."""
     res = httpx.post(
@@ -178,7 +197,7 @@ def deploy(api: ApiServer) -> str:
     return version
 
 
-@task(task_run_name="stop API server", cache_policy=NO_CACHE)
+@step(task_run_name="stop API server", cache_policy=NO_CACHE)
 def stop_api(api: ApiServer) -> None:
     """Graceful stop (the log writer drains), then a kill if it hangs."""
     if api.server is not None:
@@ -188,13 +207,13 @@ def stop_api(api: ApiServer) -> None:
 # --- feedback -------------------------------------------------------------------------------------
 
 
-@task(task_run_name="plan the production stream", cache_policy=NO_CACHE)
+@step(task_run_name="plan the production stream", cache_policy=NO_CACHE)
 def plan_stream(settings: Settings, params: Params, rounds: int) -> list[stream.Chunk | None]:
     """Which rows of the held-out stream each round sends, after what earlier runs sent."""
     return stream.plan(settings.stream_dir, rounds, params.data.stream_per_round)
 
 
-@task(task_run_name="simulated clients: round {round_no}", cache_policy=NO_CACHE)
+@step(task_run_name="simulated clients: round {round_no}", cache_policy=NO_CACHE)
 def send_traffic(
     settings: Settings,
     api: ApiServer,
@@ -239,7 +258,7 @@ def send_traffic(
     return {"ids": [i for i in ids if i in results], "versions": sorted(versions)}
 
 
-@task(task_run_name="post ground truth: round {round_no}", cache_policy=NO_CACHE, **IO_RETRIES)
+@step(task_run_name="post ground truth: round {round_no}", cache_policy=NO_CACHE, **IO_RETRIES)
 def send_labels(
     settings: Settings, api: ApiServer, chunk: stream.Chunk, ids: list[str], round_no: int
 ) -> dict:
@@ -260,7 +279,7 @@ def send_labels(
     return counts
 
 
-@task(task_run_name="pull feedback into data", cache_policy=NO_CACHE, **IO_RETRIES)
+@step(task_run_name="pull feedback into data", cache_policy=NO_CACHE, **IO_RETRIES)
 def pull_feedback(settings: Settings) -> dict:
     schema = load_preprocessor(settings.processed_dir).schema
     store = PredictionStore(settings.prediction_db)
@@ -271,12 +290,12 @@ def pull_feedback(settings: Settings) -> dict:
     return report.to_dict()
 
 
-@task(task_run_name="check input drift", cache_policy=NO_CACHE)
+@step(task_run_name="check input drift", cache_policy=NO_CACHE)
 def check_drift(settings: Settings, params: Params, since: float) -> dict:
     """Logged inputs since `since` against the training reference; report to MLflow + /metrics."""
     return monitor.check_drift(settings, params, since)
 
 
-@task(task_run_name="count new labels", cache_policy=NO_CACHE, **IO_RETRIES)
+@step(task_run_name="count new labels", cache_policy=NO_CACHE, **IO_RETRIES)
 def count_new_labels(settings: Settings) -> int:
     return monitor.new_labels(settings)

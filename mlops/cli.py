@@ -57,6 +57,7 @@ def main(
         "dvc_data",
         "dvc_objects",
         "scmrepo",
+        "matplotlib",  # "generated new fontManager" on a first plot
     ):
         logging.getLogger(noisy).setLevel(logging.WARNING)
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
@@ -319,19 +320,45 @@ def run(
     allow_schema_change: Annotated[
         bool, typer.Option(help="replace data with other columns or value scale")
     ] = False,
+    quiet: Annotated[
+        bool, typer.Option("--quiet", "-q", help="only warnings, errors and the results table")
+    ] = False,
+    verbose: Annotated[
+        bool, typer.Option("--verbose", help="debug lines and Prefect's own per-task lines")
+    ] = False,
 ) -> None:
-    """Run the whole loop for N rounds (a Prefect flow) and print one row per round."""
-    from rich.console import Console
+    """Run the whole loop for N rounds (a Prefect flow) and print one row per round.
 
+    Shows the round, the running step, tuning trials and epochs live; each finished step
+    stays as one line with its time."""
+    from contextlib import ExitStack
+
+    from rich import get_console
+
+    from mlops.live import RunDisplay, quiet_prefect_steps
     from mlops.render import loop_table
 
+    if quiet and verbose:
+        raise _fail("--quiet and --verbose exclude each other", code=2)
     settings, params = _config()
     _prefect_env()
-    from flows.loop import loop_flow
+    from flows.loop import loop_flow  # imports Prefect, which configures its loggers
+
+    root = logging.getLogger()
+    if quiet:
+        root.setLevel(logging.WARNING)
+        for name in ("prefect", "pipeline", "flows", "mlops"):
+            logging.getLogger(name).setLevel(logging.WARNING)
+    elif verbose:
+        root.setLevel(logging.DEBUG)
 
     _quiet_prefect_failures()
-
-    with _user_errors():
+    console = get_console()  # the one the log handler prints on, so lines land above the rows
+    if not verbose:
+        quiet_prefect_steps()
+    with _user_errors(), ExitStack() as stack:
+        if not quiet:
+            stack.enter_context(RunDisplay(console, rounds))
         rows = loop_flow(
             rounds=rounds,
             source=source or params.data.source,
@@ -341,7 +368,7 @@ def run(
             params=params,
             allow_schema_change=allow_schema_change,
         )
-    Console().print(loop_table(settings.model_name, rows))
+    console.print(loop_table(settings.model_name, rows))
 
 
 def _prefect_env() -> None:

@@ -20,6 +20,7 @@ import numpy as np
 import pandas as pd
 import torch
 
+from pipeline import progress
 from pipeline.config import Params, Settings
 from pipeline.evaluate import classification_metrics
 from pipeline.model import (
@@ -150,6 +151,7 @@ def fit(
         candidate = fit_distributed(settings, params, tp, settings.train_processes, run_name)
         return register_candidate(settings, candidate) if register_model else candidate
     init_state, warm_from = champion_state(settings, tp.hidden) if warm_start else (None, None)
+    progress.report("phase", name="final model", epochs=tp.epochs)
     run_id = start_run(
         settings,
         params,

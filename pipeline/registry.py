@@ -38,6 +38,7 @@ def register(
 ) -> str:
     """Register a logged model as a new version of `name` (with a description the MLflow UI
     shows on the version's page); returns the version string."""
+
     def call():
         # MLflow prints "Successfully registered model ..." / "Created version ..." to stderr
         # itself; one log line of ours says it instead, at the level the user chose.

@@ -23,6 +23,7 @@ import torch.distributed as dist
 from torch import nn
 from torch.utils.data import DistributedSampler
 
+from pipeline import progress
 from pipeline.config import Params
 from pipeline.model import ModelConfig, build_model, unwrap
 from pipeline.preprocess import (
@@ -216,6 +217,8 @@ def _train(
             "lr": opt.param_groups[0]["lr"],
         }
         result.history.append({"epoch": epoch, **metrics})
+        if rank() == 0:
+            progress.report("epoch", epoch=epoch, epochs=params.epochs, **metrics)
         if _better(val_acc, val_loss, result):
             result.best_val_accuracy, result.best_val_loss = val_acc, val_loss
             result.best_epoch, bad_epochs = epoch, 0

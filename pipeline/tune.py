@@ -20,6 +20,7 @@ from dataclasses import dataclass, replace
 import mlflow
 import optuna
 
+from pipeline import progress
 from pipeline.config import Range
 from pipeline.tracking import EpochLogger
 from pipeline.train import SplitData, TrainParams, train_model
@@ -68,6 +69,7 @@ def tune(
 
     def objective(trial: optuna.Trial) -> float:
         params = replace(base, **suggest(trial, space))
+        progress.report("trial_start", number=trial.number, trials=n_trials)
         with mlflow.start_run(
             run_name=f"trial-{trial.number}", nested=True, log_system_metrics=False
         ) as run:
@@ -95,12 +97,21 @@ def tune(
                     }
                 )
         if pruned is not None:
+            progress.report("trial_end", number=trial.number, trials=n_trials, pruned=True)
             raise pruned
+        progress.report(
+            "trial_end",
+            number=trial.number,
+            trials=n_trials,
+            pruned=False,
+            val_accuracy=result.best_val_accuracy,
+        )
         log.info(
-            "trial %d: val accuracy %.4f with %s",
-            trial.number,
+            "trial %d/%d: val accuracy %.4f (%s)",
+            trial.number + 1,
+            n_trials,
             result.best_val_accuracy,
-            {k: getattr(params, k) for k in space},
+            ", ".join(f"{k} {getattr(params, k):.3g}" for k in space),
         )
         return result.best_val_accuracy
 

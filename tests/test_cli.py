@@ -147,3 +147,9 @@ def test_a_schema_change_needs_the_flag(project, tmp_path):
     assert result.exit_code == 0, result.output
     report = json.loads((project / "data/reports/ingest.json").read_text())
     assert "63 feature columns" in report["schema_change"]
+
+
+def test_run_refuses_quiet_and_verbose_together(project):
+    result = runner.invoke(app, ["run", "--quiet", "--verbose"])
+    assert result.exit_code == 2
+    assert "--quiet and --verbose exclude each other" in result.output

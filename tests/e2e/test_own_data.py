@@ -49,11 +49,23 @@ def test_the_loop_closes_and_reproduces_on_the_users_own_28x28_csv(tmp_path):
     strokes(2400).to_csv(source, index=False)
 
     done = _mlops(
-        clone, "run", "--rounds", "2", "--source", str(source), "--trials", "0", "--epochs", "3"
+        clone,
+        "run",
+        "--rounds",
+        "2",
+        "--source",
+        str(source),
+        "--trials",
+        "0",
+        "--epochs",
+        "3",
+        "--quiet",
     )
     output = done.stdout + done.stderr
     assert done.returncode == 0, output[-4000:]
     assert "Traceback" not in output
+    # --quiet: the results table alone, no step lines, no info lines
+    assert "done  " not in output and "INFO" not in output, output[-3000:]
     table = [line for line in done.stdout.splitlines() if line.startswith("│")]
     cells = [[c.strip() for c in line.strip("│").split("│")] for line in table]
     assert [c[0] for c in cells] == ["1", "2"], done.stdout[-2000:]

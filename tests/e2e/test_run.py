@@ -31,6 +31,14 @@ def test_mlops_run_two_rounds_then_lineage_and_reproduce(tmp_path):
     assert int(cells[1][2]) > int(cells[0][2])  # round 2 trained on the feedback too
     assert "Traceback" not in done.stdout + done.stderr
     assert "Add type hints" not in done.stdout + done.stderr
+    # each finished step is one line with its name and time, in place of Prefect's nameless
+    # "Finished in state Completed()"; rounds are marked
+    out = done.stdout + done.stderr
+    assert "Finished in state" not in out
+    for step in ("ingest digits", "start API server", "train round 2 (1 tuning trials)"):
+        assert f"done  {step}" in out, out[-3000:]
+    assert "round 1 of 2" in out and "round 2 of 2" in out
+    assert "trial 1/1: val accuracy" in out
 
     pid = (
         sqlite3.connect(root / "predictions.db")
