@@ -5,6 +5,8 @@ PYTHON    ?= python3
 # CPU build by default (on these machines it lies on disk). GPU users: see README, "GPU".
 TORCH_SPEC ?= torch==2.13.0
 TORCH_PIP_ARGS ?=
+INSTALLER ?= uv
+UV_SPEC   ?= uv==0.13.9
 BIN       := $(VENV)/bin
 STAMP     := $(VENV)/.installed
 
@@ -15,11 +17,19 @@ export PYTHONUNBUFFERED ?= 1
 
 .PHONY: run test install lint bench-data lock clean
 
+# PyTorch goes in first with pip (it takes the build lying on disk, or TORCH_PIP_ARGS' index);
+# the rest with uv, resolved against the same constraints (about 15x faster than pip here).
+# INSTALLER=pip, or a uv that fails (no PyPI, a private index uv is not told of through
+# UV_INDEX_URL), installs the rest with plain pip instead.
 $(STAMP): pyproject.toml constraints.txt
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
-	$(BIN)/python -m pip install -q --upgrade pip
+	@echo "installing $(TORCH_SPEC) into $(VENV) with pip, then the project with $(INSTALLER)"
 	$(BIN)/python -m pip install -q $(TORCH_PIP_ARGS) "$(TORCH_SPEC)"
-	$(BIN)/python -m pip install -q -c constraints.txt -e ".[dev]"
+	@if [ "$(INSTALLER)" = uv ] && $(BIN)/python -m pip install -q "$(UV_SPEC)" \
+	   && $(BIN)/uv pip install -q --python $(BIN)/python -c constraints.txt -e ".[dev]"; then :; \
+	 else echo "installing the project with pip (INSTALLER=$(INSTALLER); uv is skipped or failed)"; \
+	   $(BIN)/python -m pip install -q --upgrade pip \
+	   && $(BIN)/python -m pip install -q -c constraints.txt -e ".[dev]"; fi
 	@touch $(STAMP)
 
 install: $(STAMP)
@@ -45,7 +55,7 @@ bench-data: $(STAMP)
 
 # Re-record the exact versions the tests passed with (torch is installed separately).
 lock: $(STAMP)
-	$(BIN)/python -m pip freeze --exclude-editable | grep -v '^torch==' > constraints.txt
+	$(BIN)/python -m pip freeze --exclude-editable | grep -v -e '^torch==' -e '^uv==' > constraints.txt
 
 clean:
 	rm -rf $(VENV) data/raw data/processed data/quarantine data/reports mlruns mlartifacts mlflow.db
