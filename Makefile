@@ -26,7 +26,7 @@ $(STAMP): pyproject.toml constraints.txt
 	@echo "installing $(TORCH_SPEC) into $(VENV) with pip, then the project with $(INSTALLER)"
 	$(BIN)/python -m pip install -q $(TORCH_PIP_ARGS) "$(TORCH_SPEC)"
 	@if [ "$(INSTALLER)" = uv ] && $(BIN)/python -m pip install -q "$(UV_SPEC)" \
-	   && $(BIN)/uv pip install -q --python $(BIN)/python -c constraints.txt -e ".[dev]"; then :; \
+	   && $(BIN)/uv pip install -q --compile-bytecode --python $(BIN)/python -c constraints.txt -e ".[dev]"; then :; \
 	 else echo "installing the project with pip (INSTALLER=$(INSTALLER); uv is skipped or failed)"; \
 	   $(BIN)/python -m pip install -q --upgrade pip \
 	   && $(BIN)/python -m pip install -q -c constraints.txt -e ".[dev]"; fi
