@@ -555,6 +555,7 @@ def ui(
     uri = settings.tracking_uri
     if uri.startswith(("http://", "https://")):
         typer.echo(f"MLflow runs as a server already: open {uri}")
+        _ui_pages(settings, uri)
         return
     cmd = [
         sys.executable,
@@ -571,7 +572,34 @@ def ui(
         str(port),
     ]
     typer.echo(f"MLflow UI on http://{host}:{port} (store {uri}); Ctrl-C stops it")
+    _ui_pages(settings, f"http://{host}:{port}")
     raise typer.Exit(subprocess.call(cmd))
+
+
+def _ui_pages(settings, base: str) -> None:
+    """The pages worth opening: MLflow's UI otherwise lands on its GenAI home."""
+    import mlflow
+
+    from pipeline.ledger import ledger_name
+    from pipeline.tracking import ui_runs_url
+
+    mlflow.set_tracking_uri(settings.tracking_uri)
+    pages = []
+    try:
+        for label, name in (("runs", settings.model_name), ("ledger", ledger_name(settings))):
+            experiment = mlflow.get_experiment_by_name(name)
+            if experiment is not None:
+                pages.append((label, ui_runs_url(base, experiment.experiment_id)))
+    except Exception as exc:  # noqa: BLE001 - the UI still starts; the links are a help
+        log.debug("no experiment links: %s", exc)
+    if not pages:
+        typer.echo("  (no runs yet: `mlops run` or `mlops train` makes them)")
+        return
+    pages.append(
+        ("registry", f"{base}/#/models/{settings.model_name}?workflowType=machine_learning")
+    )
+    for label, url in pages:
+        typer.echo(f"  {label:9}{url}")
 
 
 @app.command()

@@ -13,7 +13,7 @@ import time
 import mlflow
 
 from pipeline.config import Settings
-from pipeline.tracking import experiment_id, log_metrics, with_retries
+from pipeline.tracking import LEDGER_COLUMNS, experiment_id, log_metrics, with_retries
 
 
 def ledger_name(settings: Settings) -> str:
@@ -31,7 +31,10 @@ def record(
 ) -> None:
     """Append one entry: `action` is promote, reject or rollback."""
     client = mlflow.MlflowClient()
-    exp = with_retries("opening the ledger", lambda: experiment_id(settings, ledger_name(settings)))
+    exp = with_retries(
+        "opening the ledger",
+        lambda: experiment_id(settings, ledger_name(settings), LEDGER_COLUMNS),
+    )
     tags = {
         "ledger.action": action,
         "ledger.from_version": from_version or "",

@@ -7,6 +7,7 @@ model is logged as a pyfunc at artifact path `model` (models-from-code, no pickl
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import tempfile
@@ -58,21 +59,55 @@ def configure_tracking(settings: Settings) -> str:
 # MLflow 3's UI opens an experiment by its kind; without the tag it guesses, and a training
 # experiment landed on an empty GenAI "Overview" page ("Traces 0").
 EXPERIMENT_KIND = {"mlflow.experimentKind": "custom_model_development"}
+# The UI's own "shared view": a view state kept as an experiment tag, opened with
+# ?viewStateShareKey=KEY, so the run list shows the columns that matter without clicking.
+VIEW_KEY = "mlops"
+TRAINING_COLUMNS = (
+    "attributes.`Models`",
+    "metrics.`test_accuracy`",
+    "metrics.`test_macro_f1`",
+    "metrics.`best_val_accuracy`",
+    "params.`data_hash`",
+    "params.`epochs`",
+    "params.`batch_size`",
+)
+LEDGER_COLUMNS = (
+    "params.`action`",
+    "params.`from`",
+    "params.`to`",
+    "metrics.`candidate_accuracy`",
+    "metrics.`champion_accuracy`",
+    "params.`reason`",
+)
 
 
-def experiment_id(settings: Settings, name: str) -> str:
+def ui_tags(columns: tuple[str, ...]) -> dict[str, str]:
+    view = {"selectedColumns": list(columns), "orderByKey": "attributes.start_time"}
+    return {**EXPERIMENT_KIND, f"mlflow.sharedViewState.{VIEW_KEY}": json.dumps(view)}
+
+
+def ui_runs_url(base: str, experiment: str) -> str:
+    """The MLflow UI's run list of `experiment` as model training, with the project's view."""
+    query = f"workflowType=machine_learning&viewStateShareKey={VIEW_KEY}"
+    return f"{base.rstrip('/')}/#/experiments/{experiment}/runs?{query}"
+
+
+def experiment_id(
+    settings: Settings, name: str, columns: tuple[str, ...] = TRAINING_COLUMNS
+) -> str:
     """The id of experiment `name`, created (with artifacts under the root) when missing,
-    marked as a model-development experiment so the MLflow UI opens on its runs."""
+    tagged so the MLflow UI opens it as model training with `columns` in its run list."""
+    tags = ui_tags(columns)
     experiment = mlflow.get_experiment_by_name(name)
     if experiment is not None:
-        if "mlflow.experimentKind" not in experiment.tags:  # made by an older release
-            mlflow.MlflowClient().set_experiment_tag(
-                experiment.experiment_id, *next(iter(EXPERIMENT_KIND.items()))
-            )
+        client = mlflow.MlflowClient()
+        for key, value in tags.items():  # an experiment made by an older release
+            if experiment.tags.get(key) != value:
+                client.set_experiment_tag(experiment.experiment_id, key, value)
         return experiment.experiment_id
     local = not settings.tracking_uri.startswith(("http://", "https://", "databricks"))
     location = f"{settings.artifact_location}/{name}" if local else None
-    return mlflow.create_experiment(name, artifact_location=location, tags=EXPERIMENT_KIND)
+    return mlflow.create_experiment(name, artifact_location=location, tags=tags)
 
 
 def with_retries(action: str, fn: Callable[[], T], attempts: int = 3, delay: float = 0.5) -> T:
