@@ -261,9 +261,9 @@ def test_a_version_that_cannot_load_is_not_promoted(prepared, settings, params):
 
 
 def test_the_ui_opens_on_runs_and_the_ledger_shows_its_decisions(prepared, settings, params):
-    """The training and ledger experiments are marked as model development (MLflow 3's UI
-    otherwise opened an empty GenAI overview), and a ledger entry carries its decision in
-    visible fields: run name, params, description."""
+    """The training and ledger experiments are marked as model development and carry the
+    project's column view (what the UI renders from them: tests/e2e/test_mlflow_ui.py), and
+    a ledger entry carries its decision in visible fields: run name, params, description."""
     x, y = _test_set(settings)
     first = _fit(settings, params, epochs=2)
     promote_if_better(settings, first.version, x, y, margin=0.0)
@@ -271,6 +271,11 @@ def test_the_ui_opens_on_runs_and_the_ledger_shows_its_decisions(prepared, setti
     for name in (settings.model_name, f"{settings.model_name}-promotions"):
         experiment = client.get_experiment_by_name(name)
         assert experiment.tags["mlflow.experimentKind"] == "custom_model_development", name
+        view = json.loads(experiment.tags["mlflow.sharedViewState.mlops"])
+        assert (
+            "metrics.`test_accuracy`" in view["selectedColumns"]
+            or "params.`action`" in (view["selectedColumns"])
+        )
     ledger_exp = client.get_experiment_by_name(f"{settings.model_name}-promotions")
     [run] = client.search_runs([ledger_exp.experiment_id])
     assert run.info.run_name == "promote v1: v- -> v1"
