@@ -6,6 +6,8 @@ says what is wrong; nothing here can raise anything else.
 
 from __future__ import annotations
 
+import csv
+import io
 import re
 from typing import Any
 
@@ -70,6 +72,11 @@ def rows_to_array(
             f"{field}: every row must be a list of {n_features} numbers "
             "(rows of different lengths or mixed types)",
         ) from None
+    return checked_array(array, n_features, field)
+
+
+def checked_array(array: np.ndarray, n_features: int, field: str) -> np.ndarray:
+    """A 2-D array of numbers `n_features` wide -> finite float32, or BadRequest."""
     if array.ndim != 2:
         raise BadRequest(422, f"{field} must be a 2-D list (rows of numbers), got {array.ndim}-D")
     if array.dtype.kind not in "iuf":
@@ -110,6 +117,62 @@ def parse_ids(ids: Any, n: int) -> list[str]:
     if len(set(ids)) != n:
         raise BadRequest(422, "ids must be unique within a request")
     return ids
+
+
+CSV_TYPES = ("text/csv", "application/csv")
+
+
+def media_type(content_type: str | None) -> str:
+    return (content_type or "").split(";")[0].strip().lower()
+
+
+def parse_csv(body: bytes, names: tuple[str, ...], max_rows: int) -> np.ndarray:
+    """MLflow's `text/csv` input: a header row of column names (any order, extra columns
+    ignored), then one row per line. A first row of numbers only is taken as data in
+    feature order (a headerless file)."""
+    if not body:
+        raise BadRequest(400, "empty body: expected CSV with a header row")
+    try:
+        text = body.decode("utf-8-sig")
+    except UnicodeDecodeError:
+        raise BadRequest(400, "CSV body is not UTF-8") from None
+    lines = list(csv.reader(io.StringIO(text)))
+    lines = [line for line in lines if line]  # blank lines, as pandas skips them
+    if not lines:
+        raise BadRequest(422, "CSV body holds no rows")
+    header, data = lines[0], lines[1:]
+    if all(_is_number(cell) for cell in header):
+        header, data = list(names), lines
+    if len(data) > max_rows:
+        raise BadRequest(413, f"{len(data)} rows in one request; the limit is {max_rows}")
+    if not data:
+        raise BadRequest(422, "CSV body has a header but no rows")
+    index = {c.strip(): i for i, c in enumerate(header)}
+    missing = [c for c in names if c not in index]
+    if missing:
+        raise BadRequest(422, f"CSV: missing column(s) {', '.join(missing[:5])}")
+    if any(len(row) != len(header) for row in data):
+        bad = next(i for i, row in enumerate(data) if len(row) != len(header))
+        raise BadRequest(
+            422, f"CSV: row {bad} has {len(data[bad])} cells, the header {len(header)}"
+        )
+    try:
+        array = np.array(data, dtype=np.float64)
+    except ValueError:
+        raise BadRequest(
+            422, "CSV: every cell must be a number (found text or an empty cell)"
+        ) from None
+    return checked_array(
+        np.ascontiguousarray(array[:, [index[c] for c in names]]), len(names), "CSV"
+    )
+
+
+def _is_number(cell: str) -> bool:
+    try:
+        float(cell)
+    except ValueError:
+        return False
+    return True
 
 
 def parse_invocations(payload: Any, names: tuple[str, ...], max_rows: int) -> np.ndarray:

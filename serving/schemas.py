@@ -143,10 +143,15 @@ REQUEST_MODELS = (PredictionRequest, InvocationsRequest, FeedbackRequest)
 _REF = "#/components/schemas/{model}"
 
 
-def json_body(model: type[BaseModel]) -> dict:
-    """`openapi_extra` of a route that reads its own body: documents `model` as that body."""
-    schema = {"$ref": _REF.format(model=model.__name__)}
-    return {"requestBody": {"required": True, "content": {"application/json": {"schema": schema}}}}
+def json_body(model: type[BaseModel], csv: bool = False) -> dict:
+    """`openapi_extra` of a route that reads its own body: documents `model` as that body
+    (and, with `csv`, a text/csv body with a header row of column names)."""
+    content: dict = {"application/json": {"schema": {"$ref": _REF.format(model=model.__name__)}}}
+    if csv:
+        content["text/csv"] = {
+            "schema": {"type": "string", "description": "a header row of column names, then rows"}
+        }
+    return {"requestBody": {"required": True, "content": content}}
 
 
 def responses(ok: type[BaseModel], *errors: int) -> dict[int | str, dict]:

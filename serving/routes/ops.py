@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+from importlib.metadata import version as _installed
 
 from fastapi import APIRouter
 from fastapi.responses import Response
@@ -13,6 +14,7 @@ from serving.responses import json_response
 from serving.schemas import Health, ModelInfo, Readiness, responses
 
 router = APIRouter(tags=["ops"])
+MLFLOW_VERSION = _installed("mlflow")
 
 
 @router.get("/", include_in_schema=False)
@@ -32,6 +34,7 @@ async def index(state: StateDep) -> Response:
                 "model": "/model",
                 "metrics": "/metrics",
                 "predict": "POST /predict",
+                "invocations": "POST /invocations (MLflow's scoring protocol; /ping, /version)",
                 "feedback": "POST /feedback",
             },
         }
@@ -42,6 +45,21 @@ async def index(state: StateDep) -> Response:
 async def health() -> Response:
     """The process is up."""
     return json_response({"status": "ok"})
+
+
+@router.get("/ping", responses={200: {"content": {"text/plain": {}}}, 503: {"model": Readiness}})
+async def ping(state: StateDep) -> Response:
+    """MLflow's scoring-server probe (what `ScoringServerClient.wait_server_ready` polls):
+    200 once a model is loaded."""
+    if state.manager.current is None:
+        return json_response({"ready": False, "detail": state.manager.last_error}, 503)
+    return Response("\n", media_type="text/plain")
+
+
+@router.get("/version", responses={200: {"content": {"text/plain": {}}}})
+async def version() -> Response:
+    """The version of MLflow whose scoring protocol this server speaks (as MLflow's does)."""
+    return Response(MLFLOW_VERSION, media_type="text/plain")
 
 
 @router.get("/ready", responses=responses(Readiness) | {503: {"model": Readiness}})

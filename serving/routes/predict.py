@@ -18,8 +18,11 @@ from pipeline.store import encode_rows
 from serving import metrics
 from serving.deps import ApiKey, State, StateDep
 from serving.requests import (
+    CSV_TYPES,
     BadRequest,
     expect_object,
+    media_type,
+    parse_csv,
     parse_ids,
     parse_invocations,
     parse_json,
@@ -57,11 +60,12 @@ async def predict(request: Request, state: StateDep) -> Response:
 
 @router.post(
     "/invocations",
-    openapi_extra=json_body(InvocationsRequest),
+    openapi_extra=json_body(InvocationsRequest, csv=True),
     responses=responses(InvocationsResponse, *ERRORS),
 )
 async def invocations(request: Request, state: StateDep) -> Response:
-    """MLflow's scoring protocol, answered in MLflow's shape; rows are logged too."""
+    """MLflow's scoring protocol (JSON in its four layouts, or `text/csv` with a header
+    row), answered in MLflow's shape; rows are logged too."""
     return await _score(request, state, _parse_mlflow, _mlflow_records)
 
 
@@ -76,9 +80,11 @@ def _parse_instances(
 def _parse_mlflow(
     body: bytes, content_type: str | None, model: LoadedModel, max_rows: int
 ) -> tuple[np.ndarray, list[str]]:
-    rows = parse_invocations(
-        parse_json(body, content_type), model.predictor.feature_names, max_rows
-    )
+    names = model.predictor.feature_names
+    if media_type(content_type) in CSV_TYPES:
+        rows = parse_csv(body, names, max_rows)
+    else:
+        rows = parse_invocations(parse_json(body, content_type), names, max_rows)
     return rows, parse_ids(None, len(rows))
 
 
