@@ -29,10 +29,17 @@ class ClassifierPyfunc(PythonModel):
 
     def predict(self, context, model_input, params=None) -> pd.DataFrame:
         names = list(self.predictor.feature_names)
-        if isinstance(model_input, pd.DataFrame) and set(names) <= set(model_input.columns):
-            rows = model_input[names].to_numpy(dtype=np.float32)
-        else:
-            rows = np.asarray(model_input, dtype=np.float32)
+        try:  # integer or float columns alike (the signature accepts any numeric type)
+            if isinstance(model_input, pd.DataFrame) and set(names) <= set(model_input.columns):
+                rows = model_input[names].to_numpy(dtype=np.float32)
+            else:
+                rows = np.asarray(model_input, dtype=np.float32)
+        except (TypeError, ValueError) as exc:
+            raise ValueError(f"the feature columns must hold numbers only: {exc}") from None
+        if rows.ndim != 2 or rows.shape[1] != len(names):
+            raise ValueError(f"expected rows of {len(names)} features, got shape {rows.shape}")
+        if not np.isfinite(rows).all():
+            raise ValueError("the features hold NaN, infinite or too large values")
         probs = self.predictor.predict_proba(rows)
         out = pd.DataFrame(probs, columns=[f"prob_{i}" for i in range(probs.shape[1])])
         out.insert(0, "label", probs.argmax(axis=1))

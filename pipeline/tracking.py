@@ -21,7 +21,8 @@ import mlflow
 import numpy as np
 import pandas as pd
 from mlflow.entities import Metric, Param
-from mlflow.models import infer_signature
+from mlflow.models import ModelSignature, infer_signature
+from mlflow.types.schema import AnyType, ColSpec, Schema
 
 from pipeline.config import Params, Settings
 from pipeline.evaluate import confusion_matrix_png, loss_curve_png
@@ -263,11 +264,20 @@ def log_model(run_id: str, predictor: Predictor, example_rows: np.ndarray) -> st
                 name=MODEL_ARTIFACT,
                 python_model=str(PYFUNC_CODE),
                 artifacts={"model_dir": str(model_dir)},
-                signature=infer_signature(example, output),
+                signature=_signature(names, output),
                 input_example=example,
                 pip_requirements=_requirements(torch.__version__),
             )
     return info.model_uri
+
+
+def _signature(names: list[str], output: pd.DataFrame) -> ModelSignature:
+    """Named feature columns of any numeric type. A float32 (or double) column type makes
+    MLflow's schema enforcement refuse the data users have: pixel CSVs read as int64
+    ("Can not safely convert int64 to float32") and float64. The model casts to float32
+    itself, after checking the columns are there, which MLflow still enforces by name."""
+    inputs = Schema([ColSpec(AnyType(), name) for name in names])
+    return ModelSignature(inputs=inputs, outputs=infer_signature(None, output).outputs)
 
 
 def _requirements(torch_version: str) -> list[str]:

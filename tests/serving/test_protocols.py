@@ -96,3 +96,40 @@ def test_mlflows_own_client_scores_against_the_server(live_server, pyfunc, digit
         answer = scoring.invoke(data, params={"ignored": 1})
         got = answer.get_predictions()
         assert got["label"].tolist() == expected
+
+
+@pytest.mark.slow
+def test_mlflow_models_predict_takes_integer_and_float_csvs(served, pyfunc, digits_rows, tmp_path):
+    """The logged signature is one users' files satisfy: pandas reads a pixel CSV as int64
+    (or float64), which a float32 column type refused."""
+    import json
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    rows = digits_rows[:8]
+    expected = _labels(pyfunc.predict(pd.DataFrame(rows, columns=NAMES)).to_dict("records"))
+    settings = get_settings()
+    env = {**os.environ, "MLFLOW_TRACKING_URI": settings.tracking_uri}
+    mlflow_cli = str(Path(sys.executable).parent / "mlflow")
+    for name, frame in (
+        ("ints.csv", pd.DataFrame(rows.astype(np.int64), columns=NAMES)),
+        ("floats.csv", pd.DataFrame(rows.astype(np.float64) + 0.25, columns=NAMES).round(2)),
+    ):
+        source, out = tmp_path / name, tmp_path / f"{name}.json"
+        frame.to_csv(source, index=False)
+        done = subprocess.run(
+            [mlflow_cli, "models", "predict", "-m", f"models:/{settings.model_name}/1"]
+            + ["-i", str(source), "-t", "csv", "-o", str(out), "--env-manager", "local"],
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=300,
+        )
+        assert done.returncode == 0, done.stderr[-2000:]
+        got = json.loads(out.read_text())["predictions"]
+        want = _labels(pyfunc.predict(frame).to_dict("records"))
+        assert _labels(got) == want
+        if name == "ints.csv":
+            assert want == expected
