@@ -1,6 +1,6 @@
 """Prediction: our own protocol (/predict) and MLflow's scoring protocol (/invocations).
 
-Both go through `_score`: parse (the hand-written orjson parser, no pydantic on the hot
+Both go through `score`: parse (the hand-written orjson parser, no pydantic on the hot
 path), infer in the micro-batcher, log every row, answer; they differ only in the parser
 and in the shape of the answer.
 """
@@ -45,7 +45,10 @@ ERRORS = (400, 401, 413, 415, 422, 503)
 # (body, content type, serving model, max rows) -> (rows, one id per row)
 Parser = Callable[[bytes, str | None, LoadedModel, int], tuple[np.ndarray, list[str]]]
 # (model that answered, ids, labels, probability lists, out-of-range flags) -> the JSON body
-Shaper = Callable[[LoadedModel, list[str], list[int], list[list[float]], np.ndarray], dict]
+# (or a whole Response, for bodies that are not JSON)
+Shaper = Callable[
+    [LoadedModel, list[str], list[int], list[list[float]], np.ndarray], dict | Response
+]
 
 
 @router.post(
@@ -55,7 +58,7 @@ Shaper = Callable[[LoadedModel, list[str], list[int], list[list[float]], np.ndar
 )
 async def predict(request: Request, state: StateDep) -> Response:
     """Predict rows of raw features; every row is logged under its id."""
-    return await _score(request, state, _parse_instances, _predictions)
+    return await score(request, state, _parse_instances, _predictions)
 
 
 @router.post(
@@ -66,7 +69,7 @@ async def predict(request: Request, state: StateDep) -> Response:
 async def invocations(request: Request, state: StateDep) -> Response:
     """MLflow's scoring protocol (JSON in its four layouts, or `text/csv` with a header
     row), answered in MLflow's shape; rows are logged too."""
-    return await _score(request, state, _parse_mlflow, _mlflow_records)
+    return await score(request, state, _parse_mlflow, _mlflow_records)
 
 
 def _parse_instances(
@@ -111,7 +114,7 @@ def _mlflow_records(
     }
 
 
-async def _score(request: Request, state: State, parse: Parser, shape: Shaper) -> Response:
+async def score(request: Request, state: State, parse: Parser, shape: Shaper) -> Response:
     """Parse (counted as arriving, for the micro-batcher), infer, log, answer with
     `shape(...)` and the X-Model-Version header of the model that answered."""
     start = time.perf_counter()
@@ -131,10 +134,11 @@ async def _score(request: Request, state: State, parse: Parser, shape: Shaper) -
     labels = probs.argmax(axis=1).tolist()
     await _log(state, ids, rows, labels, probs, used, start)
     body = shape(used, ids, labels, probs.tolist(), unusual)
-    headers = {"X-Model-Version": used.version}
+    response = body if isinstance(body, Response) else json_response(body)
+    response.headers["X-Model-Version"] = used.version
     if unusual.any():
-        headers["X-Out-Of-Range"] = str(int(unusual.sum()))
-    return json_response(body, headers=headers)
+        response.headers["X-Out-Of-Range"] = str(int(unusual.sum()))
+    return response
 
 
 def _out_of_range(state: State, model: LoadedModel, rows: np.ndarray) -> np.ndarray:

@@ -133,3 +133,183 @@ def test_mlflow_models_predict_takes_integer_and_float_csvs(served, pyfunc, digi
         assert _labels(got) == want
         if name == "ints.csv":
             assert want == expected
+
+
+# --- Open Inference Protocol (V2) -----------------------------------------------------------
+
+
+def _v2(rows: np.ndarray, **extra) -> dict:
+    tensor = {"name": "input", "datatype": "FP32", "shape": list(rows.shape)}
+    return {"inputs": [{**tensor, "data": rows.ravel().tolist()}], **extra}
+
+
+def test_v2_health_and_metadata(client):
+    name = get_settings().model_name
+    assert client.get("/v2/health/live").json() == {"live": True}
+    assert client.get("/v2/health/ready").json() == {"ready": True}
+    assert client.get(f"/v2/models/{name}/ready").json() == {"name": name, "ready": True}
+    meta = client.get(f"/v2/models/{name}").json()
+    assert meta["versions"] == ["1"]
+    assert meta["inputs"] == [{"name": "input", "datatype": "FP32", "shape": [-1, 64]}]
+    assert {o["name"]: o["shape"] for o in meta["outputs"]} == {
+        "label": [-1],
+        "probabilities": [-1, 10],
+    }
+    assert client.get(f"/v2/models/{name}/versions/1").status_code == 200
+    unknown = client.get("/v2/models/other-model")
+    assert unknown.status_code == 404 and "other-model" in unknown.json()["error"]
+    assert client.get(f"/v2/models/{name}/versions/7/ready").status_code == 404
+
+
+def test_v2_infer_answers_like_the_pyfunc_and_logs_each_row(client, pyfunc, digits_rows):
+    rows = digits_rows[:3]
+    expected = pyfunc.predict(pd.DataFrame(rows, columns=NAMES))
+    name = get_settings().model_name
+    flat = client.post(f"/v2/models/{name}/infer", json=_v2(rows, id="req-7"))
+    assert flat.status_code == 200, flat.text
+    body = flat.json()
+    assert body["id"] == "req-7" and body["model_version"] == "1"
+    outputs = {o["name"]: o for o in body["outputs"]}
+    assert outputs["label"]["data"] == expected["label"].tolist()
+    assert outputs["probabilities"]["shape"] == [3, 10]
+    np.testing.assert_allclose(
+        np.array(outputs["probabilities"]["data"]).reshape(3, 10),
+        expected[[f"prob_{k}" for k in range(10)]].to_numpy(),
+        atol=1e-6,
+    )
+    assert body["parameters"]["ids"] == "req-7-0,req-7-1,req-7-2"
+
+    # nested data, integer datatype, the client's own ids, one output asked for
+    nested = {
+        "inputs": [
+            {
+                "name": "input",
+                "datatype": "INT64",
+                "shape": [2, 64],
+                "data": rows[:2].astype(int).tolist(),
+            }
+        ],
+        "parameters": {"ids": ["mine-a", "mine-b"]},
+        "outputs": [{"name": "label"}],
+    }
+    res = client.post(f"/v2/models/{name}/versions/1/infer", json=nested)
+    assert res.status_code == 200, res.text
+    assert [o["name"] for o in res.json()["outputs"]] == ["label"]
+    logged = PredictionStore(get_settings().prediction_db).get(
+        ["req-7-0", "req-7-1", "req-7-2", "mine-a", "mine-b"]
+    )
+    assert len(logged) == 5 and logged["req-7-1"]["label"] == expected["label"][1]
+    labelled = client.post("/feedback", json={"labels": [{"id": "mine-a", "label": 3}]})
+    assert labelled.json()["counts"] == {"labelled": 1}
+
+
+def test_v2_binary_tensors_in_and_out(client, pyfunc, digits_rows):
+    rows = digits_rows[:4]
+    expected = pyfunc.predict(pd.DataFrame(rows, columns=NAMES))
+    raw = rows.astype("<f4").tobytes()
+    head = _dumps(
+        {
+            "inputs": [
+                {
+                    "name": "input",
+                    "datatype": "FP32",
+                    "shape": [4, 64],
+                    "parameters": {"binary_data_size": len(raw)},
+                }
+            ],
+            "parameters": {"binary_data_output": True},
+        }
+    )
+    res = client.post(
+        f"/v2/models/{get_settings().model_name}/infer",
+        content=head + raw,
+        headers={
+            "content-type": "application/octet-stream",
+            "inference-header-content-length": str(len(head)),
+        },
+    )
+    assert res.status_code == 200, res.text
+    size = int(res.headers["inference-header-content-length"])
+    meta = _loads(res.content[:size])
+    blob = res.content[size:]
+    sizes = [o["parameters"]["binary_data_size"] for o in meta["outputs"]]
+    labels = np.frombuffer(blob[: sizes[0]], dtype="<i8")
+    probs = np.frombuffer(blob[sizes[0] :], dtype="<f4").reshape(4, 10)
+    assert labels.tolist() == expected["label"].tolist()
+    np.testing.assert_allclose(
+        probs, expected[[f"prob_{k}" for k in range(10)]].to_numpy(), atol=1e-6
+    )
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        ({"shape": [2, 64]}, "needs 128 values"),
+        ({"shape": [1, 63], "data": [0.0] * 63}, "64 features"),
+        ({"datatype": "BYTES"}, "not numeric"),
+        ({"name": "pixels"}, "unknown input"),
+        ({"data": [True] * 64}, "booleans"),
+        ({"data": [1e300] * 64}, "finite"),
+        ({"data": "zeros"}, "flat or nested list"),
+    ],
+)
+def test_v2_bad_requests_say_what_is_wrong(client, digits_rows, change, message):
+    tensor = {"name": "input", "datatype": "FP32", "shape": [1, 64]}
+    tensor["data"] = digits_rows[0].tolist()
+    tensor.update(change)
+    res = client.post(
+        f"/v2/models/{get_settings().model_name}/infer",
+        content=_dumps({"inputs": [tensor]}, allow_nan=True),
+        headers={"content-type": "application/json"},
+    )
+    assert res.status_code == 400, res.text
+    assert message in res.json()["error"]
+    assert PredictionStore(get_settings().prediction_db).count() == 0
+
+
+def _dumps(obj, allow_nan: bool = False) -> bytes:
+    import json
+
+    return json.dumps(obj, allow_nan=allow_nan).encode()
+
+
+def _loads(raw: bytes):
+    import json
+
+    return json.loads(raw)
+
+
+@pytest.mark.slow
+@pytest.mark.integration
+def test_tritonclient_talks_to_the_server(live_server, pyfunc, digits_rows):
+    """The Triton/KServe client library, unmodified, against a real `mlops serve`."""
+    import tritonclient.http as triton
+
+    server = live_server()
+    name = get_settings().model_name
+    rows = digits_rows[:5]
+    expected = pyfunc.predict(pd.DataFrame(rows, columns=NAMES))
+    with triton.InferenceServerClient(f"127.0.0.1:{server.port}") as tc:
+        assert tc.is_server_live() and tc.is_server_ready()
+        assert tc.is_model_ready(name)
+        assert tc.get_model_metadata(name)["inputs"][0]["shape"] == [-1, 64]
+        for binary in (True, False):
+            tensor = triton.InferInput("input", list(rows.shape), "FP32")
+            tensor.set_data_from_numpy(rows.astype(np.float32), binary_data=binary)
+            outputs = [
+                triton.InferRequestedOutput("label", binary_data=binary),
+                triton.InferRequestedOutput("probabilities", binary_data=binary),
+            ]
+            result = tc.infer(name, [tensor], outputs=outputs, request_id=f"tc-{binary}")
+            assert result.as_numpy("label").tolist() == expected["label"].tolist()
+            np.testing.assert_allclose(
+                result.as_numpy("probabilities"),
+                expected[[f"prob_{k}" for k in range(10)]].to_numpy(),
+                atol=1e-6,
+            )
+        default = tc.infer(name, [tensor])  # no outputs named: all of them, binary
+        assert default.as_numpy("label").tolist() == expected["label"].tolist()
+        with pytest.raises(Exception, match="unknown model"):
+            tc.infer("no-such-model", [tensor])
+    logged = PredictionStore(get_settings().prediction_db).get(["tc-True-0", "tc-False-4"])
+    assert len(logged) == 2
