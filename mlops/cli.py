@@ -152,6 +152,7 @@ def preprocess(
 def _user_errors():
     """What a user can fix (bad data, an unknown version, a registry or store that is down)
     becomes one clear line and exit 1; `--debug` shows the traceback instead."""
+    from pipeline.batch import BatchError
     from pipeline.config import ParamsError
     from pipeline.ingest import DataFileError
     from pipeline.lineage import DataVersionError
@@ -163,6 +164,7 @@ def _user_errors():
     try:
         yield
     except (
+        BatchError,
         DataFileError,
         DataVersionError,
         ParamsError,
@@ -376,6 +378,60 @@ def _prefect_env() -> None:
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
     os.environ.setdefault("DO_NOT_TRACK", "1")
     os.environ.setdefault("PREFECT_LOGGING_EXTRA_LOGGERS", "pipeline")
+
+
+@app.command()
+def predict(
+    source: Annotated[Path, typer.Argument(help="a CSV or Parquet file of feature rows")],
+    out: Annotated[
+        Path | None, typer.Option(help="CSV or Parquet (default: SOURCE.predictions.EXT)")
+    ] = None,
+    model: Annotated[str, typer.Option(help="alias or version number")] = "champion",
+    log_rows: Annotated[
+        bool, typer.Option("--log", help="log the rows so labels can come back via /feedback")
+    ] = False,
+    id_column: Annotated[str, typer.Option(help="column of row ids, kept in the output")] = "id",
+    chunk_rows: Annotated[int, typer.Option(min=1, help="rows read and scored at a time")] = 8192,
+) -> None:
+    """Score a file of any size in chunks: label and probabilities per row, written to OUT."""
+    from rich.progress import BarColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
+
+    from pipeline.batch import predict_file, total_rows
+    from pipeline.registry import load_predictor
+    from pipeline.store import PredictionStore
+    from pipeline.tracking import configure_tracking
+
+    settings, _ = _config()
+    out = out or source.with_name(f"{source.stem}.predictions{source.suffix or '.csv'}")
+    if out.resolve() == source.resolve():
+        raise _fail("--out must not be the input file")
+    with _user_errors():
+        configure_tracking(settings)
+        predictor, mv = load_predictor(settings.model_name, model)
+        store = PredictionStore(settings.prediction_db).create() if log_rows else None
+        total = total_rows(source) if source.is_file() else None
+        columns = [SpinnerColumn(), TextColumn("{task.description}"), BarColumn()]
+        columns += [TextColumn("{task.completed:,.0f} rows"), TimeElapsedColumn()]
+        with Progress(*columns, transient=True) as bar:
+            task = bar.add_task(f"scoring with v{mv.version}", total=total)
+            result = predict_file(
+                source,
+                out,
+                predictor,
+                settings.model_name,
+                str(mv.version),
+                id_column=id_column,
+                chunk_rows=chunk_rows,
+                store=store,
+                on_chunk=lambda n: bar.advance(task, n),
+            )
+    line = (
+        f"{result.rows:,} rows scored by {settings.model_name} v{mv.version} in "
+        f"{result.seconds:.1f} s ({result.rows_per_s:,.0f} rows/s) -> {result.output}"
+    )
+    if log_rows:
+        line += f"; {result.logged:,} logged (ids in column {id_column!r})"
+    typer.echo(line)
 
 
 @app.command()

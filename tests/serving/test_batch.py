@@ -1,0 +1,90 @@
+"""`mlops predict`: a file scored chunk by chunk through the registered model, as a user
+runs it (the CLI on a project with a champion), with its output and log checked row by row."""
+
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+import pytest
+from typer.testing import CliRunner
+
+from mlops.cli import app
+from pipeline.config import get_settings
+from pipeline.registry import load_predictor
+from pipeline.store import PredictionStore
+
+NAMES = [f"pixel{i}" for i in range(64)]
+runner = CliRunner()
+
+
+@pytest.fixture
+def predictor(served):
+    return load_predictor(get_settings().model_name, "1")[0]
+
+
+def _frame(rows: np.ndarray, ids: bool = True) -> pd.DataFrame:
+    frame = pd.DataFrame(rows.astype(np.int64), columns=NAMES)
+    frame["pixel5"] = frame["pixel5"].astype(object)
+    frame.loc[len(frame) - 1, "pixel5"] = 0.5  # a float in the last chunk only
+    if ids:
+        frame.insert(0, "id", [f"row-{i}" for i in range(len(frame))])
+    return frame
+
+
+def test_a_csv_in_small_chunks_matches_scoring_it_whole(served, predictor, digits_rows, tmp_path):
+    frame = _frame(digits_rows[:53])
+    source = tmp_path / "pixels.csv"
+    frame.to_csv(source, index=False)
+    result = runner.invoke(app, ["predict", str(source), "--chunk-rows", "10"])
+    assert result.exit_code == 0, result.output
+    assert "53 rows scored by digits-classifier v1" in result.output
+    out = pd.read_csv(tmp_path / "pixels.predictions.csv")
+    expected = predictor.predict_proba(frame[NAMES].to_numpy(np.float32))
+    assert out["id"].tolist() == frame["id"].tolist()
+    assert out["label"].tolist() == expected.argmax(1).tolist()
+    np.testing.assert_allclose(out[[f"prob_{k}" for k in range(10)]], expected, atol=1e-6)
+    assert PredictionStore(get_settings().prediction_db).create().count() == 0  # no --log
+
+
+def test_parquet_with_log_lands_in_the_prediction_log(served, predictor, digits_rows, tmp_path):
+    frame = _frame(digits_rows[:20], ids=False)
+    source, out = tmp_path / "pixels.parquet", tmp_path / "scored.parquet"
+    frame.to_parquet(source)
+    result = runner.invoke(
+        app, ["predict", str(source), "--out", str(out), "--log", "--chunk-rows", "8"]
+    )
+    assert result.exit_code == 0, result.output
+    assert "20 logged" in result.output
+    scored = pd.read_parquet(out)
+    assert len(scored) == 20 and scored["id"].is_unique  # generated, for /feedback
+    logged = PredictionStore(get_settings().prediction_db).get(scored["id"].tolist())
+    assert len(logged) == 20
+    first = logged[scored["id"][0]]
+    assert first["label"] == scored["label"][0] and first["model_version"] == "1"
+
+
+@pytest.mark.parametrize(
+    ("damage", "message"),
+    [
+        (lambda f: f.drop(columns=["pixel7"]), "missing feature column(s) pixel7"),
+        (lambda f: f.assign(pixel3=f["pixel3"].astype(str).where(f.index != 25, "")), "row 25"),
+        (lambda f: f.assign(pixel3=f["pixel3"].astype(str).where(f.index != 31, "dark")), "dark"),
+    ],
+)
+def test_a_bad_row_stops_the_run_and_writes_nothing(served, digits_rows, tmp_path, damage, message):
+    source = tmp_path / "pixels.csv"
+    damage(_frame(digits_rows[:40])).to_csv(source, index=False)
+    result = runner.invoke(app, ["predict", str(source), "--chunk-rows", "10", "--log"])
+    assert result.exit_code == 1, result.output
+    assert message in result.output and "Traceback" not in result.output
+    assert not (tmp_path / "pixels.predictions.csv").exists()
+    assert not list(tmp_path.glob(".*partial"))  # no partial file either
+
+
+def test_unknown_model_and_format_say_so(served, tmp_path):
+    source = tmp_path / "pixels.csv"
+    source.write_text(",".join(NAMES) + "\n" + ",".join(["0"] * 64) + "\n")
+    unknown = runner.invoke(app, ["predict", str(source), "--model", "9"])
+    assert unknown.exit_code == 1 and "no version '9'" in unknown.output
+    bad_out = runner.invoke(app, ["predict", str(source), "--out", str(tmp_path / "x.json")])
+    assert bad_out.exit_code == 1 and "unknown format .json" in bad_out.output
