@@ -391,7 +391,9 @@ def predict(
         bool, typer.Option("--log", help="log the rows so labels can come back via /feedback")
     ] = False,
     id_column: Annotated[str, typer.Option(help="column of row ids, kept in the output")] = "id",
-    chunk_rows: Annotated[int, typer.Option(min=1, help="rows read and scored at a time")] = 8192,
+    chunk_rows: Annotated[
+        int, typer.Option(min=1, help="rows per forward pass (read in blocks of >= 4,096)")
+    ] = 8192,
 ) -> None:
     """Score a file of any size in chunks: label and probabilities per row, written to OUT."""
     from rich.progress import BarColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn

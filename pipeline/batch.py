@@ -1,7 +1,7 @@
 """Batch scoring: a CSV or Parquet file of any size, chunk by chunk, through a registered
 model, into a CSV or Parquet file of labels and probabilities (`mlops predict`).
 
-Memory stays bounded by the chunk size: the input is read as a stream of record batches
+Memory stays bounded by the block size: the input is read as a stream of record batches
 (pyarrow's streaming CSV reader, Parquet row groups) and the output written as it goes,
 into a temporary file that replaces the target only once every row is scored; a bad row
 stops the run with its row number and leaves no partial output. With `log`, each chunk's
@@ -26,6 +26,9 @@ from pipeline.model import Predictor
 from pipeline.store import PredictionStore, encode_rows, new_ids
 
 DEFAULT_CHUNK_ROWS = 8192
+# Files are read (and outputs written) in blocks of at least this many rows, whatever the
+# forward pass's chunk: reading and writing 64 rows at a time cost more than the model.
+READ_BLOCK_ROWS = 4096
 
 
 class BatchError(ValueError):
@@ -69,11 +72,17 @@ def predict_file(
     start, done, logged = time.perf_counter(), 0, 0
     writer = None
     try:
-        for batch in _batches(source, chunk_rows, names, id_column):
+        read_rows = max(chunk_rows, READ_BLOCK_ROWS)
+        for batch in _batches(source, read_rows, names, id_column):
             rows = _features(batch, names, done)
             ids = _ids(batch, id_column, len(rows), generate=store is not None)
             started = time.perf_counter()
-            probs = predictor.predict_proba(rows)
+            probs = np.concatenate(
+                [
+                    predictor.predict_proba(rows[i : i + chunk_rows])
+                    for i in range(0, len(rows), chunk_rows)
+                ]
+            )
             labels = probs.argmax(axis=1)
             if store is not None:
                 latency_ms = (time.perf_counter() - started) * 1000 / max(len(rows), 1)
@@ -115,18 +124,18 @@ def _kind(path: Path) -> str:
 
 
 def _batches(
-    source: Path, chunk_rows: int, names: list[str], id_column: str
+    source: Path, block_rows: int, names: list[str], id_column: str
 ) -> Iterator[pa.RecordBatch]:
     if not source.is_file():
         raise BatchError(f"{source} does not exist or is not a file")
     if _kind(source) == "parquet":
         try:
-            yield from pq.ParquetFile(source).iter_batches(batch_size=chunk_rows)
+            yield from pq.ParquetFile(source).iter_batches(batch_size=block_rows)
         except (pa.ArrowInvalid, OSError) as exc:
             raise BatchError(f"{source}: not a readable Parquet file ({exc})") from None
         return
-    # ~1 KB per row of a few hundred numeric cells: blocks of about chunk_rows rows
-    options = pa_csv.ReadOptions(block_size=max(1 << 20, chunk_rows * 1024))
+    # ~1 KB per row of a few hundred numeric cells: blocks of about block_rows rows
+    options = pa_csv.ReadOptions(block_size=max(1 << 20, block_rows * 1024))
     # the types are fixed up front: inferred per block, a column of integers in the first
     # block and 0.5 in a later one would fail half-way
     types = {name: pa.float64() for name in names} | {id_column: pa.string()}
@@ -135,8 +144,8 @@ def _batches(
             source, read_options=options, convert_options=pa_csv.ConvertOptions(column_types=types)
         )
         for batch in reader:
-            for offset in range(0, batch.num_rows, chunk_rows):
-                yield batch.slice(offset, chunk_rows)
+            for offset in range(0, batch.num_rows, block_rows):
+                yield batch.slice(offset, block_rows)
     except pa.ArrowInvalid as exc:
         raise BatchError(f"{source}: not a readable CSV file ({exc})") from None
 

@@ -17,6 +17,12 @@ NAMES = [f"pixel{i}" for i in range(64)]
 runner = CliRunner()
 
 
+@pytest.fixture(autouse=True)
+def _small_blocks(monkeypatch):
+    """Blocks of 16 rows read, 10 scored at a time: every test crosses both boundaries."""
+    monkeypatch.setattr("pipeline.batch.READ_BLOCK_ROWS", 16)
+
+
 @pytest.fixture
 def predictor(served):
     return load_predictor(get_settings().model_name, "1")[0]
