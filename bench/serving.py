@@ -33,6 +33,9 @@ import numpy as np
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(REPO / "bench"))
+import peers  # noqa: E402 - bench/peers.py, beside this file
+
 if TYPE_CHECKING:
     from pipeline.process import Supervised
 BIN = Path(sys.executable).parent
@@ -61,6 +64,19 @@ def _start(kind: str, root: Path, env: dict) -> tuple[Supervised, str]:
 
     port = process.free_port()
     base = f"http://127.0.0.1:{port}"
+    if kind in peers.PEERS:
+        peer = peers.PEERS[kind]
+        python = peers.venv(peer)
+        model_dir = _model_dir(root, env)
+        workdir = root / f"peer-{kind}"
+        workdir.mkdir(exist_ok=True)
+        cmd = peers.command(peer, python, model_dir, port, workdir)
+        server = process.start(
+            cmd, base, root / f"{kind}.log", env=peers.env(peer, env, model_dir), cwd=workdir
+        )
+        return server.wait_healthy(peers.health_path(peer), timeout=300), base + (
+            peers.predict_path(peer)
+        )
     if kind == "mlflow":
         cmd = [
             str(BIN / "mlflow"),
@@ -91,7 +107,24 @@ def _start(kind: str, root: Path, env: dict) -> tuple[Supervised, str]:
     return server.wait_healthy(health, timeout=120), base + path
 
 
+_MODEL_DIR: list[Path] = []
+
+
+def _model_dir(root: Path, env: dict) -> Path:
+    """The champion's model directory (checkpoint + preprocessor), fetched once: what
+    every peer serves."""
+    if not _MODEL_DIR:
+        os.environ["MLFLOW_TRACKING_URI"] = f"sqlite:///{root / 'mlflow.db'}"
+        from pipeline.registry import download_model
+
+        _MODEL_DIR.append(download_model(NAME, "champion", root / "exported")[0])
+    return _MODEL_DIR[0]
+
+
 def _body(kind: str, rows: np.ndarray) -> bytes:
+    if kind == "v2" or (kind in peers.PEERS and peers.PEERS[kind].v2):
+        tensor = {"name": "input", "datatype": "FP32", "shape": list(rows.shape)}
+        return json.dumps({"inputs": [{**tensor, "data": rows.ravel().tolist()}]}).encode()
     if kind == "mlflow":
         names = [f"pixel{i}" for i in range(rows.shape[1])]
         return json.dumps({"dataframe_split": {"columns": names, "data": rows.tolist()}}).encode()
@@ -243,7 +276,8 @@ LABELS = {
     "mlflow": "mlflow models serve",
     "durable": "mlops serve (log on)",
     "off": "mlops serve (log off)",
-}
+    "v2": "mlops serve V2 (log on)",
+} | {name: peer.label for name, peer in peers.PEERS.items()}
 
 
 def main() -> None:
@@ -252,7 +286,10 @@ def main() -> None:
     parser.add_argument("--warmup", type=float, default=1)
     parser.add_argument("--concurrency", default="1,8,32")
     parser.add_argument(
-        "--paths", default="mlflow,durable,off", help="servers to measure (a subset, to iterate)"
+        "--paths",
+        default="mlflow,durable,off,v2,litserve,mlserver,bentoml",
+        help="servers to measure (a subset, to iterate); v2 is mlops serve's /v2 route, "
+        "the peers run in virtualenvs made on first use (bench/peers.py)",
     )
     parser.add_argument(
         "--repeats",
@@ -281,7 +318,14 @@ def main() -> None:
         servers: dict[str, tuple[Supervised, str]] = {}
         try:
             for kind in paths:
+                if kind == "v2":  # the log-on server's Open Inference Protocol route
+                    continue
                 servers[kind] = _start(kind, root, env)
+                print(f"  {LABELS[kind]} up", file=sys.stderr)
+            if "v2" in paths:
+                server, url = servers.get("durable") or _start("durable", root, env)
+                servers.setdefault("durable", (server, url))
+                servers["v2"] = (server, url.replace("/predict", f"/v2/models/{NAME}/infer"))
             for n in (1, 64):
                 for conc in concurrency:
                     runs: dict[str, list[dict]] = {kind: [] for kind in paths}
@@ -299,7 +343,7 @@ def main() -> None:
                             file=sys.stderr,
                         )
         finally:
-            for server, _ in servers.values():
+            for server in {id(s): s for s, _ in servers.values()}.values():
                 server.stop()
     _report(results, loader.__name__, args.repeats)
 
@@ -347,6 +391,21 @@ def _report(results: list[dict], loader: str, repeats: int) -> None:
         ratios[name] = 1 - value if invert else value
 
     ratios: dict[str, float] = {}
+    peer_labels = [peer.label for peer in peers.PEERS.values()]
+    measured_peers = [r for r in results if r["path"] in peer_labels]
+    if measured_peers:
+        print("\nagainst the best peer in each cell (mlops serve, log on):")
+        print(f"{'cell':12} {'best peer':38} {'req/s ratio':>11} {'p99 ours/theirs':>16}")
+        for r in results:
+            if r["path"] != "mlops serve (log on)":
+                continue
+            cell = [p for p in measured_peers if p["conc"] == r["conc"] and p["rows"] == r["rows"]]
+            best = max(cell, key=lambda p: p["req_s"])
+            print(
+                f"{r['rows']:>3} x c={r['conc']:<5} {best['path']:38} "
+                f"{r['req_s'] / best['req_s']:11.2f} "
+                f"{r['p99_ms']:7.1f} / {best['p99_ms']:<7.1f}"
+            )
     batch = next((r for r in results if "vs_limit" in r), None)
     if batch:
         ratios["mlops predict rows/s vs the in-process limit, 64 rows (target >= 0.5)"] = batch[
