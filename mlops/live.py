@@ -59,6 +59,8 @@ class RunDisplay:
         self.steps_done: list[str] = []
 
     def __enter__(self) -> RunDisplay:
+        if not self.console.is_terminal:  # no live rows there: say what the wait is
+            self.console.print(STARTING)
         self.rows.start()
         self._listening = progress.listening(self.on_event)
         self._listening.__enter__()

@@ -38,6 +38,7 @@ def test_mlops_run_two_rounds_then_lineage_and_reproduce(tmp_path):
     for step in ("ingest digits", "start API server", "train round 2 (1 tuning trials)"):
         assert f"done  {step}" in out, out[-3000:]
     assert "round 1 of 2" in out and "round 2 of 2" in out
+    assert "starting Prefect's API" in out  # the first seconds are not silent either
     assert "trial 1/1: val accuracy" in out
 
     pid = (
