@@ -276,6 +276,11 @@ class Settings(BaseSettings):
         description="FastAPI's OpenTelemetry spans and metrics, for an OTel SDK you configure; "
         "off, the server skips that per-request check (/metrics is always on)",
     )
+    fast_path: bool = Field(
+        default=True,
+        description="serve POST /predict and /invocations straight from ASGI, past FastAPI's "
+        "routing and dependencies (same checks, same answers); false: through FastAPI",
+    )
 
     @field_validator("prediction_db_url")
     @classmethod

@@ -25,6 +25,7 @@ from pipeline.redact import install as install_redaction
 from pipeline.redact import redact
 from pipeline.store import StoreUnavailable
 from pipeline.tracking import configure_tracking
+from serving import fastpath
 from serving.deps import State
 from serving.middleware import GuardMiddleware
 from serving.requests import BadRequest
@@ -45,7 +46,12 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         **telemetry_options(settings),
     )
     known: set[str] = set()  # filled below, once the routes exist
-    app.add_middleware(GuardMiddleware, max_body=settings.max_body_bytes, known=known)
+    app.add_middleware(
+        GuardMiddleware,
+        max_body=settings.max_body_bytes,
+        known=known,
+        fast=fastpath.ROUTES if settings.fast_path else None,
+    )
     app.add_exception_handler(RequestValidationError, _on_validation)
     app.add_exception_handler(BadRequest, _on_bad_request)
     app.add_exception_handler(StoreUnavailable, _on_store_down)

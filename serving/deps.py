@@ -45,12 +45,17 @@ def _same_secret(sent: str, secret) -> bool:
 
 async def require_api_key(request: Request) -> None:
     """X-API-Key must match MLOPS_API_KEY when one is configured."""
-    key = request.app.state.mlops.settings.api_key
+    check_api_key(request.app.state.mlops.settings, request.headers)
+
+
+def check_api_key(settings: Settings, headers) -> None:
+    """The check itself, on any mapping of lower-case header names (the fast path's too)."""
+    key = settings.api_key
     if key is None:
         return
     # Surrounding whitespace is trimmed on both sides alike (HTTP strips the leading part
     # anyway), so a key pasted with a trailing space or newline still matches.
-    if not _same_secret(request.headers.get("x-api-key", "").strip(), key):
+    if not _same_secret(headers.get("x-api-key", "").strip(), key):
         raise BadRequest(401, "missing or wrong X-API-Key")
 
 

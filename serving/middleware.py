@@ -6,7 +6,7 @@ import time
 
 import orjson
 
-from serving import metrics
+from serving import fastpath, metrics
 from serving.requests import BadRequest
 
 
@@ -17,8 +17,9 @@ class GuardMiddleware:
     a streamed (chunked) body is counted as it arrives and refused once it passes the limit.
     """
 
-    def __init__(self, app, max_body: int, known: set[str]) -> None:
+    def __init__(self, app, max_body: int, known: set[str], fast: dict | None = None) -> None:
         self.app, self.max_body, self.known = app, max_body, known  # known: the app's paths
+        self.fast = fast or {}  # POST path -> (parse, shape) served by serving.fastpath
 
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http":
@@ -55,7 +56,11 @@ class GuardMiddleware:
                 await send(message)
 
             try:
-                await self.app(scope, limited_receive, tracking_send)
+                hot = self.fast.get(scope["path"]) if scope["method"] == "POST" else None
+                if hot is not None:
+                    await fastpath.handle(scope, limited_receive, tracking_send, *hot)
+                else:
+                    await self.app(scope, limited_receive, tracking_send)
             except BadRequest as exc:
                 status_holder["status"] = exc.status
                 await _send_json(send, exc.status, {"detail": exc.detail})

@@ -8,7 +8,7 @@ and in the shape of the answer.
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 
 import numpy as np
 from fastapi import APIRouter, Request
@@ -58,7 +58,7 @@ Shaper = Callable[
 )
 async def predict(request: Request, state: StateDep) -> Response:
     """Predict rows of raw features; every row is logged under its id."""
-    return await score(request, state, _parse_instances, _predictions)
+    return await score(request, state, parse_instances, predictions)
 
 
 @router.post(
@@ -69,10 +69,10 @@ async def predict(request: Request, state: StateDep) -> Response:
 async def invocations(request: Request, state: StateDep) -> Response:
     """MLflow's scoring protocol (JSON in its four layouts, or `text/csv` with a header
     row), answered in MLflow's shape; rows are logged too."""
-    return await score(request, state, _parse_mlflow, _mlflow_records)
+    return await score(request, state, parse_mlflow, mlflow_records)
 
 
-def _parse_instances(
+def parse_instances(
     body: bytes, content_type: str | None, model: LoadedModel, max_rows: int
 ) -> tuple[np.ndarray, list[str]]:
     payload = expect_object(parse_json(body, content_type), {"instances", "ids"}, {"instances"})
@@ -80,7 +80,7 @@ def _parse_instances(
     return rows, parse_ids(payload.get("ids"), len(rows))
 
 
-def _parse_mlflow(
+def parse_mlflow(
     body: bytes, content_type: str | None, model: LoadedModel, max_rows: int
 ) -> tuple[np.ndarray, list[str]]:
     names = model.predictor.feature_names
@@ -91,7 +91,7 @@ def _parse_mlflow(
     return rows, parse_ids(None, len(rows))
 
 
-def _predictions(
+def predictions(
     used: LoadedModel, ids: list[str], labels: list[int], probs: list, unusual: np.ndarray
 ) -> dict:
     predictions = [
@@ -103,7 +103,7 @@ def _predictions(
     return {"model_name": used.name, "model_version": used.version, "predictions": predictions}
 
 
-def _mlflow_records(
+def mlflow_records(
     used: LoadedModel, ids: list[str], labels: list[int], probs: list, unusual: np.ndarray
 ) -> dict:
     return {
@@ -115,15 +115,27 @@ def _mlflow_records(
 
 
 async def score(request: Request, state: State, parse: Parser, shape: Shaper) -> Response:
-    """Parse (counted as arriving, for the micro-batcher), infer, log, answer with
-    `shape(...)` and the X-Model-Version header of the model that answered."""
+    """A route's scoring: see `score_body`."""
+    return await score_body(state, request.body, request.headers.get("content-type"), parse, shape)
+
+
+async def score_body(
+    state: State,
+    read_body: Callable[[], Awaitable[bytes]],
+    content_type: str | None,
+    parse: Parser,
+    shape: Shaper,
+) -> Response:
+    """Read and parse (counted as arriving, for the micro-batcher), infer, log, answer with
+    `shape(...)` and the X-Model-Version header of the model that answered. The routes and
+    the fast path of `serving.fastpath` both come here."""
     start = time.perf_counter()
     state.batcher.arriving += 1
     try:
         model = _model_or_503(state)
         rows, ids = parse(
-            await request.body(),
-            request.headers.get("content-type"),
+            await read_body(),
+            content_type,
             model,
             state.settings.max_rows_per_request,
         )

@@ -1,0 +1,49 @@
+"""The hot routes straight from ASGI: POST /predict and POST /invocations.
+
+FastAPI's routing, dependency solving and Request objects cost about as much per 1-row
+request as the whole of parsing, inference and logging. `GuardMiddleware` hands these two
+routes to `handle`, which does what their FastAPI routes do, in the same order and through
+the same code (`check_api_key`, `score_body`, the same error bodies): the routes stay for
+the OpenAPI document and answer if the fast path is switched off (MLOPS_FAST_PATH=false).
+"""
+
+from __future__ import annotations
+
+from starlette.datastructures import Headers
+
+from pipeline.store import StoreUnavailable
+from serving.deps import check_api_key
+from serving.requests import BadRequest
+from serving.responses import error
+from serving.routes import predict
+
+ROUTES = {
+    "/predict": (predict.parse_instances, predict.predictions),
+    "/invocations": (predict.parse_mlflow, predict.mlflow_records),
+}
+
+
+async def handle(scope, receive, send, parse, shape) -> None:
+    state = scope["app"].state.mlops
+    headers = Headers(scope=scope)
+
+    async def read_body() -> bytes:
+        chunks = []
+        while True:
+            message = await receive()
+            if message["type"] == "http.disconnect":
+                raise BadRequest(400, "the client went away before the body was complete")
+            chunks.append(message.get("body", b""))
+            if not message.get("more_body", False):
+                return b"".join(chunks)
+
+    try:
+        check_api_key(state.settings, headers)
+        response = await predict.score_body(
+            state, read_body, headers.get("content-type"), parse, shape
+        )
+    except BadRequest as exc:
+        response = error(exc.status, exc.detail, **exc.extra)
+    except StoreUnavailable as exc:
+        response = error(503, f"prediction store unavailable, nothing was logged: {exc}")
+    await response(scope, receive, send)
