@@ -25,7 +25,6 @@ from pipeline.redact import install as install_redaction
 from pipeline.redact import redact
 from pipeline.store import StoreUnavailable
 from pipeline.tracking import configure_tracking
-from serving import fastpath
 from serving.deps import State
 from serving.middleware import GuardMiddleware
 from serving.requests import BadRequest
@@ -50,7 +49,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         GuardMiddleware,
         max_body=settings.max_body_bytes,
         known=known,
-        fast=fastpath.ROUTES if settings.fast_path else None,
+        fast=settings.fast_path,
     )
     app.add_exception_handler(RequestValidationError, _on_validation)
     app.add_exception_handler(BadRequest, _on_bad_request)

@@ -17,9 +17,9 @@ class GuardMiddleware:
     a streamed (chunked) body is counted as it arrives and refused once it passes the limit.
     """
 
-    def __init__(self, app, max_body: int, known: set[str], fast: dict | None = None) -> None:
+    def __init__(self, app, max_body: int, known: set[str], fast: bool = False) -> None:
         self.app, self.max_body, self.known = app, max_body, known  # known: the app's paths
-        self.fast = fast or {}  # POST path -> (parse, shape) served by serving.fastpath
+        self.fast = fast  # the hot routes served by serving.fastpath
 
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http":
@@ -56,9 +56,9 @@ class GuardMiddleware:
                 await send(message)
 
             try:
-                hot = self.fast.get(scope["path"]) if scope["method"] == "POST" else None
+                hot = fastpath.match(scope["method"], scope["path"]) if self.fast else None
                 if hot is not None:
-                    await fastpath.handle(scope, limited_receive, tracking_send, *hot)
+                    await fastpath.handle(scope, limited_receive, tracking_send, hot)
                 else:
                     await self.app(scope, limited_receive, tracking_send)
             except BadRequest as exc:

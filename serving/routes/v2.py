@@ -24,7 +24,7 @@ from fastapi.responses import Response
 from serving.deps import ApiKey, StateDep
 from serving.requests import BadRequest, checked_array, parse_ids
 from serving.responses import json_response
-from serving.routes.predict import score
+from serving.routes.predict import score_body
 from serving.runtime import LoadedModel
 
 router = APIRouter(prefix="/v2", tags=["open inference protocol (v2)"])
@@ -127,13 +127,19 @@ async def infer(
     request: Request, state: StateDep, name: str, version: str | None = None
 ) -> Response:
     """Rows in one input tensor; label and probabilities out; every row logged."""
+    return await infer_body(state, name, version, request.body, request.headers.get)
+
+
+async def infer_body(state, name: str, version: str | None, read_body, header) -> Response:
+    """The route's work, for the route and for serving.fastpath: `header(name)` reads a
+    request header."""
     model = _serving(state, name, version)
     if isinstance(model, Response):
         return model
     call: dict = {}
 
     def parse(body: bytes, content_type: str | None, model: LoadedModel, max_rows: int):
-        length = request.headers.get(HEADER_LENGTH)
+        length = header(HEADER_LENGTH)
         rows, call["request"] = parse_infer(body, length, model.predictor.cfg.n_features, max_rows)
         return rows, _ids(call["request"], len(rows))
 
@@ -141,7 +147,7 @@ async def infer(
         return infer_response(call["request"], used, ids, labels, probs)
 
     try:
-        return await score(request, state, parse, shape)
+        return await score_body(state, read_body, header("content-type"), parse, shape)
     except BadRequest as exc:
         return _error(exc.status, exc.detail)
 

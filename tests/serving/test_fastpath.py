@@ -10,6 +10,7 @@ from pipeline.config import get_settings
 from serving.app import create_app
 
 ROW = [float(v % 16) for v in range(64)]
+_V2 = {"inputs": [{"name": "input", "datatype": "FP32", "shape": [1, 64], "data": ROW}]}
 CASES = [
     ("/predict", {"json": {"instances": [ROW], "ids": ["fast-1"]}}, {}),
     ("/predict", {"json": {"instances": [ROW, ROW]}}, {}),  # generated ids: compared apart
@@ -21,6 +22,11 @@ CASES = [
     ("/predict", {"content": b"x" * 70_000, "headers": {"content-type": "application/json"}}, {}),
     ("/invocations", {"json": {"inputs": [ROW]}}, {}),
     ("/invocations", {"content": b"a,b\n1,2\n", "headers": {"content-type": "text/csv"}}, {}),
+    ("/v2/models/digits-classifier/infer", {"json": _V2 | {"id": "fast-v2"}}, {}),
+    ("/v2/models/digits-classifier/versions/1/infer", {"json": _V2 | {"id": "fast-v2b"}}, {}),
+    ("/v2/models/other-model/infer", {"json": _V2}, {}),
+    ("/v2/models/digits-classifier/infer", {"json": {"inputs": []}}, {}),
+    ("/v2/models/digits-classifier/infer", {"json": _V2}, {"x-api-key": ""}),
 ]
 
 
@@ -48,7 +54,8 @@ def _answers(served, monkeypatch, fast: bool) -> list:
 def test_fast_path_answers_like_the_routes(served, monkeypatch):
     fast = _answers(served, monkeypatch, fast=True)
     routed = _answers(served, monkeypatch, fast=False)
-    assert [s for s, _, _ in fast] == [200, 200, 422, 422, 400, 415, 401, 413, 200, 422]
+    statuses = [200, 200, 422, 422, 400, 415, 401, 413, 200, 422, 200, 200, 404, 400, 401]
+    assert [s for s, _, _ in fast] == statuses
     for case, a, b in zip(CASES, fast, routed, strict=True):
         assert a == b, case[:2]
 
