@@ -90,6 +90,14 @@ def test_the_loop_closes_and_reproduces_on_the_users_own_28x28_csv(tmp_path):
     text = _mlops(clone, "lineage", pid)
     assert f"(source {source}" in text.stdout and "mlops reproduce" in text.stdout
 
+    # batch scoring of the user's whole file (784 pixels and a label column it ignores)
+    scored = tmp_path / "scored.parquet"
+    batch = _mlops(clone, "predict", str(source), "--out", str(scored), "--log")
+    assert batch.returncode == 0, batch.stdout + batch.stderr
+    assert "2,400 rows scored by digits-classifier" in batch.stdout
+    labels = pd.read_parquet(scored)["label"].to_numpy()
+    assert (labels == pd.read_csv(source, usecols=["label"])["label"].to_numpy()).mean() > 0.5
+
     for version in ("1", "2"):
         repro = _mlops(clone, "reproduce", version)
         assert repro.returncode == 0, repro.stdout + repro.stderr
