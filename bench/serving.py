@@ -96,10 +96,11 @@ def _start(kind: str, root: Path, env: dict) -> tuple[Supervised, str]:
         env = {**env, "MLFLOW_TRACKING_URI": f"sqlite:///{root / 'mlflow.db'}"}
         health, path = "/ping", "/invocations"
     else:
-        cmd = [str(BIN / "mlops"), "serve", "--port", str(port), "--workers", "1"]
+        workers = "2" if kind == "durable-w2" else "1"
+        cmd = [str(BIN / "mlops"), "serve", "--port", str(port), "--workers", workers]
         env = {
             **env,
-            "MLOPS_LOG_MODE": "durable" if kind == "durable" else "off",
+            "MLOPS_LOG_MODE": "off" if kind == "off" else "durable",
             "MLOPS_PREDICTION_DB_URL": f"sqlite:///{root / (kind + '.db')}",
         }
         health, path = "/ready", "/predict"
@@ -277,6 +278,7 @@ LABELS = {
     "durable": "mlops serve (log on)",
     "off": "mlops serve (log off)",
     "v2": "mlops serve V2 (log on)",
+    "durable-w2": "mlops serve -w 2 (log on)",
 } | {name: peer.label for name, peer in peers.PEERS.items()}
 
 
@@ -289,7 +291,8 @@ def main() -> None:
         "--paths",
         default="mlflow,durable,off,v2,litserve,mlserver,bentoml",
         help="servers to measure (a subset, to iterate); v2 is mlops serve's /v2 route, "
-        "the peers run in virtualenvs made on first use (bench/peers.py)",
+        "durable-w2 mlops serve --workers 2 (not measured unless named); the peers run in "
+        "virtualenvs made on first use (bench/peers.py)",
     )
     parser.add_argument(
         "--repeats",
