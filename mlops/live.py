@@ -56,7 +56,6 @@ class RunDisplay:
         self.trials = self.rows.add_task("tuning trial", total=1, info="", visible=False)
         self.epochs = self.rows.add_task("epoch", total=1, info="", visible=False)
         self._best: float | None = None
-        self.steps_done: list[str] = []
 
     def __enter__(self) -> RunDisplay:
         if not self.console.is_terminal:  # no live rows there: say what the wait is
@@ -89,7 +88,6 @@ class RunDisplay:
     def _step_end(self, f: dict) -> None:
         mark = "[green]done[/]" if f["ok"] else "[red]failed[/]"
         self.console.print(f"  {mark}  {f['name']}  [dim]{f['seconds']:.1f} s[/]")
-        self.steps_done.append(f["name"])
         self.rows.update(self.step, description="[dim]next step[/]")
         self.rows.update(self.trials, visible=False)
         self.rows.update(self.epochs, visible=False)
