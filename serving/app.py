@@ -28,7 +28,7 @@ from pipeline.tracking import configure_tracking
 from serving.deps import State
 from serving.middleware import GuardMiddleware
 from serving.requests import BadRequest
-from serving.responses import error
+from serving.responses import error, store_unavailable
 from serving.routes import ROUTERS
 from serving.schemas import request_schemas
 
@@ -162,4 +162,4 @@ async def _on_bad_request(_request: Request, exc: BadRequest) -> Response:
 
 
 async def _on_store_down(_request: Request, exc: StoreUnavailable) -> Response:
-    return error(503, f"prediction store unavailable, nothing was logged: {exc}")
+    return store_unavailable(exc)

@@ -1,7 +1,7 @@
 """The hot routes straight from ASGI: POST /predict, /invocations and V2's infer.
 
 FastAPI's routing, dependency solving and Request objects cost about as much per 1-row
-request as the whole of parsing, inference and logging. `GuardMiddleware` hands these two
+request as the whole of parsing, inference and logging. `GuardMiddleware` hands these
 routes to `match`'s handler, which does what their FastAPI routes do, in the same order and
 through the same code (`check_api_key`, `score_body` / `infer_body`, the same error bodies):
 the routes stay for the OpenAPI document and answer if the fast path is switched off
@@ -18,7 +18,7 @@ from starlette.datastructures import Headers
 from pipeline.store import StoreUnavailable
 from serving.deps import check_api_key
 from serving.requests import BadRequest
-from serving.responses import error
+from serving.responses import error, store_unavailable
 from serving.routes import predict, v2
 
 ROUTES = {
@@ -64,5 +64,5 @@ async def handle(scope, receive, send, work) -> None:
     except BadRequest as exc:
         response = error(exc.status, exc.detail, **exc.extra)
     except StoreUnavailable as exc:
-        response = error(503, f"prediction store unavailable, nothing was logged: {exc}")
+        response = store_unavailable(exc)
     await response(scope, receive, send)

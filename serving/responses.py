@@ -22,3 +22,8 @@ def json_response(data: Any, status: int = 200, headers: dict | None = None) -> 
 def error(status: int, detail: str, **extra: Any) -> Response:
     """The one error shape of the API: `{"detail": "...", ...}`, credentials redacted."""
     return json_response({"detail": redact(detail), **extra}, status)
+
+
+def store_unavailable(exc: Exception) -> Response:
+    """503 when the prediction log cannot take the rows: the request is not answered unlogged."""
+    return error(503, f"prediction store unavailable, nothing was logged: {exc}")
