@@ -192,18 +192,7 @@ def _output_table(ids, id_column: str, labels: np.ndarray, probs: np.ndarray) ->
     return pa.table(columns)
 
 
-class _CsvWriter:
-    def __init__(self, path: Path, schema: pa.Schema) -> None:
-        self._writer = pa_csv.CSVWriter(str(path), schema)
-
-    def write_table(self, table: pa.Table) -> None:
-        self._writer.write_table(table)
-
-    def close(self) -> None:
-        self._writer.close()
-
-
 def _writer(path: Path, kind: str, schema: pa.Schema):
     if kind == "parquet":
         return pq.ParquetWriter(str(path), schema)
-    return _CsvWriter(path, schema)
+    return pa_csv.CSVWriter(str(path), schema)
