@@ -1,4 +1,5 @@
-"""Pure ASGI middleware: the body-size limit and per-route request metrics."""
+"""Pure ASGI middleware: the body-size limit, per-route request metrics, and the hand-off of
+the hot routes to `serving.fastpath`."""
 
 from __future__ import annotations
 
@@ -11,7 +12,9 @@ from serving.requests import BadRequest
 
 
 class GuardMiddleware:
-    """Body-size limit (413) and per-route request metrics, before any parsing.
+    """Body-size limit (413) and per-route request metrics, before any parsing; with `fast`,
+    the hot routes go to `serving.fastpath` instead of FastAPI (inside the same limit and
+    metrics).
 
     A declared Content-Length over the limit is refused before a byte of the body is read;
     a streamed (chunked) body is counted as it arrives and refused once it passes the limit.
