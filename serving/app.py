@@ -49,7 +49,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         GuardMiddleware,
         max_body=settings.max_body_bytes,
         known=known,
-        fast=settings.fast_path,
+        fast=settings.fast_path and not settings.otel,  # OTel spans need FastAPI's routes
     )
     app.add_exception_handler(RequestValidationError, _on_validation)
     app.add_exception_handler(BadRequest, _on_bad_request)
