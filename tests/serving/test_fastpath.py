@@ -77,3 +77,17 @@ def test_metrics_count_the_fast_path_by_route(served, monkeypatch, fast):
     get_settings.cache_clear()
     for status in ("200", "422"):
         assert _count(after, "/predict", status) == _count(before, "/predict", status) + 1
+
+
+@pytest.mark.parametrize(("env", "fast"), [({}, True), ({"MLOPS_OTEL": "true"}, False)])
+def test_fast_path_steps_aside_for_opentelemetry(served, monkeypatch, env, fast):
+    """FastAPI's OTel spans come from its routes: asking for them routes everything there."""
+    from serving.middleware import GuardMiddleware
+
+    for key, value in env.items():
+        monkeypatch.setenv(key, value)
+    get_settings.cache_clear()
+    app = create_app(get_settings())
+    get_settings.cache_clear()
+    [guard] = [m for m in app.user_middleware if m.cls is GuardMiddleware]
+    assert guard.kwargs["fast"] is fast
