@@ -56,10 +56,14 @@ def venv(peer: Peer, torch_spec: str = "torch==2.13.0") -> Path:
     return python
 
 
-def command(peer: Peer, python: Path, model_dir: Path, port: int, workdir: Path) -> list[str]:
-    """The command line that starts `peer` on 127.0.0.1:port serving `model_dir`."""
+def command(
+    peer: Peer, python: Path, model_dir: Path, port: int, workdir: Path, workers: int = 1
+) -> list[str]:
+    """The command line that starts `peer` on 127.0.0.1:port serving `model_dir` with
+    `workers` inference processes (BentoML reads its count from MLOPS_BENCH_WORKERS)."""
     if peer.name == "litserve":
-        return [str(python), str(SERVERS / "litserve_app.py"), str(model_dir), str(port)]
+        script = str(SERVERS / "litserve_app.py")
+        return [str(python), script, str(model_dir), str(port), str(workers)]
     if peer.name == "bentoml":
         return [
             str(python),
@@ -85,7 +89,7 @@ def command(peer: Peer, python: Path, model_dir: Path, port: int, workdir: Path)
                 "grpc_port": 0,
                 "metrics_port": 0,
                 "metrics_endpoint": None,
-                "parallel_workers": 0,
+                "parallel_workers": workers if workers > 1 else 0,
                 "debug": False,
             }
         )

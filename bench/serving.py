@@ -70,7 +70,8 @@ def _start(kind: str, root: Path, env: dict) -> tuple[Supervised, str]:
         model_dir = _model_dir(root, env)
         workdir = root / f"peer-{kind}"
         workdir.mkdir(exist_ok=True)
-        cmd = peers.command(peer, python, model_dir, port, workdir)
+        workers = int(env.get("MLOPS_BENCH_WORKERS", "1"))
+        cmd = peers.command(peer, python, model_dir, port, workdir, workers)
         server = process.start(
             cmd, base, root / f"{kind}.log", env=peers.env(peer, env, model_dir), cwd=workdir
         )
@@ -295,6 +296,12 @@ def main() -> None:
         "virtualenvs made on first use (bench/peers.py)",
     )
     parser.add_argument(
+        "--peer-workers",
+        type=int,
+        default=1,
+        help="inference workers of each peer (compare with durable-w2 at 2)",
+    )
+    parser.add_argument(
         "--repeats",
         type=int,
         default=1,
@@ -313,6 +320,10 @@ def main() -> None:
         root = tmp / "project"
         root.mkdir()
         env = _prepare(root)
+        env["MLOPS_BENCH_WORKERS"] = str(args.peer_workers)
+        if args.peer_workers > 1:
+            for name, peer in peers.PEERS.items():
+                LABELS[name] = f"{peer.label}, {args.peer_workers} workers"
         results += _in_process(root, rows, args.duration)
         limit_64 = next(r["rows_s"] for r in results if r["rows"] == 64)
         results.append(_batch(root, rows, tmp, limit_64))
@@ -394,18 +405,18 @@ def _report(results: list[dict], loader: str, repeats: int) -> None:
         ratios[name] = 1 - value if invert else value
 
     ratios: dict[str, float] = {}
-    peer_labels = [peer.label for peer in peers.PEERS.values()]
+    peer_labels = [LABELS[name] for name in peers.PEERS]
     measured_peers = [r for r in results if r["path"] in peer_labels]
     if measured_peers:
         print("\nagainst the best peer in each cell (mlops serve, log on):")
         print(f"{'cell':12} {'best peer':38} {'req/s ratio':>11} {'p99 ours/theirs':>16}")
         for r in results:
-            if r["path"] != "mlops serve (log on)":
+            if r["path"] not in (LABELS["durable"], LABELS["durable-w2"]):
                 continue
             cell = [p for p in measured_peers if p["conc"] == r["conc"] and p["rows"] == r["rows"]]
             best = max(cell, key=lambda p: p["req_s"])
             print(
-                f"{r['rows']:>3} x c={r['conc']:<5} {best['path']:38} "
+                f"{r['rows']:>3} x c={r['conc']:<5} {best['path'][:38]:38} "
                 f"{r['req_s'] / best['req_s']:11.2f} "
                 f"{r['p99_ms']:7.1f} / {best['p99_ms']:<7.1f}"
             )

@@ -10,7 +10,9 @@ import torch
 from pipeline.model import Predictor
 
 
-@bentoml.service(workers=1, logging={"access": {"enabled": False}})
+@bentoml.service(
+    workers=int(os.environ.get("MLOPS_BENCH_WORKERS", "1")), logging={"access": {"enabled": False}}
+)
 class Classifier:
     def __init__(self) -> None:
         torch.set_num_threads(int(os.environ.get("MLOPS_BENCH_THREADS", "1")))

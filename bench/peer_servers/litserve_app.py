@@ -1,5 +1,6 @@
 """The bench's LitServe peer: the project's model behind LitServe's batching.
-Run inside the LitServe virtualenv by bench/peers.py: python litserve_app.py MODEL_DIR PORT"""
+Run inside the LitServe virtualenv by bench/peers.py:
+python litserve_app.py MODEL_DIR PORT [WORKERS]"""
 
 import os
 import sys
@@ -42,6 +43,7 @@ class ClassifierAPI(ls.LitAPI):
 
 if __name__ == "__main__":
     model_dir, port = sys.argv[1], int(sys.argv[2])
+    workers = int(sys.argv[3]) if len(sys.argv) > 3 else 1
     api = ClassifierAPI(model_dir, max_batch_size=64, batch_timeout=0.002)
-    server = ls.LitServer(api, accelerator="cpu", workers_per_device=1)
+    server = ls.LitServer(api, accelerator="cpu", workers_per_device=workers)
     server.run(host="127.0.0.1", port=port, log_level="warning", generate_client_file=False)
