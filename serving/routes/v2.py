@@ -210,7 +210,7 @@ def parse_infer(
         data = tensor.get("data")
         if not isinstance(data, list):
             raise BadRequest(400, "the input needs data (a flat or nested list) or binary data")
-        if any(isinstance(v, bool) for v in _flat_sample(data)):
+        if _has_booleans(data):
             raise BadRequest(400, "input data must be numbers, found booleans")
         try:
             array = np.asarray(data, dtype=np.float64)
@@ -227,10 +227,12 @@ def parse_infer(
         raise BadRequest(400, exc.detail) from None
 
 
-def _flat_sample(data: list) -> list:
-    """The first row's values (nested) or the values (flat): where booleans would show."""
-    first = data[0] if data else None
-    return first if isinstance(first, list) else data
+def _has_booleans(data: list) -> bool:
+    """true/false anywhere in flat or nested data (NumPy would take them as 1/0); map(type)
+    keeps the scan in C."""
+    if bool in map(type, data):
+        return True
+    return any(isinstance(row, list) and _has_booleans(row) for row in data)
 
 
 def _ids(request: dict, n: int) -> list[str]:

@@ -249,6 +249,7 @@ def test_v2_binary_tensors_in_and_out(client, pyfunc, digits_rows):
         ({"datatype": "BYTES"}, "not numeric"),
         ({"name": "pixels"}, "unknown input"),
         ({"data": [True] * 64}, "booleans"),
+        ({"shape": [2, 64], "data": [[0.0] * 64, [0.0] * 63 + [False]]}, "booleans"),
         ({"data": [1e300] * 64}, "finite"),
         ({"data": "zeros"}, "flat or nested list"),
     ],
