@@ -98,13 +98,12 @@ class RunDisplay:
         if f["number"] == 0:
             self._best = None
             self.rows.reset(self.trials)  # its clock starts with the search
-        best = "" if self._best is None else f"best val accuracy {self._best:.4f}"
         self.rows.update(
             self.trials,
             total=f["trials"],
             completed=f["number"],
             description=f"tuning trial {f['number'] + 1}",
-            info=best,
+            info=self._best_info(),
             visible=True,
         )
         self.rows.reset(self.epochs, description=f"trial {f['number'] + 1}: epoch", visible=False)
@@ -113,8 +112,10 @@ class RunDisplay:
         if not f["pruned"]:
             value = f["val_accuracy"]
             self._best = value if self._best is None else max(self._best, value)
-        info = "" if self._best is None else f"best val accuracy {self._best:.4f}"
-        self.rows.update(self.trials, completed=f["number"] + 1, info=info)
+        self.rows.update(self.trials, completed=f["number"] + 1, info=self._best_info())
+
+    def _best_info(self) -> str:
+        return "" if self._best is None else f"best val accuracy {self._best:.4f}"
 
     def _phase(self, f: dict) -> None:
         self.rows.update(self.trials, visible=False)
