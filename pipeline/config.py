@@ -249,7 +249,8 @@ class Settings(BaseSettings):
     body_timeout_s: float = Field(default=30.0, gt=0)
     linger_bytes: int = Field(default=64 * 1024 * 1024, ge=0)
     max_connections: int = Field(default=2048, ge=1)  # uvicorn's limit_concurrency: then 503
-    batch_max_rows: int = 512
+    # a pass of 512 rows cost 40% more per row than one of 256 (default ConvNet, 2 cores)
+    batch_max_rows: int = 256
     batch_max_wait_ms: float = 2.0
     log_mode: Literal["durable", "async", "off"] = Field(
         default="durable",

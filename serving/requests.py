@@ -39,6 +39,12 @@ def parse_json(body: bytes, content_type: str | None) -> Any:
         raise BadRequest(400, "body is nested too deeply") from None
 
 
+def may_hold_booleans(body: bytes) -> bool:
+    """False when a JSON body cannot hold a true or false: the literals are absent (a
+    string such as "true" only makes this answer True, never the other way round)."""
+    return b"true" in body or b"false" in body
+
+
 def expect_object(payload: Any, allowed: set[str], required: set[str]) -> dict:
     if not isinstance(payload, dict):
         raise BadRequest(422, f"expected a JSON object, got {type(payload).__name__}")
@@ -52,9 +58,12 @@ def expect_object(payload: Any, allowed: set[str], required: set[str]) -> dict:
 
 
 def rows_to_array(
-    rows: Any, n_features: int, max_rows: int, field: str = "instances"
+    rows: Any, n_features: int, max_rows: int, field: str = "instances", booleans: bool = True
 ) -> np.ndarray:
-    """A list of rows of numbers -> (n, n_features) float32, finite, or BadRequest."""
+    """A list of rows of numbers -> (n, n_features) float32, finite, or BadRequest.
+
+    `booleans=False` skips the scan for true/false, for a caller that knows the body holds
+    none (`may_hold_booleans`): the scan is half this function's time on a 64 x 64 body."""
     if not isinstance(rows, list):
         raise BadRequest(422, f"{field} must be a list of rows, got {type(rows).__name__}")
     if not rows:
@@ -62,7 +71,7 @@ def rows_to_array(
     if len(rows) > max_rows:
         raise BadRequest(413, f"{len(rows)} rows in one request; the limit is {max_rows}")
     # true/false among numbers would become 1/0 silently; map(type) keeps the scan in C
-    if any(isinstance(row, list) and bool in map(type, row) for row in rows):
+    if booleans and any(isinstance(row, list) and bool in map(type, row) for row in rows):
         raise BadRequest(422, f"{field}: values must be numbers, found booleans")
     try:
         array = np.asarray(rows)

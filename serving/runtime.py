@@ -171,13 +171,19 @@ class MicroBatcher:
     async def _run(self) -> None:
         assert self._queue is not None
         loop = asyncio.get_running_loop()
+        held = None  # a request that would have made the last batch too big: the next one's
         while True:
-            items = [await self._queue.get()]
+            items = [held if held is not None else await self._queue.get()]
+            held = None
             count = len(items[0][0])
             deadline = loop.time() + self.max_wait_s
             while count < self.max_rows:
                 if not self._queue.empty():
-                    items.append(self._queue.get_nowait())
+                    item = self._queue.get_nowait()
+                    if count + len(item[0]) > self.max_rows:
+                        held = item  # a pass never exceeds max_rows, unless one request does
+                        break
+                    items.append(item)
                 elif self.arriving > 0 and loop.time() < deadline:
                     await asyncio.sleep(0.0005)
                     continue

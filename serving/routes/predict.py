@@ -21,6 +21,7 @@ from serving.requests import (
     CSV_TYPES,
     BadRequest,
     expect_object,
+    may_hold_booleans,
     media_type,
     parse_csv,
     parse_ids,
@@ -76,7 +77,10 @@ def parse_instances(
     body: bytes, content_type: str | None, model: LoadedModel, max_rows: int
 ) -> tuple[np.ndarray, list[str]]:
     payload = expect_object(parse_json(body, content_type), {"instances", "ids"}, {"instances"})
-    rows = rows_to_array(payload["instances"], model.predictor.cfg.n_features, max_rows)
+    n_features = model.predictor.cfg.n_features
+    rows = rows_to_array(
+        payload["instances"], n_features, max_rows, booleans=may_hold_booleans(body)
+    )
     return rows, parse_ids(payload.get("ids"), len(rows))
 
 

@@ -22,7 +22,7 @@ from fastapi import APIRouter, Request
 from fastapi.responses import Response
 
 from serving.deps import ApiKey, StateDep
-from serving.requests import BadRequest, checked_array, parse_ids
+from serving.requests import BadRequest, checked_array, may_hold_booleans, parse_ids
 from serving.responses import json_response
 from serving.routes.predict import score_body
 from serving.runtime import LoadedModel
@@ -210,7 +210,7 @@ def parse_infer(
         data = tensor.get("data")
         if not isinstance(data, list):
             raise BadRequest(400, "the input needs data (a flat or nested list) or binary data")
-        if _has_booleans(data):
+        if may_hold_booleans(body) and _has_booleans(data):
             raise BadRequest(400, "input data must be numbers, found booleans")
         try:
             array = np.asarray(data, dtype=np.float64)

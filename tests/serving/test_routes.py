@@ -332,6 +332,17 @@ def test_booleans_are_refused_alone_and_among_numbers(client, digits_rows):
     assert _store().count() == 0  # nothing logged
 
 
+def test_the_words_true_and_false_in_ids_are_not_taken_for_booleans(client, digits_rows):
+    """The boolean scan is skipped only when the body lacks the literals; ids that spell
+    them must still pass, and a real boolean after them must still be refused."""
+    res = _predict(client, digits_rows[:2], ids=["true", "false"])
+    assert res.status_code == 200, res.text
+    assert [p["id"] for p in res.json()["predictions"]] == ["true", "false"]
+    row = digits_rows[0].tolist()
+    res = client.post("/predict", json={"instances": [row, [*row[:-1], True]], "ids": ["a", "b"]})
+    assert res.status_code == 422, res.text
+
+
 def test_labels_outside_the_predicting_models_classes_are_refused_without_a_model(
     client, digits_rows
 ):
