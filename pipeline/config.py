@@ -124,9 +124,17 @@ class TuneParams(_Section):
 
 
 class PromoteParams(_Section):
-    # A challenger must beat the champion's test accuracy by more than this; 0 means any
-    # strict gain (a tie keeps the champion).
+    # paired: challenger and champion on the same rows (test split + labelled shadow rows),
+    # exact one-sided McNemar test, a minimum effect and per-class non-regression;
+    # margin: the simpler rule, test accuracy higher by more than `margin`.
+    test: Literal["paired", "margin"] = "paired"
+    # margin rule: a challenger must beat the champion's test accuracy by more than this;
+    # 0 means any strict gain (a tie keeps the champion).
     margin: float = Field(default=0.0, ge=0)
+    alpha: float = Field(default=0.05, gt=0, lt=1)  # paired: the test's significance level
+    min_effect: float = Field(default=0.0, ge=0, le=1)  # paired: least accuracy gain
+    max_class_drop: float = Field(default=0.05, ge=0, le=1)  # paired: largest recall drop
+    shadow_labels: bool = True  # paired: add labelled rows the challenger scored in shadow
 
 
 class MonitorParams(_Section):

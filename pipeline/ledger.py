@@ -28,8 +28,10 @@ def record(
     reason: str,
     metrics: dict,
     candidate: str | None = None,
+    test: str | None = None,
 ) -> None:
-    """Append one entry: `action` is promote, reject or rollback."""
+    """Append one entry: `action` is promote, reject, rollback or a rollout step
+    (rollout-start, rollout-promote, rollout-abort); `test` names the gate's rule."""
     client = mlflow.MlflowClient()
     exp = with_retries(
         "opening the ledger",
@@ -43,6 +45,7 @@ def record(
         "ledger.reason": reason,
         "ledger.seq": str(time.time_ns()),
         "ledger.actor": _actor(),
+        "ledger.test": test or "",
         "mlflow.note.content": reason,  # the run's description in the UI
     }
     name = f"{action} v{candidate or to_version}: v{from_version or '-'} -> v{to_version or '-'}"
@@ -87,6 +90,7 @@ def entries(settings: Settings, limit: int = 1000) -> list[dict]:
             "to": r.data.tags.get("ledger.to_version") or None,
             "candidate": r.data.tags.get("ledger.candidate") or None,
             "reason": r.data.tags.get("ledger.reason"),
+            "test": r.data.tags.get("ledger.test") or None,
             "seq": int(r.data.tags.get("ledger.seq", "0")),
             "metrics": dict(r.data.metrics),
         }

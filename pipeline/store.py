@@ -63,6 +63,53 @@ drift_reports = sa.Table(
 )
 
 
+# What a challenger answered in shadow for a served prediction (serving/shadow.py): the
+# champion's answer is in `predictions` under the same id, so agreement and, once the label
+# arrives there, both versions' accuracy on the same rows are one join away.
+shadow_predictions = sa.Table(
+    "shadow_predictions",
+    metadata,
+    sa.Column("id", sa.String(128), primary_key=True),
+    sa.Column("model_version", sa.String(32), primary_key=True),
+    sa.Column("model_name", sa.String(200), nullable=False),
+    sa.Column("created_at", sa.Float(precision=53), nullable=False, index=True),
+    sa.Column("label", sa.Integer, nullable=False),
+    sa.Column("probabilities", sa.LargeBinary, nullable=False),
+)
+SHADOW_COLUMNS = ("id", "model_version", "model_name", "created_at", "label", "probabilities")
+
+# Canary rollouts (pipeline/rollout.py): every server process of a deployment reads the
+# running one from here, so the split, the guard rails and the decision are shared.
+rollouts = sa.Table(
+    "rollouts",
+    metadata,
+    sa.Column("seq", sa.Integer, primary_key=True, autoincrement=True),
+    sa.Column("model_name", sa.String(200), nullable=False, index=True),
+    sa.Column("candidate", sa.String(32), nullable=False),
+    sa.Column("champion", sa.String(32), nullable=True),
+    sa.Column("fraction", sa.Float, nullable=False),
+    sa.Column("state", sa.String(16), nullable=False),  # running | promoted | aborted
+    sa.Column("started_at", sa.Float(precision=53), nullable=False),
+    sa.Column("ended_at", sa.Float(precision=53), nullable=True),
+    sa.Column("guards", sa.Text, nullable=False),  # JSON: RolloutParams at the start
+    sa.Column("reason", sa.Text, nullable=True),
+)
+
+# Requests a server could not answer with the version it routed them to (a canary that
+# failed to load or raised): answered by the champion instead, and counted here so the
+# guard rails of every process see the candidate's error rate.
+serving_events = sa.Table(
+    "serving_events",
+    metadata,
+    sa.Column("seq", sa.Integer, primary_key=True, autoincrement=True),
+    sa.Column("created_at", sa.Float(precision=53), nullable=False, index=True),
+    sa.Column("model_name", sa.String(200), nullable=False),
+    sa.Column("model_version", sa.String(32), nullable=False),
+    sa.Column("kind", sa.String(32), nullable=False),
+    sa.Column("rows", sa.Integer, nullable=False),
+)
+
+
 # Leases that serialise an operation across every process sharing this database (promotion
 # and rollback: `pipeline.registry.champion_lock`). A holder that dies leaves a lease that
 # expires; short transactions only, so the prediction log never waits on a lock holder.
@@ -393,6 +440,176 @@ class PredictionStore:
         with self._read() as conn:
             return int(conn.execute(stmt).scalar_one())
 
+    def insert_shadow(self, rows: Sequence[tuple]) -> None:
+        """Shadow answers (tuples in SHADOW_COLUMNS order), idempotent on (id, version)."""
+        if not rows:
+            return
+        values = [dict(zip(SHADOW_COLUMNS, r, strict=True)) for r in rows]
+        self._write(_upsert_ignore(self.dialect, shadow_predictions, values))
+
+    def add_event(self, name: str, version: str, kind: str, rows: int) -> None:
+        self._write(
+            serving_events.insert().values(
+                created_at=time.time(), model_name=name, model_version=version, kind=kind,
+                rows=rows,
+            )
+        )  # fmt: skip
+
+    def shadow_pairs(
+        self, name: str, candidate: str, champion: str
+    ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """(truth, shadow's labels, champion's labels) of labelled rows the champion served
+        and `candidate` scored in shadow."""
+        p, sh = predictions, shadow_predictions
+        stmt = (
+            sa.select(p.c.true_label, sh.c.label, p.c.label)
+            .join(sh, sh.c.id == p.c.id)
+            .where(
+                p.c.model_name == name,
+                p.c.model_version == champion,
+                sh.c.model_version == candidate,
+                p.c.true_label.is_not(None),
+            )
+        )
+        with self._read() as conn:
+            found = np.array(conn.execute(stmt).all(), dtype=np.int64).reshape(-1, 3)
+        return found[:, 0], found[:, 1], found[:, 2]
+
+    def shadow_summary(self, name: str, since: float = 0.0) -> list[dict]:
+        """Per (champion, shadow) version pair since `since`: rows scored, agreement, and
+        both versions' accuracy on exactly the same labelled rows."""
+        p, sh = predictions, shadow_predictions
+        agree = sa.case((p.c.label == sh.c.label, 1), else_=0)
+        labelled = sa.case((p.c.true_label.is_not(None), 1), else_=0)
+        right_p = sa.case((p.c.true_label == p.c.label, 1), else_=0)
+        right_s = sa.case((p.c.true_label == sh.c.label, 1), else_=0)
+        stmt = (
+            sa.select(
+                p.c.model_version,
+                sh.c.model_version,
+                sa.func.count(),
+                sa.func.sum(agree),
+                sa.func.sum(labelled),
+                sa.func.sum(right_p),
+                sa.func.sum(right_s),
+            )
+            .join(sh, sh.c.id == p.c.id)
+            .where(p.c.model_name == name, sh.c.created_at > since)
+            .group_by(p.c.model_version, sh.c.model_version)
+        )
+        with self._read() as conn:
+            found = conn.execute(stmt).all()
+        out = []
+        for champ, shadow, n, agreed, n_lab, ok_p, ok_s in found:
+            n_lab = int(n_lab or 0)
+            out.append(
+                {
+                    "champion": champ,
+                    "shadow": shadow,
+                    "rows": int(n),
+                    "agreement": int(agreed or 0) / n if n else None,
+                    "labelled": n_lab,
+                    "champion_accuracy": int(ok_p or 0) / n_lab if n_lab else None,
+                    "shadow_accuracy": int(ok_s or 0) / n_lab if n_lab else None,
+                }
+            )
+        return out
+
+    def version_stats(self, name: str, since: float, limit: int = 200_000) -> dict[str, dict]:
+        """Per model version, for rows served since `since`: rows, p99 latency (ms) of the
+        newest `limit` rows, labelled rows and accuracy on them, and failed rows counted in
+        serving_events (answered by the champion instead)."""
+        p = predictions
+        stmt = (
+            sa.select(p.c.model_version, p.c.latency_ms, p.c.label, p.c.true_label)
+            .where(p.c.model_name == name, p.c.created_at >= since)
+            .order_by(p.c.created_at.desc())
+            .limit(limit)
+        )
+        ev = serving_events
+        errors = (
+            sa.select(ev.c.model_version, sa.func.sum(ev.c.rows))
+            .where(ev.c.model_name == name, ev.c.created_at >= since)
+            .group_by(ev.c.model_version)
+        )
+        with self._read() as conn:
+            rows = conn.execute(stmt).all()
+            failed = {v: int(n or 0) for v, n in conn.execute(errors).all()}
+        out: dict[str, dict] = {}
+        by_version: dict[str, list] = {}
+        for version, latency, label, truth in rows:
+            by_version.setdefault(version, []).append((latency, label, truth))
+        for version in set(by_version) | set(failed):
+            got = by_version.get(version, [])
+            latency = np.array([r[0] for r in got], dtype=float)
+            pairs = [(lbl, t) for _, lbl, t in got if t is not None]
+            out[version] = {
+                "rows": len(got),
+                "failed_rows": failed.get(version, 0),
+                "p99_ms": float(np.percentile(latency, 99)) if len(latency) else None,
+                "labelled": len(pairs),
+                "accuracy": (float(np.mean([lbl == t for lbl, t in pairs])) if pairs else None),
+            }
+        return out
+
+    def start_rollout(
+        self, name: str, candidate: str, champion: str | None, fraction: float, guards: str
+    ) -> int:
+        """A new running rollout; refused while another one runs for `name`."""
+        with self.engine.begin() as conn:
+            if self._running_rollout(conn, name) is not None:
+                raise ValueError(f"a rollout of {name} is already running")
+            res = conn.execute(
+                rollouts.insert().values(
+                    model_name=name, candidate=candidate, champion=champion, fraction=fraction,
+                    state="running", started_at=time.time(), guards=guards,
+                )
+            )  # fmt: skip
+            return int(res.inserted_primary_key[0])
+
+    def running_rollout(self, name: str) -> dict | None:
+        with self._read() as conn:
+            return self._running_rollout(conn, name)
+
+    def latest_rollout(self, name: str) -> dict | None:
+        stmt = (
+            sa.select(rollouts)
+            .where(rollouts.c.model_name == name)
+            .order_by(rollouts.c.seq.desc())
+            .limit(1)
+        )
+        with self._read() as conn:
+            row = conn.execute(stmt).mappings().first()
+        return dict(row) if row else None
+
+    @staticmethod
+    def _running_rollout(conn, name: str) -> dict | None:
+        stmt = (
+            sa.select(rollouts)
+            .where(rollouts.c.model_name == name, rollouts.c.state == "running")
+            .order_by(rollouts.c.seq.desc())
+            .limit(1)
+        )
+        row = conn.execute(stmt).mappings().first()
+        return dict(row) if row else None
+
+    def end_rollout(self, seq: int, state: str, reason: str) -> bool:
+        """running -> `state`; False when it had already ended (another process decided)."""
+        stmt = (
+            rollouts.update()
+            .where(rollouts.c.seq == seq, rollouts.c.state == "running")
+            .values(state=state, ended_at=time.time(), reason=reason)
+        )
+        with self.engine.begin() as conn:
+            return conn.execute(stmt).rowcount == 1
+
+    def _write(self, stmt) -> None:
+        try:
+            with self.engine.begin() as conn:
+                conn.execute(stmt)
+        except sa.exc.SQLAlchemyError as exc:
+            raise StoreUnavailable(f"prediction store {self.safe_url}: {_short(exc)}") from exc
+
     def start_checkpoints(self, interval_s: float = 1.0) -> threading.Event | None:
         """SQLite: checkpoint the WAL from a background thread (PASSIVE: never blocks a
         writer), so commits on the request path do not pay for it. Returns a stop event."""
@@ -448,6 +665,15 @@ class PredictionStore:
                     self._insert_conn.close()
                 self._insert_conn = None
         self.engine.dispose()
+
+
+def _upsert_ignore(dialect: str, table: sa.Table, values: list[dict]):
+    """INSERT ... ON CONFLICT DO NOTHING in the store's dialect."""
+    if dialect == "postgresql":
+        from sqlalchemy.dialects.postgresql import insert
+    else:
+        from sqlalchemy.dialects.sqlite import insert
+    return insert(table).values(values).on_conflict_do_nothing()
 
 
 def _flat(rows: Sequence[tuple]) -> tuple:
