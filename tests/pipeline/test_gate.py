@@ -8,11 +8,11 @@ import pytest
 from scipy.stats import binomtest
 
 from pipeline.config import Params, PromoteParams
+from pipeline.experiment import fit
 from pipeline.gate import compare, judge, promote_if_better, promote_paired
 from pipeline.ledger import entries as ledger
 from pipeline.preprocess import load_preprocessor, raw_test_set
 from pipeline.registry import CHAMPION, alias_version
-from pipeline.experiment import fit
 
 
 def _vectors(n: int, both: int, only_cand: int, only_champ: int, classes: int = 10):
