@@ -145,6 +145,22 @@ class MonitorParams(_Section):
     window_s: float = Field(default=3600, gt=0)  # the drift check compares the last hour's traffic
 
 
+class RolloutParams(_Section):
+    """A canary's share and guard rails (`mlops rollout start`); stored with the rollout, so
+    every server process judges it by the same figures."""
+
+    fraction: float = Field(default=0.1, gt=0, lt=1)  # share of clients sent to the candidate
+    window_s: float = Field(default=300, gt=0)  # guards passed this long (and enough rows): promote
+    check_interval_s: float = Field(default=2.0, gt=0)  # how often servers evaluate the guards
+    min_samples: int = Field(default=200, ge=1)  # candidate rows before any guard may decide
+    max_error_rate: float = Field(default=0.01, ge=0, le=1)  # failed candidate rows / its rows
+    # p99 latency of the candidate at most this multiple of the champion's (same period) ...
+    max_p99_ratio: float = Field(default=2.0, ge=1)
+    p99_slack_ms: float = Field(default=5.0, ge=0)  # ... plus this, so noise at 1 ms cannot trip it
+    min_labels: int = Field(default=50, ge=1)  # labelled rows of each before accuracy counts
+    max_accuracy_drop: float = Field(default=0.02, ge=0, le=1)  # candidate vs champion
+
+
 class ScheduleParams(_Section):
     retrain_cron: str = "0 3 * * *"  # `mlops schedule`: nightly, when traffic is low
     monitor_interval_s: int = Field(default=300, ge=1)  # the monitor every 5 minutes
@@ -160,6 +176,7 @@ class Params(_Section):
     train: TrainSection = Field(default_factory=TrainSection)
     tune: TuneParams = Field(default_factory=TuneParams)
     promote: PromoteParams = Field(default_factory=PromoteParams)
+    rollout: RolloutParams = Field(default_factory=RolloutParams)
     monitor: MonitorParams = Field(default_factory=MonitorParams)
     schedule: ScheduleParams = Field(default_factory=ScheduleParams)
 
@@ -284,6 +301,18 @@ class Settings(BaseSettings):
         default=False,
         description="FastAPI's OpenTelemetry spans and metrics, for an OTel SDK you configure; "
         "off, the server skips that per-request check (/metrics is always on)",
+    )
+    shadow_model: str | None = Field(
+        default=None,
+        description="score requests with this version or alias too (e.g. challenger), off the "
+        "response path, and log its answers under the same ids (unset: no shadow)",
+    )
+    shadow_fraction: float = Field(default=1.0, ge=0, le=1, description="share of requests")
+    shadow_max_pending_rows: int = Field(
+        default=10_000, ge=1, description="rows waiting for the shadow; more are skipped"
+    )
+    rollout_poll_s: float = Field(
+        default=1.0, ge=0, description="how often a server reads the running canary (0: never)"
     )
     fast_path: bool = Field(
         default=True,

@@ -158,7 +158,12 @@ def check_loads(name: str, version: str) -> None:
         raise RegistryError(f"v{version} cannot be loaded, so it is not promoted: {first}") from exc
 
 
-def set_champion(settings: Settings, version: str, reason: str = "manual promotion") -> None:
+def set_champion(
+    settings: Settings,
+    version: str,
+    reason: str = "manual promotion",
+    metrics: dict | None = None,
+) -> None:
     """`mlops promote VERSION`: make an existing version the champion."""
     name, version = settings.model_name, str(version)
     resolve(name, version)
@@ -170,7 +175,9 @@ def set_champion(settings: Settings, version: str, reason: str = "manual promoti
         set_alias(name, CHAMPION, version)
         if current:
             set_alias(name, CHALLENGER, current)
-        ledger.record(settings, "promote", current, version, reason, {}, candidate=version)
+        ledger.record(
+            settings, "promote", current, version, reason, metrics or {}, candidate=version
+        )
 
 
 def rollback(settings: Settings, reason: str = "manual rollback") -> tuple[str, str]:

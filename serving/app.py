@@ -90,14 +90,22 @@ def _lifespan(settings: Settings):
             state.manager.last_error = redact(f"no model loaded at start-up: {exc}")
             log.warning("%s", state.manager.last_error)
         state.manager.start_polling()
+        state.side.start()
+        state.canary.start()
+        if state.shadow is not None:
+            state.shadow.start()
         gc.collect()
         gc.freeze()  # start-up objects (MLflow, torch) leave the GC's scans: no long pauses
         try:
             yield
         finally:
             state.manager.stop()
+            if state.shadow is not None:
+                await asyncio.to_thread(state.shadow.stop)
+            await state.canary.stop()
             await state.batcher.stop()
             await state.writer.close()  # drain: nothing acknowledged is lost
+            await asyncio.to_thread(state.side.close)
             state.store.dispose()
 
     return lifespan

@@ -13,8 +13,10 @@ from fastapi import Depends, Request
 
 from pipeline.config import Settings
 from pipeline.store import PredictionStore
+from serving.canary import Canary
 from serving.requests import BadRequest
-from serving.runtime import LogWriter, MicroBatcher, ModelManager
+from serving.runtime import LogWriter, MicroBatcher, ModelManager, SideWriter
+from serving.shadow import Shadow
 
 
 class State:
@@ -28,6 +30,9 @@ class State:
         )
         self.store = PredictionStore(settings.prediction_db)
         self.writer = LogWriter(self.store, settings.log_queue_max)
+        self.side = SideWriter()  # shadow rows and canary events: off the response path
+        self.shadow = Shadow(settings, self.store, self.side) if settings.shadow_model else None
+        self.canary = Canary(settings, self.store, self.side, self.manager, self.batcher)
 
 
 async def get_state(request: Request) -> State:

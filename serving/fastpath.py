@@ -35,7 +35,7 @@ def match(method: str, path: str):
     if path in ROUTES:
         parse, shape = ROUTES[path]
         return lambda state, read, headers: predict.score_body(
-            state, read, headers.get("content-type"), parse, shape
+            state, read, headers.get("content-type"), parse, shape, headers.get(predict.CLIENT_ID)
         )
     found = _V2_INFER.match(path)
     if found:

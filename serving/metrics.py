@@ -51,6 +51,28 @@ DRIFT = Gauge(
     multiprocess_mode="max",
 )
 
+SHADOW_ROWS = Counter(
+    "mlops_shadow_rows_total",
+    "Rows offered to the shadow version, by outcome (scored, agreed, skipped, failed)",
+    ["outcome"],
+)
+SHADOW = Gauge(
+    "mlops_shadow",
+    "Shadow figures over the server's lifetime, from the prediction store: agreement with "
+    "the champion, labelled rows, and both versions' accuracy on the same labelled rows",
+    ["figure"],
+    multiprocess_mode="max",
+)
+CANARY_ROWS = Counter(
+    "mlops_canary_rows_total",
+    "Rows routed to a canary candidate, by outcome (served, failed: answered by the champion)",
+    ["outcome"],
+)
+CANARY_FRACTION = Gauge(
+    "mlops_canary_fraction", "Share of clients the running canary takes (0: none)",
+    multiprocess_mode="max",
+)  # fmt: skip
+
 
 def render() -> tuple[bytes, str]:
     if os.environ.get("PROMETHEUS_MULTIPROC_DIR"):

@@ -53,8 +53,10 @@ class ModelManager:
     with. A failed load leaves the old model serving and is reported in `last_error`.
     """
 
-    def __init__(self, settings) -> None:
+    def __init__(self, settings, ref: str | None = None, primary: bool = True) -> None:
         self.settings = settings
+        self.ref = ref  # what refresh() follows (default: settings.model_ref)
+        self.primary = primary  # the champion's manager: the one /metrics reports
         self.current: LoadedModel | None = None
         self.last_error: str | None = None
         self._lock = threading.Lock()
@@ -82,7 +84,7 @@ class ModelManager:
         """Load `ref` (default: the configured alias/version) if it names another version."""
         import mlflow
 
-        ref = ref or self.settings.model_ref
+        ref = str(ref or self.ref or self.settings.model_ref)
         with self._lock:  # one load at a time; requests never wait on this lock
             mlflow.set_tracking_uri(self.settings.tracking_uri)  # this server's store, always
             try:
@@ -104,9 +106,11 @@ class ModelManager:
             previous = self.current
             self.current = loaded  # the atomic swap
             self.last_error = None
-            metrics.MODEL_VERSION.set(float(loaded.version))
+            if self.primary:
+                metrics.MODEL_VERSION.set(float(loaded.version))
             log.info(
-                "serving %s v%s (was %s)",
+                "%s %s v%s (was %s)",
+                "serving" if self.primary else f"loaded for {ref}:",
                 loaded.name,
                 loaded.version,
                 previous.version if previous else "none",
@@ -142,14 +146,22 @@ class MicroBatcher:
     most `max_wait_s`. One inference thread: passes never compete for the cores.
     """
 
-    def __init__(self, manager: ModelManager, max_rows: int, max_wait_s: float) -> None:
+    def __init__(
+        self,
+        manager: ModelManager,
+        max_rows: int,
+        max_wait_s: float,
+        executor: ThreadPoolExecutor | None = None,
+    ) -> None:
         self.manager = manager
         self.max_rows = max_rows
         self.max_wait_s = max_wait_s
         self.arriving = 0  # requests inside a handler that will call predict()
         self._queue: asyncio.Queue | None = None
         self._task: asyncio.Task | None = None
-        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="inference")
+        # one inference thread for the champion and a canary alike (passes never compete)
+        self._own_executor = executor is None
+        self._executor = executor or ThreadPoolExecutor(1, thread_name_prefix="inference")
 
     def start(self) -> None:
         self._queue = asyncio.Queue()
@@ -160,7 +172,8 @@ class MicroBatcher:
             self._task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._task
-        self._executor.shutdown(wait=True)
+        if self._own_executor:
+            self._executor.shutdown(wait=True)
 
     async def predict(self, rows: np.ndarray) -> tuple[np.ndarray, LoadedModel]:
         assert self._queue is not None
@@ -327,3 +340,39 @@ class LogWriter:
                 fut.set_result(None)
             else:
                 fut.set_exception(error)
+
+
+class SideWriter:
+    """A thread for writes off the response path whose loss costs no answer (shadow rows,
+    canary failure events): best effort, counted when they fail, bounded."""
+
+    def __init__(self, max_queue: int = 10_000) -> None:
+        self._queue: queue.Queue = queue.Queue(max_queue)
+        self._thread = threading.Thread(target=self._run, name="side-writer", daemon=True)
+        self.failures = 0
+        self.last_error: str | None = None
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def submit(self, call) -> bool:
+        try:
+            self._queue.put_nowait(call)
+            return True
+        except queue.Full:
+            self.failures += 1
+            return False
+
+    def close(self, timeout: float = 10.0) -> None:
+        if self._thread.is_alive():
+            self._queue.put(None)
+            self._thread.join(timeout)
+
+    def _run(self) -> None:
+        while (call := self._queue.get()) is not None:
+            try:
+                call()
+            except Exception as exc:  # noqa: BLE001 - best effort: counted and reported
+                self.failures += 1
+                self.last_error = redact(str(exc))[:300]
+                log.warning("side write failed: %s", self.last_error)

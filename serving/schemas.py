@@ -127,6 +127,8 @@ class ModelInfo(BaseModel):
     num_classes: int | None = None
     last_load_error: str | None = None
     log_mode: str | None = None
+    shadow: dict | None = None  # the shadow version, its share and its row counts
+    canary: dict | None = None  # the running canary: candidate, champion, share
 
 
 class ReloadResponse(ModelInfo):

@@ -81,6 +81,8 @@ async def model_info(state: StateDep) -> Response:
     body = model.info() if model else {"model_name": settings.model_name, "model_version": None}
     body["last_load_error"] = state.manager.last_error
     body["log_mode"] = settings.log_mode
+    body["shadow"] = state.shadow.info() if state.shadow is not None else None
+    body["canary"] = state.canary.info()
     return json_response(body)
 
 

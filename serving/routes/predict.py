@@ -120,7 +120,13 @@ def mlflow_records(
 
 async def score(request: Request, state: State, parse: Parser, shape: Shaper) -> Response:
     """A route's scoring: see `score_body`."""
-    return await score_body(state, request.body, request.headers.get("content-type"), parse, shape)
+    headers = request.headers
+    return await score_body(
+        state, request.body, headers.get("content-type"), parse, shape, headers.get(CLIENT_ID)
+    )
+
+
+CLIENT_ID = "x-client-id"  # names a client for a canary's sticky split (serving/canary.py)
 
 
 async def score_body(
@@ -129,10 +135,13 @@ async def score_body(
     content_type: str | None,
     parse: Parser,
     shape: Shaper,
+    client_id: str | None = None,
+    routable: bool = True,
 ) -> Response:
-    """Read and parse (counted as arriving, for the micro-batcher), infer, log, answer with
-    `shape(...)` and the X-Model-Version header of the model that answered. The routes and
-    the fast path of `serving.fastpath` both come here."""
+    """Read and parse (counted as arriving, for the micro-batcher), infer (on a canary's
+    candidate when the client is in its share), log, offer the rows to the shadow, answer
+    with `shape(...)` and the X-Model-Version header of the model that answered. The routes
+    and the fast path of `serving.fastpath` both come here."""
     start = time.perf_counter()
     state.batcher.arriving += 1
     try:
@@ -146,8 +155,10 @@ async def score_body(
     finally:
         state.batcher.arriving -= 1
     unusual = _out_of_range(state, model, rows)
-    probs, used = await _infer(state, rows)
+    probs, used = await _infer(state, rows, client_id, routable)
     labels = probs.argmax(axis=1).tolist()
+    if state.shadow is not None and used is state.manager.current:
+        state.shadow.offer(ids, rows, labels, used.version)  # never raises, never waits
     await _log(state, ids, rows, labels, probs, used, start)
     body = shape(used, ids, labels, probs.tolist(), unusual)
     response = body if isinstance(body, Response) else json_response(body)
@@ -185,7 +196,20 @@ def _model_or_503(state: State) -> LoadedModel:
     return model
 
 
-async def _infer(state: State, rows: np.ndarray) -> tuple[np.ndarray, LoadedModel]:
+async def _infer(
+    state: State, rows: np.ndarray, client_id: str | None = None, routable: bool = True
+) -> tuple[np.ndarray, LoadedModel]:
+    canary = state.canary
+    if routable and canary.pick(client_id):
+        candidate = canary.rollout["candidate"] if canary.rollout else None
+        try:
+            probs, used = await canary.batcher.predict(rows)
+            if used.version == candidate:
+                metrics.CANARY_ROWS.labels("served").inc(len(rows))
+                return probs, used
+        except Exception:  # noqa: BLE001 - the champion answers instead, and it is counted
+            pass
+        canary.failed(candidate or "?", len(rows))
     try:
         return await state.batcher.predict(rows)
     except NoModel as exc:

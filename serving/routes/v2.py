@@ -24,7 +24,7 @@ from fastapi.responses import Response
 from serving.deps import ApiKey, StateDep
 from serving.requests import BadRequest, checked_array, may_hold_booleans, parse_ids
 from serving.responses import json_response
-from serving.routes.predict import score_body
+from serving.routes.predict import CLIENT_ID, score_body
 from serving.runtime import LoadedModel
 
 router = APIRouter(prefix="/v2", tags=["open inference protocol (v2)"])
@@ -147,7 +147,15 @@ async def infer_body(state, name: str, version: str | None, read_body, header) -
         return infer_response(call["request"], used, ids, labels, probs)
 
     try:
-        return await score_body(state, read_body, header("content-type"), parse, shape)
+        return await score_body(
+            state,
+            read_body,
+            header("content-type"),
+            parse,
+            shape,
+            header(CLIENT_ID),
+            routable=version is None,  # a request naming its version gets that version
+        )
     except BadRequest as exc:
         return _error(exc.status, exc.detail)
 

@@ -1,0 +1,147 @@
+"""Shadow scoring: a second version (`MLOPS_SHADOW_MODEL`, e.g. `challenger`) scores a share
+of the requests off the response path, and its answers are logged under the same ids.
+
+A request offers its rows once the champion's answer is computed; `offer` only appends to a
+bounded list, so the answer is never delayed or changed by the shadow. A thread of its own
+scores whatever has gathered in one pass and hands the rows to the side writer. A shadow
+that is not loaded, raises, or falls behind (more than `shadow_max_pending_rows` waiting)
+costs its rows only: they are counted as failed or skipped on /metrics. Agreement and both
+versions' accuracy on the same labelled rows come from the prediction store, where the
+labels that arrive through /feedback join the champion's rows.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import random
+import threading
+import time
+
+import numpy as np
+
+from pipeline.store import PredictionStore, encode_rows
+from serving import metrics
+from serving.runtime import ModelManager, SideWriter
+
+log = logging.getLogger(__name__)
+
+SUMMARY_EVERY_S = 10.0  # how often the agreement and accuracy gauges are read from the store
+
+
+class Shadow:
+    def __init__(self, settings, store: PredictionStore, side: SideWriter) -> None:
+        self.settings = settings
+        self.store, self.side = store, side
+        self.manager = ModelManager(settings, ref=settings.shadow_model, primary=False)
+        self.fraction = settings.shadow_fraction
+        self.max_pending = settings.shadow_max_pending_rows
+        self._pending: list[tuple] = []
+        self._pending_rows = 0
+        self._cond = threading.Condition()
+        self._stop = False
+        self._thread = threading.Thread(target=self._run, name="shadow", daemon=True)
+        self._random = random.Random()
+        self.started_at = time.time()
+        self.counts = {"scored": 0, "agreed": 0, "skipped": 0, "failed": 0}
+        self.summary: list[dict] = []
+
+    def start(self) -> None:
+        self._thread.start()
+        self.manager.start_polling()  # follows the alias as the champion's manager does
+
+    def stop(self) -> None:
+        self.manager.stop()
+        with self._cond:
+            self._stop = True
+            self._cond.notify()
+        self._thread.join(10)
+
+    def offer(self, ids: list[str], rows: np.ndarray, labels: list[int], version: str) -> None:
+        """On the event loop, after the champion answered: queue the rows, or count them
+        as skipped when the shadow is behind. Never raises."""
+        if self.fraction < 1.0 and self._random.random() >= self.fraction:
+            return
+        n = len(ids)
+        with self._cond:
+            if self._pending_rows + n > self.max_pending:
+                self._count("skipped", n)
+                return
+            self._pending.append((ids, rows, labels, version))
+            self._pending_rows += n
+            self._cond.notify()
+
+    def _count(self, outcome: str, n: int) -> None:
+        self.counts[outcome] += n
+        metrics.SHADOW_ROWS.labels(outcome).inc(n)
+
+    def _run(self) -> None:
+        with contextlib.suppress(Exception):  # refresh() reports on /ready; keep going
+            self.manager.refresh()
+        next_summary = time.monotonic() + SUMMARY_EVERY_S
+        while True:
+            with self._cond:
+                if not self._pending and not self._stop:
+                    self._cond.wait(timeout=1.0)
+                if self._stop and not self._pending:
+                    return
+                items, self._pending, self._pending_rows = self._pending, [], 0
+            if items:
+                self._score(items)
+            if time.monotonic() >= next_summary:
+                self._summarise()
+                next_summary = time.monotonic() + SUMMARY_EVERY_S
+
+    def _score(self, items: list[tuple]) -> None:
+        n = sum(len(ids) for ids, *_ in items)
+        model = self.manager.current
+        if model is None:
+            self._count("failed", n)
+            return
+        try:
+            rows = np.concatenate([r for _, r, _, _ in items])
+            probs = model.predictor.predict_proba(rows)
+        except Exception as exc:  # noqa: BLE001 - the shadow's failure is its own
+            self._count("failed", n)
+            log.warning("shadow v%s failed on %d rows: %s", model.version, n, exc)
+            return
+        labels = probs.argmax(axis=1)
+        champion = np.concatenate([np.asarray(lbl) for _, _, lbl, _ in items])
+        self._count("scored", n)
+        self._count("agreed", int((labels == champion).sum()))
+        ids = [i for batch, *_ in items for i in batch]
+        now = time.time()
+        out = [
+            (i, model.version, model.name, now, int(lbl), p)
+            for i, lbl, p in zip(ids, labels.tolist(), encode_rows(probs), strict=True)
+        ]
+        self.side.submit(lambda: self.store.insert_shadow(out))
+
+    def _summarise(self) -> None:
+        """Agreement and accuracy on the same labelled rows, since this server started."""
+        try:
+            self.summary = self.store.shadow_summary(self.settings.model_name, self.started_at)
+        except Exception as exc:  # noqa: BLE001 - a store hiccup must not stop the shadow
+            log.debug("shadow summary: %s", exc)
+            return
+        rows = sum(s["rows"] for s in self.summary)
+        if not rows:
+            return
+        agreed = sum(s["agreement"] * s["rows"] for s in self.summary)
+        labelled = sum(s["labelled"] for s in self.summary)
+        metrics.SHADOW.labels("agreement").set(agreed / rows)
+        metrics.SHADOW.labels("labelled_rows").set(labelled)
+        if labelled:
+            for role in ("champion", "shadow"):
+                right = sum((s[f"{role}_accuracy"] or 0) * s["labelled"] for s in self.summary)
+                metrics.SHADOW.labels(f"{role}_accuracy").set(right / labelled)
+
+    def info(self) -> dict:
+        model = self.manager.current
+        return {
+            "model_ref": self.settings.shadow_model,
+            "model_version": model.version if model else None,
+            "fraction": self.fraction,
+            "rows": dict(self.counts),
+            "last_error": self.manager.last_error,
+        }
