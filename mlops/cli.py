@@ -568,10 +568,107 @@ def status(as_json: Annotated[bool, typer.Option("--json")] = False) -> None:
     with _user_errors():
         configure_tracking(settings)
         info = registry_status(settings)
+        info.update(_serving_status(settings))
     if as_json:
         typer.echo(json.dumps(info, indent=2, default=str))
         return
     print_status(info)
+
+
+def _serving_status(settings) -> dict:
+    """The shadow's agreement and accuracy on the same labelled rows, and the canary, from
+    the prediction store (or why they cannot be read)."""
+    from pipeline import rollout
+    from pipeline.store import PredictionStore, StoreUnavailable
+
+    store = PredictionStore(settings.prediction_db)
+    try:
+        store.create()
+        return {
+            "shadow": store.shadow_summary(settings.model_name),
+            "rollout": rollout.status(settings),
+        }
+    except StoreUnavailable as exc:
+        return {"shadow": None, "rollout": None, "store_error": str(exc)}
+    finally:
+        store.dispose()
+
+
+rollout_app = typer.Typer(
+    help="Canary rollouts: a candidate takes a share of the clients, guard rails decide.",
+    no_args_is_help=True,
+)
+app.add_typer(rollout_app, name="rollout")
+
+
+@rollout_app.command("start")
+def rollout_start(
+    version: Annotated[str, typer.Argument(help="version number or alias, e.g. challenger")],
+    fraction: Annotated[
+        float | None, typer.Option(help="share of clients (default: params' rollout.fraction)")
+    ] = None,
+    window: Annotated[
+        float | None, typer.Option(help="seconds within the guard rails before promotion")
+    ] = None,
+) -> None:
+    """Send a share of the traffic to VERSION; the servers promote it or roll it back."""
+    from pipeline import rollout
+    from pipeline.tracking import configure_tracking
+
+    settings, params = _config()
+    guards = params.rollout
+    if window is not None:
+        guards = guards.model_copy(update={"window_s": window})
+    if fraction is not None and not 0 < fraction < 1:
+        raise _fail(f"--fraction must be between 0 and 1 (exclusive), got {fraction}")
+    with _user_errors():
+        configure_tracking(settings)
+        started = rollout.start(settings, version, guards, fraction)
+    typer.echo(
+        f"canary: v{started['candidate']} takes {started['fraction']:.0%} of clients beside "
+        f"@champion v{started['champion']}; promoted after {started['window_s']:g} s within "
+        "the guard rails, rolled back at once on a breach (`mlops rollout status`)"
+    )
+
+
+@rollout_app.command("status")
+def rollout_status(as_json: Annotated[bool, typer.Option("--json")] = False) -> None:
+    """The running canary and its guard figures, or how the last one ended."""
+    from mlops.render import rollout_lines
+    from pipeline import rollout
+
+    settings, _ = _config()
+    with _user_errors():
+        info = rollout.status(settings)
+    if as_json:
+        typer.echo(json.dumps(info, indent=2, default=str))
+        return
+    for line in rollout_lines(info):
+        typer.echo(line)
+
+
+def _finish(action: str, reason: str) -> None:
+    from pipeline import rollout
+    from pipeline.tracking import configure_tracking
+
+    settings, _ = _config()
+    with _user_errors():
+        configure_tracking(settings)
+        ended = rollout.finish(settings, action, reason)
+    verb = "promoted to @champion" if action == "promote" else "rolled back"
+    typer.echo(f"canary v{ended['candidate']} {verb}")
+
+
+@rollout_app.command("promote")
+def rollout_promote() -> None:
+    """Promote the running canary now, whatever its guard figures."""
+    _finish("promote", "promoted by hand")
+
+
+@rollout_app.command("abort")
+def rollout_abort() -> None:
+    """Roll the running canary back now: the champion takes all traffic."""
+    _finish("abort", "aborted by hand")
 
 
 @app.command()

@@ -67,6 +67,38 @@ def print_status(info: dict, console: Console | None = None) -> None:
             e["reason"],
         )
     console.print(table)
+    for shadow in info.get("shadow") or []:
+        acc = ""
+        if shadow["labelled"]:
+            acc = (
+                f"; on the same {shadow['labelled']} labelled rows: champion "
+                f"{shadow['champion_accuracy']:.4f}, shadow {shadow['shadow_accuracy']:.4f}"
+            )
+        console.print(
+            f"  shadow v{shadow['shadow']} beside v{shadow['champion']}: {shadow['rows']} rows, "
+            f"agreement {shadow['agreement']:.4f}{acc}"
+        )
+    for line in rollout_lines(info.get("rollout")):
+        console.print(f"  {line}", markup=False)
+    if info.get("store_error"):
+        console.print(f"  prediction store: {info['store_error']}", markup=False)
+
+
+def rollout_lines(info: dict | None) -> list[str]:
+    """A canary in a few lines: who, how much, what the guard rails see, what comes next."""
+    if info is None:
+        return ["rollout: none yet (`mlops rollout start VERSION`)"]
+    head = (
+        f"rollout #{info['seq']}: v{info['candidate']} at {info['fraction']:.0%} beside "
+        f"v{info['champion']}, {info['state']}"
+    )
+    if info["state"] != "running":
+        return [head, f"  {info.get('reason') or ''}"]
+    figures = info.get("figures", {})
+    lines = [head, f"  next: {info['decision']} ({'; '.join(info['reasons'])})"]
+    for key, value in figures.items():
+        lines.append(f"  {key}: {value:.4g}")
+    return lines
 
 
 def lineage_lines(info: dict) -> list[str]:

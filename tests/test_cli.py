@@ -88,6 +88,27 @@ def test_train_status_promote_rollback(project):
     assert status["champion"]["version"] == "1" and status["challenger"]["version"] == "2"
     assert [e["action"] for e in status["ledger"][:2]] == ["rollback", "promote"]
 
+    # a canary of v2 by hand: started, seen in both status commands, refused twice, aborted
+    result = runner.invoke(app, ["rollout", "start", "2", "--fraction", "1.5"])
+    assert result.exit_code == 1 and "--fraction must be between 0 and 1" in result.output
+    result = runner.invoke(app, ["rollout", "start", "challenger", "--fraction", "0.25"])
+    assert result.exit_code == 0, result.output
+    assert "v2 takes 25% of clients beside @champion v1" in result.output
+    result = runner.invoke(app, ["rollout", "start", "2"])
+    assert result.exit_code == 1 and "already running" in result.output
+    shown = runner.invoke(app, ["rollout", "status"]).output
+    assert "v2 at 25% beside v1, running" in shown and "next: wait" in shown
+    status = json.loads(runner.invoke(app, ["status", "--json"]).stdout)
+    assert status["rollout"]["state"] == "running" and status["rollout"]["candidate"] == "2"
+    result = runner.invoke(app, ["rollout", "abort"])
+    assert result.exit_code == 0 and "canary v2 rolled back" in result.output
+    assert "aborted" in runner.invoke(app, ["rollout", "status"]).output
+    result = runner.invoke(app, ["rollout", "promote"])
+    assert result.exit_code == 1 and "no rollout is running" in result.output
+    status = json.loads(runner.invoke(app, ["status", "--json"]).stdout)
+    assert status["champion"]["version"] == "1"
+    assert [e["action"] for e in status["ledger"][:2]] == ["rollout-abort", "rollout-start"]
+
 
 def test_registry_down_is_one_clear_line(project, monkeypatch):
     monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://127.0.0.1:9")
