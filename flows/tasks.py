@@ -13,6 +13,7 @@ import os
 import secrets
 import sys
 import threading
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -21,8 +22,8 @@ from prefect import get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 from prefect.context import TaskRunContext
 
-from pipeline import feedback, gate, lineage, monitor, process, progress, stream
-from pipeline.config import Params, Settings
+from pipeline import feedback, gate, lineage, monitor, process, progress, registry, rollout, stream
+from pipeline.config import Params, RolloutParams, Settings
 from pipeline.experiment import fit
 from pipeline.ingest import read_fixed_test
 from pipeline.preprocess import load_preprocessor, preprocess_frames
@@ -142,6 +143,112 @@ def promote(settings: Settings, params: Params, version: str) -> dict:
     return {"promoted": d.promoted, "champion_score": d.champion_score, "reason": d.reason}
 
 
+@step(task_run_name="gate v{version}: before a canary", cache_policy=NO_CACHE, **IO_RETRIES)
+def gate_for_canary(settings: Settings, params: Params, version: str) -> dict:
+    """The gate on the test split plus the labelled shadow rows; a pass is not applied:
+    a canary follows. A refusal is applied (the candidate stays @challenger)."""
+    d = gate.promote_on_test_split(settings, params, version, canary=True)
+    verdict = "passes, canary next" if d.promoted else "refused"
+    _logger().info("v%s %s: %s", version, verdict, d.reason)
+    return {
+        "passed": d.promoted,
+        "reason": d.reason,
+        "figures": d.figures,
+        "test": d.test,
+        "p_value": d.figures.get("p_value"),
+        "shadow_rows": int(d.figures.get("shadow_rows", 0)),
+    }
+
+
+# --- safe rollout -----------------------------------------------------------------------------
+
+
+@step(task_run_name="v{version} in shadow", cache_policy=NO_CACHE, **IO_RETRIES)
+def shadow_candidate(settings: Settings, api: ApiServer, version: str) -> str | None:
+    """Name the candidate @challenger, which the loop's server scores in shadow; returns the
+    version the server's shadow now runs (None: the server has no shadow configured)."""
+    registry.set_alias(settings.model_name, registry.CHALLENGER, version)
+    res = httpx.post(
+        api.url + "/admin/reload", timeout=60, headers={"authorization": f"Bearer {api.token}"}
+    )
+    res.raise_for_status()
+    shadow = res.json().get("shadow") or {}
+    _logger().info("shadow: %s", shadow or "not configured on this server")
+    return shadow.get("model_version")
+
+
+@step(task_run_name="shadow figures", cache_policy=NO_CACHE, **IO_RETRIES)
+def shadow_figures(settings: Settings, since: float) -> dict | None:
+    """Agreement with the champion, and both versions' accuracy on the same labelled rows."""
+    store = PredictionStore(settings.prediction_db)
+    try:
+        found = store.create().shadow_summary(settings.model_name, since)
+    finally:
+        store.dispose()
+    return found[0] if found else None
+
+
+def loop_guards(params: Params, expected_rows: int) -> RolloutParams:
+    """The demo's canary sees one round's share of traffic in a few seconds, so its sample
+    sizes and window are scaled to that (params' rollout section caps them)."""
+    g = params.rollout
+    enough = max(5, expected_rows // 3)
+    return g.model_copy(
+        update={
+            "window_s": min(g.window_s, 4.0),
+            "check_interval_s": min(g.check_interval_s, 0.5),
+            "min_samples": min(g.min_samples, enough),
+            "min_labels": min(g.min_labels, enough),
+        }
+    )
+
+
+@step(task_run_name="canary v{version} at {fraction}", cache_policy=NO_CACHE, **IO_RETRIES)
+def start_canary(
+    settings: Settings,
+    api: ApiServer,
+    guards: RolloutParams,
+    version: str,
+    fraction: float,
+    gate: dict,
+    timeout_s: float = 60.0,
+) -> dict:
+    """Start the rollout, then wait until the server has the candidate loaded and routes
+    to it (it polls the store), so the traffic that follows meets the canary."""
+    lead = "gate: " if gate["passed"] else "sent despite the gate (--faulty-candidate): "
+    why = (lead + gate["reason"])[:400]
+    started = rollout.start(settings, version, guards, fraction, why=why, figures=gate["figures"])
+    deadline = time.monotonic() + timeout_s
+    with httpx.Client(base_url=api.url, timeout=10) as http:
+        while time.monotonic() < deadline:
+            canary = http.get("/model").json().get("canary") or {}
+            if canary.get("candidate") == version and canary.get("candidate_loaded"):
+                return started
+            time.sleep(0.1)
+    rollout.finish(settings, "abort", "the API server did not take up the canary")
+    raise RuntimeError(f"the API server did not take up the canary of v{version} in {timeout_s} s")
+
+
+@step(task_run_name="canary decision", cache_policy=NO_CACHE)
+def await_canary(settings: Settings, guards: RolloutParams, timeout_s: float = 30.0) -> dict:
+    """Wait for the servers' guard rails to decide; past the window plus `timeout_s`, decide
+    here on the same figures (a canary that saw too few rows is rolled back: no evidence)."""
+    deadline = time.monotonic() + guards.window_s + timeout_s
+    while time.monotonic() < deadline:
+        info = rollout.status(settings)
+        if info is None or info["state"] != "running":
+            break
+        rollout.step(settings)
+        time.sleep(guards.check_interval_s)
+    info = rollout.status(settings) or {}
+    if info.get("state") == "running":
+        info = rollout.finish(settings, "abort", "too few rows to decide within the window")
+        info = rollout.status(settings) or info
+    outcome = {"promoted": "promoted", "aborted": "rolled back"}.get(info.get("state"), "-")
+    _logger().info("canary v%s %s: %s", info.get("candidate"), outcome, info.get("reason"))
+    return {"outcome": outcome, "reason": info.get("reason"), "candidate": info.get("candidate")}
+
+
 # --- deployment ---------------------------------------------------------------------------------
 
 
@@ -169,6 +276,10 @@ def start_api(settings: Settings) -> ApiServer:
         "MLOPS_ROOT": str(settings.root),
         "MLOPS_ADMIN_TOKEN": token,
         "MLOPS_RELOAD_INTERVAL_S": os.environ.get("MLOPS_RELOAD_INTERVAL_S", "5"),
+        # the round's candidate is scored in shadow (the loop names it @challenger), and a
+        # canary is picked up within half a second
+        "MLOPS_SHADOW_MODEL": os.environ.get("MLOPS_SHADOW_MODEL", "challenger"),
+        "MLOPS_ROLLOUT_POLL_S": os.environ.get("MLOPS_ROLLOUT_POLL_S", "0.5"),
     }
     mlops = str(Path(sys.executable).parent / "mlops")
     server = process.start(
@@ -213,37 +324,47 @@ def plan_stream(settings: Settings, params: Params, rounds: int) -> list[stream.
     return stream.plan(settings.stream_dir, rounds, params.data.stream_per_round)
 
 
-@step(task_run_name="simulated clients: round {round_no}", cache_policy=NO_CACHE)
+@step(task_run_name="simulated clients: round {round_no}{part}", cache_policy=NO_CACHE)
 def send_traffic(
     settings: Settings,
     api: ApiServer,
     chunk: stream.Chunk,
     round_no: int,
     drift: bool = False,
+    part: str = "",
     clients: int = 4,
     batch: int = 8,
 ) -> dict:
     """Clients send this round's rows of the stream through /predict, a few in parallel,
-    each row under an id made from its place in the stream (a resend is logged once)."""
+    each row under an id made from its place in the stream (a resend is logged once).
+    Each request stands for one end user, named by `X-Client-Id` (a canary's sticky split)."""
     schema = load_preprocessor(settings.processed_dir).schema
     x, _ = stream.rows(settings.stream_dir, chunk, schema, drift)
     ids = chunk.ids()
     parts = [(ids[i : i + batch], x[i : i + batch]) for i in range(0, len(x), batch)]
     results: dict[str, int] = {}
     versions: set[str] = set()
+    served: dict[str, int] = {}  # rows answered, by version
     errors: list[str] = []
     lock = threading.Lock()
 
     def client(mine: list) -> None:
         with httpx.Client(base_url=api.url, timeout=30) as http:
             for part_ids, rows in mine:
-                res = http.post("/predict", json={"instances": rows.tolist(), "ids": part_ids})
+                res = http.post(
+                    "/predict",
+                    json={"instances": rows.tolist(), "ids": part_ids},
+                    headers={"x-client-id": f"user-{part_ids[0]}"},
+                )
                 with lock:
                     if res.status_code != 200:
                         errors.append(f"{res.status_code} {res.text[:200]}")
                         continue
                     body = res.json()
                     versions.add(body["model_version"])
+                    served[body["model_version"]] = served.get(body["model_version"], 0) + len(
+                        part_ids
+                    )
                     for p in body["predictions"]:
                         results[p["id"]] = p["label"]
 
@@ -255,12 +376,19 @@ def send_traffic(
     if errors:
         raise RuntimeError(f"{len(errors)} failed predictions, first: {errors[0]}")
     _logger().info("%d rows predicted by v%s", len(results), ",".join(sorted(versions)))
-    return {"ids": [i for i in ids if i in results], "versions": sorted(versions)}
+    return {"ids": [i for i in ids if i in results], "versions": sorted(versions), "served": served}
 
 
-@step(task_run_name="post ground truth: round {round_no}", cache_policy=NO_CACHE, **IO_RETRIES)
+@step(
+    task_run_name="post ground truth: round {round_no}{part}", cache_policy=NO_CACHE, **IO_RETRIES
+)
 def send_labels(
-    settings: Settings, api: ApiServer, chunk: stream.Chunk, ids: list[str], round_no: int
+    settings: Settings,
+    api: ApiServer,
+    chunk: stream.Chunk,
+    ids: list[str],
+    round_no: int,
+    part: str = "",
 ) -> dict:
     """The true labels arrive later, through /feedback, in batches; then the stream's cursor
     moves past the chunk."""

@@ -328,6 +328,13 @@ def run(
     verbose: Annotated[
         bool, typer.Option("--verbose", help="debug lines and Prefect's own per-task lines")
     ] = False,
+    faulty_candidate: Annotated[
+        bool,
+        typer.Option(
+            help="train round 2's candidate badly and send it to the canary anyway, to see "
+            "the guard rails roll it back"
+        ),
+    ] = False,
 ) -> None:
     """Run the whole loop for N rounds (a Prefect flow) and print one row per round.
 
@@ -369,6 +376,7 @@ def run(
             drift=drift,
             params=params,
             allow_schema_change=allow_schema_change,
+            faulty_candidate=faulty_candidate,
         )
     console.print(loop_table(settings.model_name, rows))
 

@@ -14,22 +14,31 @@ def loop_table(model_name: str, rows: list[dict]) -> Table:
         "rows",
         "model",
         "test accuracy",
-        "promoted",
+        "shadow agree",
+        "shadow acc.",
+        "gate",
+        "decision",
         "serving",
         "drift",
         title=f"{model_name}: the loop",
     )
+
+    def num(value, fmt: str) -> str:
+        return "-" if value is None else format(value, fmt)
+
     for r in rows:
-        drift_score = r.get("drift_score")
         table.add_row(
             str(r["round"]),
             r["data_version"],
             str(r["rows"]),
             f"v{r['model_version']}",
             f"{r['test_accuracy']:.4f}",
-            "yes" if r["promoted"] else "no",
+            num(r.get("shadow_agreement"), ".1%"),
+            num(r.get("shadow_accuracy"), ".4f"),
+            r.get("gate") or "-",
+            r.get("decision") or ("promoted" if r["promoted"] else "kept champion"),
             f"v{r['serving']}",
-            "-" if drift_score is None else f"{drift_score:.2f}",
+            num(r.get("drift_score"), ".2f"),
         )
     return table
 

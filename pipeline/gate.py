@@ -168,9 +168,14 @@ def promote_paired(
     x_test: np.ndarray,
     y_test: np.ndarray,
     rule: PromoteParams,
+    canary: bool = False,
 ) -> Decision:
     """Promote `candidate` when it passes the paired rule (`judge`) on the test split plus,
-    with `rule.shadow_labels`, the labelled rows it scored in shadow beside the champion."""
+    with `rule.shadow_labels`, the labelled rows it scored in shadow beside the champion.
+
+    With `canary`, a candidate that passes is not promoted here: a canary rollout follows
+    (pipeline/rollout.py, whose start entry in the ledger carries this decision's figures);
+    a refusal is applied and recorded as always."""
     name = settings.model_name
     cand_pred, _ = load_predictor(name, candidate)
     cand_labels = cand_pred.predict(x_test)
@@ -202,7 +207,8 @@ def promote_paired(
             decision = Decision(
                 passed, candidate, champion, cand_score, champ_score, reason, "paired", figures
             )
-        _apply(settings, decision)
+        if not (canary and decision.promoted and decision.champion is not None):
+            _apply(settings, decision)
     return decision
 
 
@@ -220,11 +226,14 @@ def shadow_rows(
         store.dispose()
 
 
-def promote_on_test_split(settings: Settings, params: Params, candidate: str) -> Decision:
-    """The gate on the project's current test split, with params.yaml's rule."""
+def promote_on_test_split(
+    settings: Settings, params: Params, candidate: str, canary: bool = False
+) -> Decision:
+    """The gate on the project's current test split, with params.yaml's rule (`canary`: see
+    `promote_paired`; the margin rule has no canary mode)."""
     x, y = raw_test_set(settings.processed_dir, load_preprocessor(settings.processed_dir).schema)
     if params.promote.test == "paired":
-        return promote_paired(settings, candidate, x, y, params.promote)
+        return promote_paired(settings, candidate, x, y, params.promote, canary)
     return promote_if_better(settings, candidate, x, y, params.promote.margin)
 
 

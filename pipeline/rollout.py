@@ -54,9 +54,15 @@ def _store(settings: Settings) -> PredictionStore:
 
 
 def start(
-    settings: Settings, candidate: str, guards: RolloutParams, fraction: float | None = None
+    settings: Settings,
+    candidate: str,
+    guards: RolloutParams,
+    fraction: float | None = None,
+    why: str = "",
+    figures: dict | None = None,
 ) -> dict:
-    """Start a canary of `candidate` (a version number or alias) at `fraction`."""
+    """Start a canary of `candidate` (a version number or alias) at `fraction`; `why` and
+    `figures` (the gate's, when it sent the candidate here) go into the ledger entry."""
     name = settings.model_name
     candidate = str(resolve(name, candidate).version)
     check_loads(name, candidate)
@@ -83,8 +89,9 @@ def start(
         champion,
         candidate,
         f"canary: v{candidate} takes {guards.fraction:.0%} of clients beside champion "
-        f"v{champion}; promoted after {guards.window_s:g} s within the guard rails",
-        {"fraction": guards.fraction},
+        f"v{champion}; promoted after {guards.window_s:g} s within the guard rails"
+        + (f" ({why})" if why else ""),
+        {"fraction": guards.fraction, **(figures or {})},
         candidate=candidate,
     )
     return {"seq": seq, "candidate": candidate, "champion": champion, **guards.model_dump()}

@@ -4,8 +4,8 @@ of the requests off the response path, and its answers are logged under the same
 A request offers its rows once the champion's answer is computed; `offer` only appends to a
 bounded list, so the answer is never delayed or changed by the shadow. A thread of its own
 scores whatever has gathered in one pass and hands the rows to the side writer. A shadow
-that is not loaded, raises, or falls behind (more than `shadow_max_pending_rows` waiting)
-costs its rows only: they are counted as failed or skipped on /metrics. Agreement and both
+that is not loaded or falls behind (more than `shadow_max_pending_rows` waiting) skips rows,
+one that raises fails them: either costs its rows only, counted on /metrics. Agreement and both
 versions' accuracy on the same labelled rows come from the prediction store, where the
 labels that arrive through /feedback join the champion's rows.
 """
@@ -63,6 +63,9 @@ class Shadow:
         if self.fraction < 1.0 and self._random.random() >= self.fraction:
             return
         n = len(ids)
+        if self.manager.current is None:  # not loaded (yet): /model says why
+            self._count("skipped", n)
+            return
         with self._cond:
             if self._pending_rows + n > self.max_pending:
                 self._count("skipped", n)

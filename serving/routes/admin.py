@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 
 from fastapi import APIRouter
 from fastapi.responses import Response
@@ -30,4 +31,9 @@ async def reload(state: StateDep, version: str | None = None) -> Response:
             f"reload failed, still serving v{current.version if current else 'nothing'}: {exc}",
         )
     model = state.manager.current
-    return json_response({"changed": changed, **(model.info() if model else {})})
+    body = {"changed": changed, **(model.info() if model else {})}
+    if state.shadow is not None:  # the shadow follows its alias now too (best effort)
+        with contextlib.suppress(Exception):
+            await asyncio.to_thread(state.shadow.manager.refresh)
+        body["shadow"] = state.shadow.info()
+    return json_response(body)

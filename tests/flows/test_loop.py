@@ -11,6 +11,7 @@ import pytest
 from pipeline.config import get_settings, load_params
 from pipeline.feedback import FEEDBACK
 from pipeline.ingest import load_digits_frame
+from pipeline.ledger import entries as ledger
 from pipeline.store import PredictionStore
 from pipeline.stream import read_cursor
 
@@ -36,6 +37,12 @@ def test_loop_flow_closes_the_loop(prefect_api, loop_project, monkeypatch):
     assert second["model_version"] == "2" and second["feedback_rows"] > 0
     assert second["rows"] > first["rows"] and second["data_version"] != first["data_version"]
     assert second["serving"] == ("2" if second["promoted"] else "1")
+    # round 2 rolled out safely: v2 in shadow on half the round's traffic, then the gate
+    assert second["shadow_agreement"] is not None and 0 < second["shadow_agreement"] <= 1
+    assert second["gate"].startswith(("pass", "refused"))
+    assert (
+        "shadow rows" in ledger(settings)[0]["reason"] or "canary" in ledger(settings)[0]["reason"]
+    )
 
     # every answered row was logged; labels were joined; feedback became data
     store = PredictionStore(settings.prediction_db)
@@ -123,3 +130,29 @@ def test_the_loop_closes_on_mnist_with_its_official_test_split(
     assert len(test) == 80  # the official test images, not a share of the training ones
     version = mlflow.MlflowClient().get_model_version(settings.model_name, "2")
     assert version.tags["data_source"] == "mnist" and version.tags["data_source_hash"]
+
+
+def test_a_faulty_candidate_is_rolled_back_by_the_canary_guard_rails(
+    prefect_api, loop_project, monkeypatch
+):
+    """--faulty-candidate: round 2's candidate is barely trained; the shadow sees it wrong
+    more often than the champion, the gate refuses it, the loop sends it to the canary
+    anyway, and the guard rails roll it back on the labelled canary rows; no client request
+    fails and the champion serves on."""
+    from flows.loop import loop_flow
+
+    monkeypatch.setenv("MLOPS_RELOAD_INTERVAL_S", "0")
+    first, second = loop_flow(rounds=2, source="digits", trials=0, epochs=4, faulty_candidate=True)
+    settings = get_settings()
+    assert first["serving"] == "1"
+    assert second["model_version"] == "2" and second["gate"].startswith("refused")
+    assert second["shadow_accuracy"] < first["test_accuracy"]
+    assert second["decision"] == "canary rolled back" and not second["promoted"]
+    assert second["canary_rows"] > 0  # it did answer clients before it was rolled back
+    assert second["serving"] == "1"
+    actions = [e["action"] for e in ledger(settings)]
+    assert actions[:3] == ["rollout-abort", "rollout-start", "reject"]
+    abort = ledger(settings)[0]
+    assert "accuracy" in abort["reason"]
+    store = PredictionStore(settings.prediction_db)
+    assert store.latest_rollout(settings.model_name)["state"] == "aborted"

@@ -112,7 +112,7 @@ def test_a_shadow_that_cannot_load_costs_nothing_but_its_rows(served, monkeypatc
         _wait(lambda: state.shadow.manager.last_error)
         res = c.post("/predict", json={"instances": x[:4].tolist()})
         assert res.status_code == 200 and res.json()["model_version"] == "1"
-        _wait(lambda: state.shadow.counts["failed"] == 4)
+        _wait(lambda: state.shadow.counts["skipped"] == 4)
         assert "99" in c.get("/model").json()["shadow"]["last_error"]
 
 
