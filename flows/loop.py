@@ -127,7 +127,7 @@ def loop_flow(
 
 
 def _verdict(decision: dict) -> str:
-    return "promoted" if decision["promoted"] else "kept champion"
+    return "promoted" if decision["promoted"] else "kept"
 
 
 def _safe_rollout(settings, params, server, version, chunk, round_no, drift, faulty) -> dict:
@@ -145,11 +145,11 @@ def _safe_rollout(settings, params, server, version, chunk, round_no, drift, fau
     out: dict = {
         "shadow_agreement": shadow["agreement"] if shadow else None,
         "shadow_accuracy": shadow["shadow_accuracy"] if shadow else None,
-        "gate": ("pass" if gate["passed"] else "refused")
-        + (f" p={gate['p_value']:.2g}" if gate["p_value"] is not None else ""),
+        "gate": ("pass" if gate["passed"] else "no")
+        + (f" p={gate['p_value']:.2f}" if gate["p_value"] is not None else ""),
         "reason": gate["reason"],
         "promoted": False,
-        "decision": "kept champion",
+        "decision": "kept",
     }
     if gate["passed"] or faulty:
         guards = loop_guards(params, expected_rows=int(second.size * params.rollout.fraction))
@@ -162,7 +162,9 @@ def _safe_rollout(settings, params, server, version, chunk, round_no, drift, fau
         out["canary"] = canary["outcome"]
         out["canary_rows"] = traffic["served"].get(version, 0)
         out["promoted"] = canary["outcome"] == "promoted"
-        out["decision"] = f"canary {canary['outcome']}"
+        out["decision"] = {"promoted": "canary ok", "rolled back": "rollback"}.get(
+            canary["outcome"], "-"
+        )
         out["reason"] = canary["reason"] or out["reason"]
     else:
         traffic = send_traffic(settings, server, second, round_no, drift, part="b")

@@ -2,41 +2,52 @@
 
 from __future__ import annotations
 
+from rich import box
 from rich.console import Console
 from rich.table import Table
 
 
 def loop_table(model_name: str, rows: list[dict]) -> Table:
-    """One row per round of `mlops run`."""
+    """One row per round of `mlops run` (fits 80 columns: pipes and CI logs are that wide).
+
+    acc: the candidate's test accuracy;
+    shadow: the round's candidate beside the champion, agreement / its accuracy on the same
+    labelled rows; gate: the paired test's verdict (pass or no) and p-value; decision:
+    promoted, kept (the champion stays), or the canary's outcome (canary ok, rollback)."""
     table = Table(
-        "round",
-        "data version",
+        "#",
+        "data",
         "rows",
         "model",
-        "test accuracy",
-        "shadow agree",
-        "shadow acc.",
+        "acc",
+        "shadow",
         "gate",
         "decision",
-        "serving",
+        "serves",
         "drift",
         title=f"{model_name}: the loop",
+        box=box.SIMPLE_HEAD,
+        pad_edge=False,
+        collapse_padding=True,
     )
 
     def num(value, fmt: str) -> str:
         return "-" if value is None else format(value, fmt)
 
     for r in rows:
+        shadow = "-"
+        if r.get("shadow_agreement") is not None:
+            accuracy = num(r.get("shadow_accuracy"), ".3f")
+            shadow = f"{r['shadow_agreement']:.0%}/{accuracy}"
         table.add_row(
             str(r["round"]),
-            r["data_version"],
+            r["data_version"][:7],
             str(r["rows"]),
             f"v{r['model_version']}",
             f"{r['test_accuracy']:.4f}",
-            num(r.get("shadow_agreement"), ".1%"),
-            num(r.get("shadow_accuracy"), ".4f"),
+            shadow,
             r.get("gate") or "-",
-            r.get("decision") or ("promoted" if r["promoted"] else "kept champion"),
+            r.get("decision") or ("promoted" if r["promoted"] else "kept"),
             f"v{r['serving']}",
             num(r.get("drift_score"), ".2f"),
         )
@@ -73,7 +84,7 @@ def print_status(info: dict, console: Console | None = None) -> None:
             f"v{e['candidate']}" if e["candidate"] else "-",
             f"v{e['from']}" if e["from"] else "-",
             f"v{e['to']}" if e["to"] else "-",
-            e["reason"],
+            _short(e["reason"] or ""),
         )
     console.print(table)
     for shadow in info.get("shadow") or []:
@@ -91,6 +102,11 @@ def print_status(info: dict, console: Console | None = None) -> None:
         console.print(f"  {line}", markup=False)
     if info.get("store_error"):
         console.print(f"  prediction store: {info['store_error']}", markup=False)
+
+
+def _short(text: str, limit: int = 160) -> str:
+    """A ledger reason cut for the table (`--json` and the MLflow UI keep all of it)."""
+    return text if len(text) <= limit else text[: limit - 1] + "…"
 
 
 def rollout_lines(info: dict | None) -> list[str]:
