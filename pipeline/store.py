@@ -145,6 +145,11 @@ COLUMNS = (
     "latency_ms",
 )
 ARRAY_COLUMNS = ("features", "probabilities")
+# the tables `insert` writes: their columns in tuple order, and the conflict key
+_INSERTS = {
+    "predictions": (COLUMNS, "id"),
+    "shadow_predictions": (SHADOW_COLUMNS, "id, model_version"),
+}
 _ROWS_PER_STATEMENT = 4000  # 8 parameters a row: under the 32,766 variables SQLite allows
 
 
@@ -166,7 +171,7 @@ class PredictionStore:
             kwargs["connect_args"] = {"connect_timeout": 3}
             kwargs["pool_pre_ping"] = True  # a restarted server leaves dead pooled connections
         self.engine = sa.create_engine(url, **kwargs)
-        self._sql_cache: dict[int, str] = {}
+        self._sql_cache: dict[tuple[str, int], str] = {}
         self._insert_conn = None  # the DBAPI connection `insert` keeps (opened on first use)
         self._insert_lock = threading.Lock()
         self._dbapi_error = self.engine.dialect.loaded_dbapi.Error
@@ -199,7 +204,7 @@ class PredictionStore:
     def safe_url(self) -> str:
         return sa.engine.make_url(self.url).render_as_string(hide_password=True)
 
-    def insert(self, rows: Sequence[tuple]) -> int:
+    def insert(self, rows: Sequence[tuple], table: str = "predictions") -> int:
         """Insert rows (tuples in COLUMNS order, arrays already encoded), skipping ids
         already stored; returns how many were new. Committed when it returns.
 
@@ -207,7 +212,8 @@ class PredictionStore:
         for inserts, in autocommit mode, and one multi-row statement per 4,000 rows (most
         of the writer's groups fit in one; larger ones get an explicit transaction).
         SQLAlchemy's checkout, begin and reset cost ~200 us per commit, all of it holding
-        the GIL the event loop needs.
+        the GIL the event loop needs. `table="shadow_predictions"` takes SHADOW_COLUMNS
+        tuples the same way (the log writer commits a shadow's answers too).
         """
         if not rows:
             return 0
@@ -215,7 +221,7 @@ class PredictionStore:
             for attempt in (1, 2):
                 reused = self._insert_conn is not None
                 try:
-                    new = self._insert_once(rows)
+                    new = self._insert_once(rows, table)
                     self._check_file()  # committed where a reader of the path finds it?
                     return new
                 except (self._dbapi_error, sa.exc.SQLAlchemyError) as exc:
@@ -271,7 +277,7 @@ class PredictionStore:
                 return False
         return True
 
-    def _insert_once(self, rows: Sequence[tuple]) -> int:
+    def _insert_once(self, rows: Sequence[tuple], table: str = "predictions") -> int:
         if self._insert_conn is None:
             self._insert_conn = self.engine.raw_connection()
             _autocommit(self._insert_conn.driver_connection, self.dialect)
@@ -286,12 +292,12 @@ class PredictionStore:
                 # One statement in autocommit mode is its own atomic transaction: no BEGIN
                 # and COMMIT round trips, and the writer thread gives up the GIL once per
                 # group instead of three times (each time it must wait to get it back).
-                cursor.execute(self._insert_sql(len(rows)), _flat(rows))
+                cursor.execute(self._insert_sql(len(rows), table), _flat(rows))
                 return max(cursor.rowcount, 0)
             new = 0
             cursor.execute("BEGIN")
             for chunk in chunks:
-                cursor.execute(self._insert_sql(len(chunk)), _flat(chunk))
+                cursor.execute(self._insert_sql(len(chunk), table), _flat(chunk))
                 new += max(cursor.rowcount, 0)
             cursor.execute("COMMIT")
             return new
@@ -304,17 +310,18 @@ class PredictionStore:
             with contextlib.suppress(Exception):  # it is broken already; never mask the cause
                 conn.invalidate()
 
-    def _insert_sql(self, n: int) -> str:
-        sql = self._sql_cache.get(n)
+    def _insert_sql(self, n: int, table: str = "predictions") -> str:
+        sql = self._sql_cache.get((table, n))
         if sql is None:
+            columns, key = _INSERTS[table]
             mark = "?" if self.dialect == "sqlite" else "%s"
-            one = "(" + ", ".join([mark] * len(COLUMNS)) + ")"
+            one = "(" + ", ".join([mark] * len(columns)) + ")"
             sql = (
-                f"INSERT INTO predictions ({', '.join(COLUMNS)}) VALUES "
+                f"INSERT INTO {table} ({', '.join(columns)}) VALUES "
                 + ", ".join([one] * n)
-                + " ON CONFLICT (id) DO NOTHING"
+                + f" ON CONFLICT ({key}) DO NOTHING"
             )
-            self._sql_cache[n] = sql
+            self._sql_cache[(table, n)] = sql
         return sql
 
     def get(self, ids: Iterable[str]) -> dict[str, dict]:
@@ -440,12 +447,9 @@ class PredictionStore:
         with self._read() as conn:
             return int(conn.execute(stmt).scalar_one())
 
-    def insert_shadow(self, rows: Sequence[tuple]) -> None:
+    def insert_shadow(self, rows: Sequence[tuple]) -> int:
         """Shadow answers (tuples in SHADOW_COLUMNS order), idempotent on (id, version)."""
-        if not rows:
-            return
-        values = [dict(zip(SHADOW_COLUMNS, r, strict=True)) for r in rows]
-        self._write(_upsert_ignore(self.dialect, shadow_predictions, values))
+        return self.insert(rows, "shadow_predictions")
 
     def add_event(self, name: str, version: str, kind: str, rows: int) -> None:
         self._write(
@@ -665,15 +669,6 @@ class PredictionStore:
                     self._insert_conn.close()
                 self._insert_conn = None
         self.engine.dispose()
-
-
-def _upsert_ignore(dialect: str, table: sa.Table, values: list[dict]):
-    """INSERT ... ON CONFLICT DO NOTHING in the store's dialect."""
-    if dialect == "postgresql":
-        from sqlalchemy.dialects.postgresql import insert
-    else:
-        from sqlalchemy.dialects.sqlite import insert
-    return insert(table).values(values).on_conflict_do_nothing()
 
 
 def _flat(rows: Sequence[tuple]) -> tuple:

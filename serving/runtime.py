@@ -245,6 +245,9 @@ class LogWriter:
         self.max_queue = max_queue  # requests submitted and not yet settled
         self.max_group = max_group
         self._queue: queue.SimpleQueue = queue.SimpleQueue()
+        # a shadow's answers (serving/shadow.py), committed by this thread between groups:
+        # one writer, so they never wait on the prediction log's write lock or hold it
+        self._shadow: queue.SimpleQueue = queue.SimpleQueue()
         self._pending: list[tuple] = []  # this iteration's submissions (event loop only)
         self._queued = 0  # submitted, not yet settled (event loop only)
         self._stop = threading.Event()
@@ -289,8 +292,28 @@ class LogWriter:
         if self._checkpoints is not None:
             self._checkpoints.set()
 
+    def submit_shadow(self, rows: list[tuple]) -> None:
+        """From any thread: a shadow's rows (SHADOW_COLUMNS tuples), best effort."""
+        self._shadow.put(rows)
+
+    def _commit_shadow(self) -> None:
+        rows: list[tuple] = []
+        while len(rows) < self.max_group:
+            try:
+                rows += self._shadow.get_nowait()
+            except queue.Empty:
+                break
+        if not rows:
+            return
+        try:
+            self.store.insert_shadow(rows)
+        except Exception as exc:  # noqa: BLE001 - the shadow's rows only; answers are safe
+            metrics.SHADOW_ROWS.labels("unlogged").inc(len(rows))
+            log.warning("shadow rows not logged: %s", exc)
+
     def _run(self) -> None:
-        while not (self._stop.is_set() and self._queue.empty()):
+        while not (self._stop.is_set() and self._queue.empty() and self._shadow.empty()):
+            self._commit_shadow()
             try:
                 group = self._queue.get(timeout=0.05)
             except queue.Empty:
