@@ -65,3 +65,57 @@ def test_a_request_larger_than_the_cap_still_gets_one_pass():
     passes, probs = asyncio.run(run())
     assert passes == [20]
     assert probs.shape == (20, 2)
+
+
+class _Writer:
+    """Collects what the shadow hands to the log writer."""
+
+    def __init__(self) -> None:
+        self.rows: list[tuple] = []
+
+    def submit_shadow(self, rows) -> None:
+        self.rows += rows
+
+
+def _shadow(predictor, max_pending: int = 1000):
+    from serving.shadow import Shadow
+
+    settings = SimpleNamespace(
+        shadow_model="2", shadow_fraction=1.0, shadow_max_pending_rows=max_pending,
+        batch_max_rows=256, model_name="m", model_ref="champion", reload_interval_s=0,
+    )  # fmt: skip
+    shadow = Shadow(settings, store=None, writer=_Writer())
+    model = SimpleNamespace(predictor=predictor, version="2", name="m")
+    shadow.manager.current = model  # as if loaded (the load itself is tested on a real app)
+    return shadow
+
+
+class Raising:
+    def predict_proba(self, x):
+        raise RuntimeError("the shadow model broke")
+
+
+def test_a_shadow_that_raises_or_falls_behind_only_counts_its_rows():
+    import time
+
+    broken = _shadow(Raising())
+    broken._thread.start()
+    broken.offer(["a", "b"], np.ones((2, 3), np.float32), [1, 1], "1")  # never raises
+    deadline = time.monotonic() + 5
+    while broken.counts["failed"] < 2 and time.monotonic() < deadline:
+        time.sleep(0.01)
+    broken.stop()
+    assert broken.counts["failed"] == 2 and broken.writer.rows == []
+
+    slow = SlowRowSum()
+    slow.gate.clear()  # the shadow's pass hangs: what arrives meanwhile must not pile up
+    behind = _shadow(slow, max_pending=10)
+    behind._thread.start()
+    behind.offer(["x"], np.ones((1, 3), np.float32), [0], "1")
+    time.sleep(0.1)  # the thread took it and is stuck in the pass
+    for k in range(5):
+        behind.offer([f"r{k}-{j}" for j in range(4)], np.ones((4, 3), np.float32), [0] * 4, "1")
+    assert behind.counts["skipped"] == 12  # 8 rows wait (<= 10); the other 12 are skipped
+    slow.gate.set()
+    behind.stop()
+    assert behind.counts["scored"] == 9 and len(behind.writer.rows) == 9
