@@ -244,3 +244,51 @@ def test_one_rollout_at_a_time_and_manual_abort(served, monkeypatch):
     assert alias_version(settings.model_name, CHAMPION) == "1"
     with pytest.raises(Exception, match="no rollout is running"):
         rollout.finish(settings, "promote", "x")
+
+
+def _break_artifacts(version: str) -> None:
+    """Corrupt a registered version's checkpoint where the registry keeps it, as a bad
+    upload or a disk fault would: it loaded when the rollout started, not any more."""
+    import mlflow
+
+    client = mlflow.MlflowClient()
+    source = client.get_model_version(get_settings().model_name, version).source
+    location = mlflow.get_logged_model(source.split("/")[-1]).artifact_location
+    path = location.removeprefix("file://")
+    from pathlib import Path
+
+    checkpoints = list(Path(path).rglob("checkpoint.pt"))
+    assert checkpoints, path
+    for ckpt in checkpoints:
+        ckpt.write_bytes(b"not a checkpoint")
+
+
+def test_a_canary_that_fails_is_answered_by_the_champion_and_rolled_back(
+    served, monkeypatch, stream
+):
+    x, _ = stream
+    candidate = _register(weak=False)
+    settings = get_settings()
+    rollout.start(settings, candidate, _guards(fraction=0.5, min_samples=30, window_s=120))
+    _break_artifacts(candidate)
+    with _app(monkeypatch, MLOPS_ROLLOUT_POLL_S="0.1") as c:
+        state = c.app.state.mlops
+        _wait(lambda: state.canary.rollout is not None)
+        statuses, versions = [], set()
+        for k in range(200):
+            res = c.post(
+                "/predict",
+                json={"instances": x[k : k + 1].tolist()},
+                headers={"X-Client-Id": f"client-{k}"},
+            )
+            statuses.append(res.status_code)
+            versions.add(res.headers["X-Model-Version"])
+            if state.canary.rollout is None:
+                break
+        _wait(lambda: state.canary.rollout is None, timeout=30)
+        assert "canary_rows_total" in c.get("/metrics").text
+    assert set(statuses) == {200} and versions == {"1"}  # the champion answered them all
+    entry = ledger(settings)[0]
+    assert entry["action"] == "rollout-abort" and "error rate" in entry["reason"]
+    assert entry["metrics"]["candidate_failed_rows"] >= 30
+    assert alias_version(settings.model_name, CHAMPION) == "1"
