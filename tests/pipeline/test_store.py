@@ -220,3 +220,35 @@ def test_the_timer_notices_a_deleted_file_between_commits(tmp_path):
     store.insert(_rows(new_ids(2)))
     assert store.count() == 2
     store.dispose()
+
+
+def test_shadow_answers_rollouts_and_version_figures_on_both_backends(store):
+    store.insert(_rows(["a", "b", "c", "d"]))  # the champion (v1) said 3 for each
+    p = encode_rows(np.full((1, 10), 0.1, np.float32))[0]
+    shadow = [
+        (i, "2", "m", time.time(), lbl, p) for i, lbl in zip("abcd", (3, 5, 3, 3), strict=True)
+    ]
+    store.insert_shadow(shadow)
+    store.insert_shadow(shadow[:1])  # a resend: idempotent on (id, version)
+    store.add_labels([("a", 3), ("b", 5), ("c", 7)])
+    truth, cand, champ = store.shadow_pairs("m", "2", "1")
+    assert sorted(zip(truth, cand, champ, strict=True)) == [(3, 3, 3), (5, 5, 3), (7, 3, 3)]
+    (summary,) = store.shadow_summary("m")
+    assert summary["rows"] == 4 and summary["agreement"] == 0.75 and summary["labelled"] == 3
+    assert summary["champion_accuracy"] == pytest.approx(1 / 3)
+    assert summary["shadow_accuracy"] == pytest.approx(2 / 3)
+
+    seq = store.start_rollout("m", "2", "1", 0.25, "{}")
+    with pytest.raises(ValueError, match="already running"):
+        store.start_rollout("m", "3", "1", 0.25, "{}")
+    assert store.running_rollout("m")["seq"] == seq
+    store.insert(_rows(["e", "f"], version="2"))
+    store.add_event("m", "2", "canary_failed", 2)
+    figures = store.version_stats("m", since=0)
+    assert figures["2"]["rows"] == 2 and figures["2"]["failed_rows"] == 2
+    assert figures["1"]["labelled"] == 3 and figures["1"]["accuracy"] == pytest.approx(1 / 3)
+    assert figures["1"]["p99_ms"] == pytest.approx(2.5)
+    assert store.end_rollout(seq, "aborted", "test") is True
+    assert store.end_rollout(seq, "promoted", "late") is False  # decided once
+    assert store.running_rollout("m") is None
+    assert store.latest_rollout("m")["state"] == "aborted"
