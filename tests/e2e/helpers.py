@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -34,3 +35,15 @@ def mlops(
         text=True,
         timeout=timeout,
     )
+
+
+_ROW = re.compile(
+    r"^\s*(?P<round>\d+)\s+(?P<data>[0-9a-f]+)\s+(?P<rows>\d+)\s+v(?P<model>\d+)\s+"
+    r"(?P<acc>[\d.]+)\s+(?P<shadow>\S+)\s+(?P<gate>-|pass p=\S+|no p=\S+)\s+"
+    r"(?P<decision>promoted|kept|canary ok|rollback|-)\s+v(?P<serves>\d+)\s+(?P<drift>\S+)\s*$"
+)
+
+
+def loop_rows(stdout: str) -> list[dict]:
+    """The rows of `mlops run`'s results table (mlops/render.py's loop_table)."""
+    return [m.groupdict() for line in stdout.splitlines() if (m := _ROW.match(line))]

@@ -13,7 +13,7 @@ import pandas as pd
 import pytest
 
 from tests.conftest import REPO
-from tests.e2e.helpers import BIN
+from tests.e2e.helpers import BIN, loop_rows
 from tests.e2e.helpers import mlops as _mlops
 
 pytestmark = [pytest.mark.slow, pytest.mark.integration]
@@ -66,18 +66,19 @@ def test_the_loop_closes_and_reproduces_on_the_users_own_28x28_csv(tmp_path):
     assert "Traceback" not in output
     # --quiet: the results table alone, no step lines, no info lines
     assert "done  " not in output and "INFO" not in output, output[-3000:]
-    table = [line for line in done.stdout.splitlines() if line.startswith("│")]
-    cells = [[c.strip() for c in line.strip("│").split("│")] for line in table]
-    assert [c[0] for c in cells] == ["1", "2"], done.stdout[-2000:]
-    assert int(cells[1][2]) > int(cells[0][2])  # round 2 trained on more rows ...
-    assert cells[1][1] != cells[0][1]  # ... of a new data version
-    assert float(cells[0][4]) > 0.5  # strokes are learnable
+    table = loop_rows(done.stdout)
+    assert [r["round"] for r in table] == ["1", "2"], done.stdout[-2000:]
+    assert int(table[1]["rows"]) > int(table[0]["rows"])  # round 2 trained on more rows ...
+    assert table[1]["data"] != table[0]["data"]  # ... of a new data version
+    assert float(table[0]["acc"]) > 0.5  # strokes are learnable
 
-    # the served model answered with the round's version: the logged versions are 1 and
-    # then the round-2 deployment's
+    # the logged versions: v1 served round 1 and round 2's shadow half; v2 only answered
+    # if its canary started
     log = sqlite3.connect(clone / "predictions.db")
     versions = {v for (v,) in log.execute("SELECT DISTINCT model_version FROM predictions")}
-    assert versions == {"1", cells[1][6].removeprefix("v")}
+    canary = table[1]["decision"] in ("canary ok", "rollback")
+    assert versions == ({"1", "2"} if canary else {"1"}), (versions, table[1])
+    assert table[1]["serves"] == ("2" if table[1]["decision"] == "canary ok" else "1")
     pid = log.execute("SELECT id FROM predictions WHERE true_label IS NOT NULL LIMIT 1").fetchone()[
         0
     ]

@@ -11,6 +11,7 @@ import subprocess
 import pytest
 
 from tests.conftest import REPO
+from tests.e2e.helpers import loop_rows
 from tests.e2e.helpers import mlops as _mlops
 
 pytestmark = [pytest.mark.slow, pytest.mark.integration]
@@ -24,11 +25,10 @@ def test_mlops_run_two_rounds_then_lineage_and_reproduce(tmp_path):
 
     done = _mlops(root, "run", "--rounds", "2", "--trials", "1", "--epochs", "5")
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
-    table = [line for line in done.stdout.splitlines() if line.startswith("│")]
-    assert len(table) == 2, done.stdout[-2000:]
-    cells = [[c.strip() for c in line.strip("│").split("│")] for line in table]
-    assert [c[0] for c in cells] == ["1", "2"]
-    assert int(cells[1][2]) > int(cells[0][2])  # round 2 trained on the feedback too
+    table = loop_rows(done.stdout)
+    assert [r["round"] for r in table] == ["1", "2"], done.stdout[-2000:]
+    assert int(table[1]["rows"]) > int(table[0]["rows"])  # round 2 trained on the feedback too
+    assert table[1]["gate"].startswith(("pass p=", "no p="))  # the paired gate decided
     assert "Traceback" not in done.stdout + done.stderr
     assert "Add type hints" not in done.stdout + done.stderr
     # each finished step is one line with its name and time, in place of Prefect's nameless
