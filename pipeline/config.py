@@ -143,6 +143,19 @@ class MonitorParams(_Section):
     # drifted (pipeline/drift.py: a KS test per feature) ...
     cooldown_s: float = Field(default=600, ge=0)  # ... and not within this long of the last run
     window_s: float = Field(default=3600, gt=0)  # the drift check compares the last hour's traffic
+    # --- performance under label delay (pipeline/performance.py) ---
+    perf_window_s: float = Field(default=3600, gt=0)  # coverage and accuracy per window
+    min_coverage: float = Field(default=0.5, gt=0, le=1)  # a window this labelled is mature ...
+    label_delay_s: float = Field(default=86_400, ge=0)  # ... or one that ended this long ago
+    min_labels: int = Field(default=30, ge=1)  # labels before a realized accuracy is shown
+    # --- drift without false alarms (pipeline/drift.py) ---
+    false_alarm_rate: float = Field(default=0.05, gt=0, lt=1)  # BH level across features
+    min_effect: float = Field(default=0.1, gt=0, le=1)  # least per-feature shift that counts
+    persistence: int = Field(default=3, ge=1)  # consecutive drifted windows before an alarm
+    # --- retraining triggers ---
+    accuracy_floor: float | None = Field(default=None, ge=0, le=1)  # retrain below this ...
+    max_accuracy_drop: float = Field(default=0.05, ge=0, le=1)  # ... or this far below test
+    drift_retrains: bool = False  # persistent drift alone triggers (else with an estimated drop)
 
 
 class RolloutParams(_Section):

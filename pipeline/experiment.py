@@ -32,6 +32,7 @@ from pipeline.model import (
     count_parameters,
     read_checkpoint,
 )
+from pipeline.performance import Calibration
 from pipeline.preprocess import PREPROCESSOR_FILE, Preprocessor, features_labels, raw_test_set
 from pipeline.registry import CHAMPION, alias_version, download_model, register
 from pipeline.tracking import (
@@ -74,6 +75,8 @@ def finish_run(
 ) -> Candidate:
     """Evaluate on the test split, save the checkpoint, log plots and the pyfunc model."""
     predictor = Predictor(result.model, result.cfg, data.preprocessor, "cpu")
+    # for estimating live accuracy without labels (pipeline/performance.py)
+    predictor.calibration = Calibration.fit(predictor.probabilities(data.x["val"]), data.y["val"])
     raw_x, _ = raw_test_set(settings.processed_dir, data.preprocessor.schema)
     probs = predictor.predict_proba(raw_x)
     metrics = classification_metrics(data.y["test"], probs, result.cfg.num_classes)

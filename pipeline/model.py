@@ -14,6 +14,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from pipeline.performance import Calibration
 from pipeline.preprocess import PREPROCESSOR_FILE, Preprocessor
 from pipeline.validate import Schema
 
@@ -190,20 +191,34 @@ class Predictor:
         self.cfg = cfg
         self.preprocessor = preprocessor
         self.device = torch.device(device)
+        # confidence -> chance of being right, fitted on the validation split at training
+        # time (pipeline/performance.py); None for a model saved before it existed
+        self.calibration: Calibration | None = None
 
     @classmethod
     def from_dir(cls, path: Path, device: torch.device | str = "cpu") -> Predictor:
-        """Load `checkpoint.pt` + `preprocessor.json` from a model directory."""
+        """Load `checkpoint.pt` + `preprocessor.json` (+ `calibration.json`) from a model
+        directory."""
         path = Path(path)
         for name in (CHECKPOINT, PREPROCESSOR_FILE):
             if not (path / name).is_file():
                 raise FileNotFoundError(f"{path}: model directory lacks {name}")
         model, cfg = load_checkpoint(path / CHECKPOINT, device)
-        return cls(model, cfg, Preprocessor.load(path / PREPROCESSOR_FILE), device)
+        predictor = cls(model, cfg, Preprocessor.load(path / PREPROCESSOR_FILE), device)
+        predictor.calibration = Calibration.load(path)
+        return predictor
 
     def save(self, path: Path) -> None:
         save_checkpoint(self.model, self.cfg, Path(path) / CHECKPOINT)
         self.preprocessor.save(Path(path) / PREPROCESSOR_FILE)
+        if self.calibration is not None:
+            self.calibration.save(path)
+
+    @torch.inference_mode()
+    def probabilities(self, transformed: np.ndarray) -> np.ndarray:
+        """Probabilities of already preprocessed rows (the training splits)."""
+        x = torch.from_numpy(np.ascontiguousarray(transformed, np.float32)).to(self.device)
+        return torch.softmax(self.model(x).float(), dim=1).cpu().numpy()
 
     @property
     def feature_names(self) -> tuple[str, ...]:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import logging
 import tempfile
+import time
 from pathlib import Path
 
 import mlflow
@@ -18,6 +19,7 @@ import numpy as np
 from pipeline.config import Params, Settings
 from pipeline.drift import MIN_ROWS, detect_drift, drift_plot
 from pipeline.feedback import read_state
+from pipeline.performance import Calibration, Window, windows
 from pipeline.preprocess import features_labels, load_preprocessor, load_split
 from pipeline.registry import CHAMPION, load_predictor
 from pipeline.store import PredictionStore
@@ -81,5 +83,46 @@ def new_labels(settings: Settings) -> int:
     store = PredictionStore(settings.prediction_db)
     try:
         return len(store.labelled_since(read_state(settings.loop_dir)["watermark"]))
+    finally:
+        store.dispose()
+
+
+_CALIBRATIONS: dict[tuple[str, str, str], Calibration | None] = {}
+
+
+def calibration_of(settings: Settings, version: str) -> Calibration | None:
+    """A version's calibration (fetched once per process: versions are immutable)."""
+    key = (mlflow.get_tracking_uri(), settings.model_name, version)
+    if key not in _CALIBRATIONS:
+        try:
+            predictor, _ = load_predictor(settings.model_name, version)
+            _CALIBRATIONS[key] = predictor.calibration
+        except Exception as exc:  # noqa: BLE001 - a version that cannot load: no estimate
+            log.warning("no calibration for v%s: %s", version, exc)
+            _CALIBRATIONS[key] = None
+    return _CALIBRATIONS[key]
+
+
+def performance(
+    settings: Settings, params: Params, since: float, now: float | None = None
+) -> list[Window]:
+    """Coverage, label latency, realized (mature windows) and estimated accuracy per model
+    version and window of the rows served since `since`."""
+    now = time.time() if now is None else now
+    store = PredictionStore(settings.prediction_db)
+    try:
+        rows = store.create().performance_rows(settings.model_name, since)
+    finally:
+        store.dispose()
+    configure_tracking(settings)
+    calibrations = {v: calibration_of(settings, v) for v in {r[0] for r in rows}}
+    return windows(rows, params.monitor, now, calibrations)
+
+
+def record_performance(settings: Settings, found: list[Window]) -> None:
+    """Keep the figures where the server's /metrics reads them."""
+    store = PredictionStore(settings.prediction_db)
+    try:
+        store.create().add_performance(json.dumps([w.to_dict() for w in found]))
     finally:
         store.dispose()

@@ -9,6 +9,7 @@ server worker receives the retry.
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
 import os
 import threading
@@ -77,6 +78,16 @@ shadow_predictions = sa.Table(
     sa.Column("probabilities", sa.LargeBinary, nullable=False),
 )
 SHADOW_COLUMNS = ("id", "model_version", "model_name", "created_at", "label", "probabilities")
+
+# The monitor's performance figures per model version and window (pipeline/performance.py),
+# newest last; the server's /metrics shows the latest.
+performance_reports = sa.Table(
+    "performance_reports",
+    metadata,
+    sa.Column("seq", sa.Integer, primary_key=True, autoincrement=True),
+    sa.Column("created_at", sa.Float(precision=53), nullable=False),
+    sa.Column("report", sa.Text, nullable=False),  # JSON: a list of windows
+)
 
 # Canary rollouts (pipeline/rollout.py): every server process of a deployment reads the
 # running one from here, so the split, the guard rails and the decision are shared.
@@ -555,6 +566,57 @@ class PredictionStore:
                 "accuracy": (float(np.mean([lbl == t for lbl, t in pairs])) if pairs else None),
             }
         return out
+
+    def performance_rows(
+        self, name: str, since: float, until: float | None = None, limit: int = 1_000_000
+    ) -> list[tuple]:
+        """(version, created_at, labelled_at, label, true_label, probabilities) of rows
+        served since `since`, oldest first: what pipeline/performance.py windows."""
+        p = predictions
+        stmt = (
+            sa.select(
+                p.c.model_version, p.c.created_at, p.c.labelled_at, p.c.label, p.c.true_label,
+                p.c.probabilities,
+            )
+            .where(p.c.model_name == name, p.c.created_at >= since)
+            .order_by(p.c.created_at)
+            .limit(limit)
+        )  # fmt: skip
+        if until is not None:
+            stmt = stmt.where(p.c.created_at < until)
+        with self._read() as conn:
+            return [(*r[:5], decode_array(r[5])) for r in conn.execute(stmt)]
+
+    def unlabelled(self, name: str, since: float = 0.0, limit: int = 100_000) -> list[dict]:
+        """Logged predictions still waiting for a label (for the label queue), newest first,
+        with the shadow's label where a shadow scored them."""
+        p, sh = predictions, shadow_predictions
+        stmt = (
+            sa.select(
+                p.c.id, p.c.created_at, p.c.model_version, p.c.label, p.c.probabilities,
+                sh.c.label.label("shadow_label"),
+            )
+            .outerjoin(sh, sh.c.id == p.c.id)
+            .where(p.c.model_name == name, p.c.true_label.is_(None), p.c.created_at >= since)
+            .order_by(p.c.created_at.desc())
+            .limit(limit)
+        )  # fmt: skip
+        with self._read() as conn:
+            found = conn.execute(stmt).mappings().all()
+        return [{**r, "probabilities": decode_array(r["probabilities"])} for r in found]
+
+    def add_performance(self, report: str) -> None:
+        self._write(performance_reports.insert().values(created_at=time.time(), report=report))
+
+    def latest_performance(self) -> list[dict] | None:
+        stmt = (
+            sa.select(performance_reports.c.report)
+            .order_by(performance_reports.c.seq.desc())
+            .limit(1)
+        )
+        with self._read() as conn:
+            found = conn.execute(stmt).scalar_one_or_none()
+        return None if found is None else json.loads(found)
 
     def start_rollout(
         self, name: str, candidate: str, champion: str | None, fraction: float, guards: str
