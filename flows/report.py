@@ -3,6 +3,8 @@ as markdown artifacts attached to the run."""
 
 from __future__ import annotations
 
+import time
+
 import yaml
 from prefect.artifacts import create_markdown_artifact
 
@@ -23,3 +25,29 @@ def publish_summary(key: str, description: str, fields: dict) -> None:
     lines = ["| field | value |", "| --- | --- |"]
     lines += [f"| {k} | {v} |" for k, v in fields.items()]
     create_markdown_artifact("\n".join(lines), key=key, description=description)
+
+
+def publish_performance(windows: list[dict]) -> None:
+    """Coverage, label latency, realized and estimated accuracy per version and window."""
+    lines = [
+        "| version | window start | rows | coverage | label latency p50 | status | realized "
+        "| estimated (95%) | confidence shift |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+    ]
+    for w in windows[-48:]:
+        est = "-"
+        if w["estimated"] is not None:
+            est = f"{w['estimated']:.3f} [{w['estimated_low']:.3f}, {w['estimated_high']:.3f}]"
+        lines.append(
+            f"| v{w['version']} | {time.strftime('%Y-%m-%d %H:%M', time.gmtime(w['start']))} "
+            f"| {w['rows']} | {w['coverage']:.0%} | "
+            + ("-" if w["latency_p50_s"] is None else f"{w['latency_p50_s']:.0f} s")
+            + f" | {w['status']} | "
+            + ("-" if w["realized"] is None else f"{w['realized']:.3f}")
+            + f" | {est} | "
+            + ("-" if w.get("confidence_shift") is None else f"{w['confidence_shift']:.2f}")
+            + " |"
+        )
+    create_markdown_artifact(
+        "\n".join(lines), key="live-performance", description="live performance per window"
+    )

@@ -3,13 +3,15 @@
 from __future__ import annotations
 
 import time
+from dataclasses import asdict
 
 from prefect import flow, get_run_logger
 
-from flows.report import publish_params, publish_summary
+from flows.report import publish_params, publish_performance, publish_summary
 from flows.tasks import (
     check_drift,
     count_new_labels,
+    performance_figures,
     preprocess_data,
     promote,
     pull_feedback,
@@ -17,7 +19,7 @@ from flows.tasks import (
     version_data,
 )
 from pipeline.config import Params, get_settings, load_params
-from pipeline.drift import should_retrain
+from pipeline.drift import TriggerInputs, should_retrain
 
 RETRAIN_FLOW = "retrain"
 
@@ -62,14 +64,51 @@ def monitor_flow(params: Params | None = None) -> dict:
     settings = get_settings()
     params = params or load_params(settings.params_path)
     publish_params(params)
+    cfg = params.monitor
     new_labels = count_new_labels(settings)
-    drift = check_drift(settings, params, time.time() - params.monitor.window_s).get("score")
+    drift = check_drift(settings, params, time.time() - cfg.window_s)
+    perf = performance_figures(settings, params, horizon_s=24 * cfg.perf_window_s)
     last, running = _retrain_history()
-    go, why = should_retrain(new_labels, drift, last, time.time(), running, params.monitor)
+    inputs = TriggerInputs(
+        new_labels=new_labels,
+        drift_score=drift.get("score"),
+        drift_alarm=bool(drift.get("alarm")),
+        realized=perf["realized"],
+        estimated=perf["estimated"],
+        champion_test_accuracy=_champion_test_accuracy(settings),
+        last_retrain_at=last,
+        now=time.time(),
+        retrain_running=running,
+    )
+    go, reasons = should_retrain(inputs, cfg)
+    why = "; ".join(reasons)
     get_run_logger().info("retrain: %s (%s)", "yes" if go else "no", why)
+    # every decision, and every non-decision, with its reasons where the Prefect UI shows it
+    publish_summary(
+        "monitor-decision",
+        "the monitor's last decision",
+        {"retrain": "yes" if go else "no", **{f"reason {k + 1}": r for k, r in enumerate(reasons)},
+         **{k: v for k, v in asdict(inputs).items() if k != "now"}},
+    )  # fmt: skip
+    publish_performance(perf["windows"])
     if go:
         _start_retrain(why, params)
-    return {"retrain": go, "reason": why, "new_labels": new_labels, "drift": drift}
+    return {
+        "retrain": go,
+        "reason": why,
+        "new_labels": new_labels,
+        "drift": drift.get("score"),
+        "drift_alarm": inputs.drift_alarm,
+        "realized": inputs.realized,
+        "estimated": inputs.estimated,
+    }
+
+
+def _champion_test_accuracy(settings) -> float | None:
+    from pipeline.registry import status
+
+    champion = status(settings).get("champion")
+    return champion["test_accuracy"] if champion else None
 
 
 def _retrain_history() -> tuple[float | None, bool]:

@@ -424,6 +424,23 @@ def check_drift(settings: Settings, params: Params, since: float) -> dict:
     return monitor.check_drift(settings, params, since)
 
 
+@step(task_run_name="live performance", cache_policy=NO_CACHE, **IO_RETRIES)
+def performance_figures(settings: Settings, params: Params, horizon_s: float) -> dict:
+    """Coverage, label latency, realized and estimated accuracy per version and window over
+    the last `horizon_s`, kept for /metrics; the champion's latest figures for the trigger."""
+    found = monitor.performance(settings, params, time.time() - horizon_s)
+    monitor.record_performance(settings, found)
+    champion = registry.alias_version(settings.model_name, registry.CHAMPION)
+    mine = [w for w in found if w.version == champion]
+    mature = [w for w in mine if w.realized is not None]
+    return {
+        "champion": champion,
+        "realized": mature[-1].realized if mature else None,
+        "estimated": mine[-1].estimated if mine else None,
+        "windows": [w.to_dict() for w in found],
+    }
+
+
 @step(task_run_name="count new labels", cache_policy=NO_CACHE, **IO_RETRIES)
 def count_new_labels(settings: Settings) -> int:
     return monitor.new_labels(settings)

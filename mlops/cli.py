@@ -572,32 +572,37 @@ def status(as_json: Annotated[bool, typer.Option("--json")] = False) -> None:
     from pipeline.registry import status as registry_status
     from pipeline.tracking import configure_tracking
 
-    settings, _ = _config()
+    settings, params = _config()
     with _user_errors():
         configure_tracking(settings)
         info = registry_status(settings)
-        info.update(_serving_status(settings))
+        info.update(_serving_status(settings, params))
     if as_json:
         typer.echo(json.dumps(info, indent=2, default=str))
         return
     print_status(info)
 
 
-def _serving_status(settings) -> dict:
-    """The shadow's agreement and accuracy on the same labelled rows, and the canary, from
-    the prediction store (or why they cannot be read)."""
-    from pipeline import rollout
+def _serving_status(settings, params) -> dict:
+    """The shadow's agreement and accuracy on the same labelled rows, the canary, and live
+    performance per version and window (the last day), from the prediction store (or why
+    they cannot be read)."""
+    import time
+
+    from pipeline import monitor, rollout
     from pipeline.store import PredictionStore, StoreUnavailable
 
     store = PredictionStore(settings.prediction_db)
     try:
         store.create()
+        since = time.time() - 24 * params.monitor.perf_window_s
         return {
             "shadow": store.shadow_summary(settings.model_name),
             "rollout": rollout.status(settings),
+            "performance": [w.to_dict() for w in monitor.performance(settings, params, since)],
         }
     except StoreUnavailable as exc:
-        return {"shadow": None, "rollout": None, "store_error": str(exc)}
+        return {"shadow": None, "rollout": None, "performance": None, "store_error": str(exc)}
     finally:
         store.dispose()
 

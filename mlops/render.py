@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import time
+
 from rich import box
 from rich.console import Console
 from rich.table import Table
@@ -98,6 +100,29 @@ def print_status(info: dict, console: Console | None = None) -> None:
             f"  shadow v{shadow['shadow']} beside v{shadow['champion']}: {shadow['rows']} rows, "
             f"agreement {shadow['agreement']:.4f}{acc}"
         )
+    performance = info.get("performance") or []
+    if performance:
+        table = Table(
+            "version", "window (UTC)", "rows", "labelled", "label p50", "status", "realized",
+            "estimated (95%)", title="live performance (label coverage, realized, estimated)",
+        )  # fmt: skip
+        for w in performance[-12:]:
+            est = "-"
+            if w["estimated"] is not None:
+                est = f"{w['estimated']:.3f} [{w['estimated_low']:.2f}, {w['estimated_high']:.2f}]"
+                if w.get("confidence_shift"):
+                    est += " shifted!"
+            table.add_row(
+                f"v{w['version']}",
+                time.strftime("%m-%d %H:%M", time.gmtime(w["start"])),
+                str(w["rows"]),
+                f"{w['coverage']:.0%}",
+                "-" if w["latency_p50_s"] is None else f"{w['latency_p50_s']:.0f} s",
+                w["status"],
+                "-" if w["realized"] is None else f"{w['realized']:.3f}",
+                est,
+            )
+        console.print(table)
     for line in rollout_lines(info.get("rollout")):
         console.print(f"  {line}", markup=False)
     if info.get("store_error"):

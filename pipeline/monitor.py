@@ -42,15 +42,25 @@ def check_drift(settings: Settings, params: Params, since: float) -> dict:
         cur_probs = np.asarray([r["probabilities"] for r in logged], dtype=np.float32)
         configure_tracking(settings)
         predictor, _ = load_predictor(settings.model_name, CHAMPION)
+        cfg = params.monitor
         report = detect_drift(
             reference,
             current,
             list(schema.feature_names),
             predictor.predict_proba(reference),
             cur_probs,
-            threshold=params.monitor.drift_threshold,
+            threshold=cfg.drift_threshold,
+            false_alarm_rate=cfg.false_alarm_rate,
+            min_effect=cfg.min_effect,
         )
         report.out_of_range_share = float(predictor.preprocessor.out_of_range(current).mean())
+        # an alarm only when this window and the k - 1 before it all drifted
+        before = store.recent_drift(cfg.persistence - 1) if cfg.persistence > 1 else []
+        report.alarm = (
+            report.drifted
+            and len(before) == cfg.persistence - 1
+            and all(r.get("drifted") for r in before)
+        )
         store.add_drift(report.score, json.dumps(report.to_dict()))
     finally:
         store.dispose()
@@ -69,7 +79,7 @@ def check_drift(settings: Settings, params: Params, since: float) -> dict:
     log.info(
         "drift score %.2f (%s), class PSI %.3f, confidence %.3f -> %.3f, %.1f%% rows out of range",
         report.score,
-        "DRIFT" if report.drifted else "ok",
+        "ALARM" if report.alarm else "drifted" if report.drifted else "ok",
         report.class_psi,
         report.confidence_reference,
         report.confidence_current,

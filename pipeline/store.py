@@ -706,6 +706,12 @@ class PredictionStore:
         except sa.exc.SQLAlchemyError as exc:
             raise StoreUnavailable(f"prediction store {self.safe_url}: {_short(exc)}") from exc
 
+    def recent_drift(self, k: int) -> list[dict]:
+        """The last `k` drift reports (newest first)."""
+        stmt = sa.select(drift_reports.c.report).order_by(drift_reports.c.seq.desc()).limit(k)
+        with self._read() as conn:
+            return [json.loads(r) for (r,) in conn.execute(stmt)]
+
     def latest_drift(self) -> float | None:
         stmt = sa.select(drift_reports.c.score).order_by(drift_reports.c.seq.desc()).limit(1)
         with self._read() as conn:

@@ -73,6 +73,15 @@ CANARY_FRACTION = Gauge(
     multiprocess_mode="max",
 )  # fmt: skip
 
+PERFORMANCE = Gauge(
+    "mlops_live_performance",
+    "The monitor's latest window per model version (pipeline/performance.py): label "
+    "coverage, label latency p50 (s), realized accuracy (mature windows only), estimated "
+    "accuracy and its 95% bounds",
+    ["version", "figure"],
+    multiprocess_mode="max",
+)
+
 
 def render() -> tuple[bytes, str]:
     if os.environ.get("PROMETHEUS_MULTIPROC_DIR"):

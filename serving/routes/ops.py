@@ -93,7 +93,29 @@ async def prometheus(state: StateDep) -> Response:
         score = await asyncio.to_thread(state.store.latest_drift)
         if score is not None:
             metrics.DRIFT.set(score)
+        windows = await asyncio.to_thread(state.store.latest_performance)
+        _performance_gauges(windows or [])
     except Exception:  # noqa: BLE001 - metrics must answer even when the store is down
         pass
     content, media = metrics.render()
     return Response(content, media_type=media)
+
+
+def _performance_gauges(windows: list[dict]) -> None:
+    """The latest window of each version from the monitor's last report; a realized
+    accuracy only where that window is mature (never a number on a biased few)."""
+    latest: dict[str, dict] = {}
+    for w in windows:
+        latest[w["version"]] = w  # windows come oldest first
+    for version, w in latest.items():
+        figures = {
+            "label_coverage": w["coverage"],
+            "label_latency_p50_s": w["latency_p50_s"],
+            "realized_accuracy": w["realized"],
+            "estimated_accuracy": w["estimated"],
+            "estimated_accuracy_low": w["estimated_low"],
+            "estimated_accuracy_high": w["estimated_high"],
+        }
+        for figure, value in figures.items():
+            if value is not None:
+                metrics.PERFORMANCE.labels(version, figure).set(value)

@@ -94,6 +94,16 @@ def test_monitor_triggers_retraining_on_new_labels(prefect_api, loop_project, mo
 
     decision = monitor_flow()
     assert decision["retrain"] is True and "5 new labels" in decision["reason"]
+    # the figures behind it: round 1's traffic is fully labelled, so its window is mature
+    assert decision["realized"] is not None and decision["estimated"] is not None
+    assert abs(decision["realized"] - decision["estimated"]) < 0.15
+    windows = store.latest_performance()
+    assert windows and windows[0]["coverage"] == 1.0 and windows[0]["status"] == "mature"
+    from prefect.client.orchestration import get_client
+
+    with get_client(sync_client=True) as prefect:
+        keys = {a.key for a in prefect.read_artifacts()}
+    assert {"monitor-decision", "live-performance"} <= keys
     versions = mlflow.MlflowClient().search_model_versions(f"name='{settings.model_name}'")
     assert len(versions) == 2  # the retraining run registered a second version
 

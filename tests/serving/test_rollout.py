@@ -292,3 +292,23 @@ def test_a_canary_that_fails_is_answered_by_the_champion_and_rolled_back(
     assert entry["action"] == "rollout-abort" and "error rate" in entry["reason"]
     assert entry["metrics"]["candidate_failed_rows"] >= 30
     assert alias_version(settings.model_name, CHAMPION) == "1"
+
+
+def test_metrics_show_the_monitors_latest_window_per_version(served, monkeypatch):
+    import json
+
+    window = {
+        "version": "1", "start": 0.0, "end": 3600.0, "rows": 200, "labelled": 150,
+        "coverage": 0.75, "latency_p50_s": 42.0, "latency_p90_s": 90.0, "mature": True,
+        "realized": 0.91, "estimated": 0.93, "estimated_low": 0.88, "estimated_high": 0.98,
+        "confidence_shift": 0.0, "status": "mature",
+    }  # fmt: skip
+    young = {**window, "version": "2", "coverage": 0.1, "mature": False, "realized": None}
+    _store().add_performance(json.dumps([window, young]))
+    with _app(monkeypatch) as c:
+        text = c.get("/metrics").text
+    assert 'mlops_live_performance{figure="realized_accuracy",version="1"} 0.91' in text
+    assert 'mlops_live_performance{figure="label_coverage",version="2"} 0.1' in text
+    # an immature window shows no realized accuracy at all, only its estimate
+    assert 'figure="realized_accuracy",version="2"' not in text
+    assert 'mlops_live_performance{figure="estimated_accuracy",version="2"} 0.93' in text
