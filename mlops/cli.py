@@ -607,6 +607,64 @@ def _serving_status(settings, params) -> dict:
         store.dispose()
 
 
+@app.command("label-queue")
+def label_queue(
+    budget: Annotated[int, typer.Option(min=1, help="how many rows to label")] = 100,
+    strategy: Annotated[
+        str, typer.Option(help="uncertainty | margin | disagreement | random")
+    ] = "uncertainty",
+    out: Annotated[
+        Path | None, typer.Option(help="write CSV or JSON (by extension) instead of a table")
+    ] = None,
+    seed: Annotated[int, typer.Option(help="for --strategy random")] = 0,
+) -> None:
+    """The logged predictions most worth labelling, with their ids for /feedback."""
+    from pipeline.labelqueue import STRATEGIES, rank
+    from pipeline.store import PredictionStore
+
+    if strategy not in STRATEGIES:
+        raise _fail(f"--strategy must be one of {', '.join(STRATEGIES)}, got {strategy!r}")
+    if out is not None and out.suffix.lower() not in (".csv", ".json"):
+        raise _fail(f"--out must end in .csv or .json, got {out.name}")
+    settings, _ = _config()
+    store = PredictionStore(settings.prediction_db)
+    with _user_errors():
+        try:
+            rows = store.create().unlabelled(settings.model_name)
+        finally:
+            store.dispose()
+    queue = rank(rows, strategy, budget, seed)
+    picked = [
+        {
+            "id": r["id"],
+            "label": None,  # to fill in, then POST to /feedback
+            "predicted": int(r["label"]),
+            "model_version": r["model_version"],
+            "score": round(r["score"], 6),
+            "shadow_label": r.get("shadow_label"),
+        }
+        for r in queue
+    ]
+    if out is None:
+        for r in picked:
+            typer.echo(f"{r['id']}  predicted {r['predicted']}  v{r['model_version']}  "
+                       f"score {r['score']:.4f}")  # fmt: skip
+        typer.echo(f"{len(picked)} of {len(rows)} unlabelled rows, by {strategy}")
+        return
+    if out.suffix.lower() == ".json":
+        # /feedback's own shape: fill each label in and POST the file
+        body = {"labels": [{"id": r["id"], "label": None} for r in picked], "queue": picked}
+        out.write_text(json.dumps(body, indent=2))
+    else:
+        import csv
+
+        with out.open("w", newline="") as f:
+            writer = csv.DictWriter(f, fieldnames=list(picked[0]) if picked else ["id", "label"])
+            writer.writeheader()
+            writer.writerows(picked)
+    typer.echo(f"wrote {len(picked)} rows to label (of {len(rows)} unlabelled) to {out}")
+
+
 rollout_app = typer.Typer(
     help="Canary rollouts: a candidate takes a share of the clients, guard rails decide.",
     no_args_is_help=True,

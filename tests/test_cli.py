@@ -174,3 +174,32 @@ def test_run_refuses_quiet_and_verbose_together(project):
     result = runner.invoke(app, ["run", "--quiet", "--verbose"])
     assert result.exit_code == 2
     assert "--quiet and --verbose exclude each other" in result.output
+
+
+def test_label_queue_exports_the_rows_worth_labelling_for_feedback(project):
+    import numpy as np
+
+    from pipeline.config import get_settings
+    from pipeline.store import PredictionStore, encode_rows
+
+    settings = get_settings()
+    store = PredictionStore(settings.prediction_db).create()
+    probs = np.array([[0.98, 0.02], [0.51, 0.49], [0.7, 0.3]], np.float32)
+    x = encode_rows(np.zeros((3, 4), np.float32))
+    store.insert(
+        [(f"p{k}", 1.0 + k, settings.model_name, "1", x[k], 0, p, 1.0)
+         for k, p in enumerate(encode_rows(probs))]
+    )  # fmt: skip
+    store.add_labels([("p2", 0)])  # labelled already: not in the queue
+    store.dispose()
+
+    result = runner.invoke(app, ["label-queue", "--budget", "5", "--out", "queue.json"])
+    assert result.exit_code == 0, result.output
+    body = json.loads((project / "queue.json").read_text())
+    assert [r["id"] for r in body["labels"]] == ["p1", "p0"]  # the closest call first
+    assert all(r["label"] is None for r in body["labels"])  # /feedback's shape, to fill in
+    result = runner.invoke(app, ["label-queue", "--budget", "1", "--out", "queue.csv"])
+    assert result.exit_code == 0 and (project / "queue.csv").read_text().startswith("id,label")
+    assert "p1" in (project / "queue.csv").read_text()
+    result = runner.invoke(app, ["label-queue", "--strategy", "vibes"])
+    assert result.exit_code == 1 and "--strategy must be one of" in result.output
