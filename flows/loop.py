@@ -54,13 +54,17 @@ def loop_flow(
     params: Params | None = None,
     allow_schema_change: bool = False,
     faulty_candidate: bool = False,
+    label_budget: int | None = None,
+    label_strategy: str = "uncertainty",
 ) -> list[dict]:
     """`rounds` turns of the loop. Unset arguments come from params.yaml (`params`: all of
     it, recorded with the run); `source` defaults to params' data.source.
 
     `faulty_candidate`: round 2's candidate is trained with a learning rate 1,000 times too
     small for one epoch, and sent to the canary whatever the gate says, so the guard rails
-    can be seen rolling it back."""
+    can be seen rolling it back. `label_budget`: each round labels only that many of its
+    rows, the ones `label_strategy` ranks first (pipeline/labelqueue.py), not all of them."""
+    labels = {"budget": label_budget, "strategy": label_strategy}
     settings = get_settings()
     params = params or load_params(settings.params_path)
     source = source or params.data.source
@@ -104,12 +108,20 @@ def loop_flow(
                 row["serving"] = deploy(server)  # deployment
                 if chunk is not None:  # feedback
                     traffic = send_traffic(settings, server, chunk, round_no, drift)
-                    send_labels(settings, server, chunk, traffic["ids"], round_no)
+                    send_labels(settings, server, chunk, traffic["ids"], round_no, **labels)
                 reason = decision["reason"]
             else:
                 row.update(
                     _safe_rollout(
-                        settings, params, server, model["version"], chunk, round_no, drift, faulty
+                        settings,
+                        params,
+                        server,
+                        model["version"],
+                        chunk,
+                        round_no,
+                        drift,
+                        faulty,
+                        labels,
                     )
                 )
                 reason = row.pop("reason")
@@ -130,7 +142,9 @@ def _verdict(decision: dict) -> str:
     return "promoted" if decision["promoted"] else "kept"
 
 
-def _safe_rollout(settings, params, server, version, chunk, round_no, drift, faulty) -> dict:
+def _safe_rollout(
+    settings, params, server, version, chunk, round_no, drift, faulty, labels: dict
+) -> dict:
     """Shadow on the first half of the round's traffic, the gate on test split + shadow
     labels, then a canary on the second half."""
     half = chunk.size // 2
@@ -139,7 +153,9 @@ def _safe_rollout(settings, params, server, version, chunk, round_no, drift, fau
     shadow_candidate(settings, server, version)  # deployment, in shadow
     started = time.time()
     traffic = send_traffic(settings, server, first, round_no, drift, part="a")
-    send_labels(settings, server, first, traffic["ids"], round_no, part="a")
+    half_budget = None if labels["budget"] is None else max(1, labels["budget"] // 2)
+    budget = {**labels, "budget": half_budget}
+    send_labels(settings, server, first, traffic["ids"], round_no, part="a", **budget)
     shadow = shadow_figures(settings, started)
     gate = gate_for_canary(settings, params, version)
     out: dict = {
@@ -157,7 +173,7 @@ def _safe_rollout(settings, params, server, version, chunk, round_no, drift, fau
         fraction = max(params.rollout.fraction, 0.34)
         start_canary(settings, server, guards, version, fraction, gate)
         traffic = send_traffic(settings, server, second, round_no, drift, part="b")
-        send_labels(settings, server, second, traffic["ids"], round_no, part="b")
+        send_labels(settings, server, second, traffic["ids"], round_no, part="b", **budget)
         canary = await_canary(settings, guards)
         out["canary"] = canary["outcome"]
         out["canary_rows"] = traffic["served"].get(version, 0)
@@ -168,6 +184,6 @@ def _safe_rollout(settings, params, server, version, chunk, round_no, drift, fau
         out["reason"] = canary["reason"] or out["reason"]
     else:
         traffic = send_traffic(settings, server, second, round_no, drift, part="b")
-        send_labels(settings, server, second, traffic["ids"], round_no, part="b")
+        send_labels(settings, server, second, traffic["ids"], round_no, part="b", **budget)
     out["serving"] = deploy(server)
     return out

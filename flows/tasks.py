@@ -22,7 +22,18 @@ from prefect import get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 from prefect.context import TaskRunContext
 
-from pipeline import feedback, gate, lineage, monitor, process, progress, registry, rollout, stream
+from pipeline import (
+    feedback,
+    gate,
+    labelqueue,
+    lineage,
+    monitor,
+    process,
+    progress,
+    registry,
+    rollout,
+    stream,
+)
 from pipeline.config import Params, RolloutParams, Settings
 from pipeline.experiment import fit
 from pipeline.ingest import read_fixed_test
@@ -389,12 +400,24 @@ def send_labels(
     ids: list[str],
     round_no: int,
     part: str = "",
+    budget: int | None = None,
+    strategy: str = "uncertainty",
 ) -> dict:
     """The true labels arrive later, through /feedback, in batches; then the stream's cursor
-    moves past the chunk."""
+    moves past the chunk. With a `budget`, only that many rows get their label: the ones
+    the label queue's `strategy` (pipeline/labelqueue.py) ranks first."""
     schema = load_preprocessor(settings.processed_dir).schema
     _, y = stream.rows(settings.stream_dir, chunk, schema)
     label_of = dict(zip(chunk.ids(), (int(v) for v in y), strict=True))
+    if budget is not None:
+        store = PredictionStore(settings.prediction_db)
+        try:
+            logged = store.get(ids)
+        finally:
+            store.dispose()
+        rows = [{"id": i, **logged[i]} for i in ids if i in logged]
+        ids = [r["id"] for r in labelqueue.rank(rows, strategy, budget, seed=round_no)]
+        _logger().info("labelling %d of %d rows, by %s", len(ids), len(rows), strategy)
     counts: dict[str, int] = {}
     with httpx.Client(base_url=api.url, timeout=30) as http:
         for start in range(0, len(ids), 256):

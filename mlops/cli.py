@@ -335,6 +335,13 @@ def run(
             "the guard rails roll it back"
         ),
     ] = False,
+    label_budget: Annotated[
+        int | None,
+        typer.Option(min=1, help="label only this many rows a round (default: all of them)"),
+    ] = None,
+    label_strategy: Annotated[
+        str, typer.Option(help="which rows a budget labels: uncertainty, margin, random")
+    ] = "uncertainty",
 ) -> None:
     """Run the whole loop for N rounds (a Prefect flow) and print one row per round.
 
@@ -349,6 +356,10 @@ def run(
 
     if quiet and verbose:
         raise _fail("--quiet and --verbose exclude each other", code=2)
+    from pipeline.labelqueue import STRATEGIES
+
+    if label_strategy not in STRATEGIES:
+        raise _fail(f"--label-strategy must be one of {', '.join(STRATEGIES)}", code=2)
     settings, params = _config()
     _prefect_env()
     from flows.loop import loop_flow  # imports Prefect, which configures its loggers
@@ -377,6 +388,8 @@ def run(
             params=params,
             allow_schema_change=allow_schema_change,
             faulty_candidate=faulty_candidate,
+            label_budget=label_budget,
+            label_strategy=label_strategy,
         )
     console.print(loop_table(settings.model_name, rows))
 

@@ -166,3 +166,24 @@ def test_a_faulty_candidate_is_rolled_back_by_the_canary_guard_rails(
     assert "accuracy" in abort["reason"]
     store = PredictionStore(settings.prediction_db)
     assert store.latest_rollout(settings.model_name)["state"] == "aborted"
+
+
+def test_the_loop_can_label_a_budget_chosen_by_uncertainty(prefect_api, loop_project, monkeypatch):
+    import numpy as np
+
+    from flows.loop import loop_flow
+
+    monkeypatch.setenv("MLOPS_RELOAD_INTERVAL_S", "0")
+    loop_flow(rounds=2, source="digits", trials=0, epochs=2, label_budget=20)
+    settings = get_settings()
+    store = PredictionStore(settings.prediction_db)
+    rows = store.recent(0)
+    labelled = [r for r in rows if r["true_label"] is not None]
+    assert len(labelled) == 40  # 20 a round; round 2's split 10 + 10 across its halves
+    assert len(rows) > 200  # every row was still served and logged
+    confidence = {r["id"]: max(r["probabilities"]) for r in rows}
+    chosen = np.mean([confidence[r["id"]] for r in labelled])
+    others = np.mean([c for i, c in confidence.items() if i not in {r["id"] for r in labelled}])
+    assert chosen < others  # the least certain rows got the labels
+    feedback = pd.read_parquet(settings.loop_dir / FEEDBACK)
+    assert len(feedback) == 40
