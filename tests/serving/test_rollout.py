@@ -49,6 +49,14 @@ def _store() -> PredictionStore:
     return PredictionStore(get_settings().prediction_db).create()
 
 
+def _counter(text: str, name: str) -> float:
+    """A sample's value in Prometheus text (0 when absent)."""
+    for line in text.splitlines():
+        if line.startswith(name + " "):
+            return float(line.split()[-1])
+    return 0.0
+
+
 def _wait(check, timeout: float = 20.0):
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
@@ -80,6 +88,7 @@ def test_shadow_leaves_answers_alone_logs_its_own_and_compares_on_labels(
     ) as c:
         state = c.app.state.mlops
         _wait(lambda: state.shadow.manager.current is not None)
+        scored0 = _counter(c.get("/metrics").text, 'mlops_shadow_rows_total{outcome="scored"}')
         shadowed = [c.post("/predict", json=b).json() for b in bodies]
         assert shadowed == plain  # same labels, probabilities, ids and version (the champion)
         assert {p["model_version"] for p in shadowed} == {"1"}
@@ -97,7 +106,8 @@ def test_shadow_leaves_answers_alone_logs_its_own_and_compares_on_labels(
         assert summary["champion_accuracy"] == pytest.approx((champion_labels == truth).mean())
         assert summary["shadow_accuracy"] < summary["champion_accuracy"]  # the weak one
         metrics = c.get("/metrics").text
-        assert 'mlops_shadow_rows_total{outcome="scored"} 120.0' in metrics
+        # the counter is the process's (other tests' shadows count too): 120 more than before
+        assert _counter(metrics, 'mlops_shadow_rows_total{outcome="scored"}') - scored0 == 120
         assert 'mlops_shadow{figure="shadow_accuracy"}' in metrics
         assert c.get("/model").json()["shadow"]["model_version"] == candidate
         # the gate reads the same labelled shadow rows
