@@ -38,7 +38,9 @@ run: $(STAMP)
 	$(BIN)/mlops run
 	@echo
 	@echo "Next (the commands are in .venv/bin: 'source .venv/bin/activate' puts them on PATH):"
-	@echo "  .venv/bin/mlops status                 champion, challenger and the promotion ledger"
+	@echo "  .venv/bin/mlops status                 champion, challenger, the ledger, shadow, canary, live accuracy"
+	@echo "  .venv/bin/mlops run --faulty-candidate a canary rolled back by its guard rails"
+	@echo "  .venv/bin/mlops label-queue --budget 20  the predictions most worth labelling"
 	@echo "  .venv/bin/mlops ui                     the MLflow UI on the runs and the registry"
 	@echo "  .venv/bin/mlops serve                  the prediction server on the champion (:8000/docs)"
 	@echo "  .venv/bin/mlops lineage PREDICTION_ID  a prediction (an id from a /predict answer) back to its data"
