@@ -530,6 +530,22 @@ class PredictionStore:
             )
         return out
 
+    def shadow_labelled_since(self, name: str, after: float) -> list[tuple]:
+        """(champion version, shadow version, champion's label, shadow's label, truth,
+        labelled_at) of rows labelled after `after` that a shadow scored: what the server
+        adds to its running accuracy figures (the labelled-rows index keeps it cheap)."""
+        p, sh = predictions, shadow_predictions
+        stmt = (
+            sa.select(
+                p.c.model_version, sh.c.model_version, p.c.label, sh.c.label, p.c.true_label,
+                p.c.labelled_at,
+            )
+            .join(sh, sh.c.id == p.c.id)
+            .where(p.c.model_name == name, p.c.labelled_at > after)
+        )  # fmt: skip
+        with self._read() as conn:
+            return [tuple(r) for r in conn.execute(stmt)]
+
     def version_stats(self, name: str, since: float, limit: int = 200_000) -> dict[str, dict]:
         """Per model version, for rows served since `since`: rows, p99 latency (ms) of the
         newest `limit` rows, labelled rows and accuracy on them, and failed rows counted in

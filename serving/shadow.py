@@ -49,6 +49,8 @@ class Shadow:
         self.started_at = time.time()
         self.counts = {"scored": 0, "agreed": 0, "skipped": 0, "failed": 0}
         self.summary: list[dict] = []
+        self._pairs: dict[tuple[str, str], list[int]] = {}  # labelled, right each
+        self._mark = self.started_at  # labels after this are not counted yet
 
     def start(self) -> None:
         self._thread.start()
@@ -142,22 +144,37 @@ class Shadow:
         self.writer.submit_shadow(out)
 
     def _summarise(self) -> None:
-        """Agreement and accuracy on the same labelled rows, since this server started."""
+        """Agreement (this process's own counts) and both versions' accuracy on the same
+        labelled rows, kept up to date incrementally: each call reads only the rows
+        labelled since the last one (a full join every few seconds grew with the log)."""
         try:
-            self.summary = self.store.shadow_summary(self.settings.model_name, self.started_at)
+            found = self.store.shadow_labelled_since(self.settings.model_name, self._mark)
         except Exception as exc:  # noqa: BLE001 - a store hiccup must not stop the shadow
             log.debug("shadow summary: %s", exc)
             return
-        rows = sum(s["rows"] for s in self.summary)
-        if not rows:
-            return
-        agreed = sum(s["agreement"] * s["rows"] for s in self.summary)
+        for champ, shadow, label, shadow_label, truth, labelled_at in found:
+            pair = self._pairs.setdefault((champ, shadow), [0, 0, 0])
+            pair[0] += 1
+            pair[1] += label == truth
+            pair[2] += shadow_label == truth
+            self._mark = max(self._mark, labelled_at)
+        self.summary = [
+            {
+                "champion": champ,
+                "shadow": shadow,
+                "labelled": n,
+                "champion_accuracy": right_c / n,
+                "shadow_accuracy": right_s / n,
+            }
+            for (champ, shadow), (n, right_c, right_s) in self._pairs.items()
+        ]
+        if self.counts["scored"]:
+            metrics.SHADOW.labels("agreement").set(self.counts["agreed"] / self.counts["scored"])
         labelled = sum(s["labelled"] for s in self.summary)
-        metrics.SHADOW.labels("agreement").set(agreed / rows)
         metrics.SHADOW.labels("labelled_rows").set(labelled)
         if labelled:
             for role in ("champion", "shadow"):
-                right = sum((s[f"{role}_accuracy"] or 0) * s["labelled"] for s in self.summary)
+                right = sum(s[f"{role}_accuracy"] * s["labelled"] for s in self.summary)
                 metrics.SHADOW.labels(f"{role}_accuracy").set(right / labelled)
 
     def info(self) -> dict:

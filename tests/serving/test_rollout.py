@@ -100,7 +100,12 @@ def test_shadow_leaves_answers_alone_logs_its_own_and_compares_on_labels(
         state.shadow._summarise()
         (summary,) = state.shadow.summary
         assert summary["champion"] == "1" and summary["shadow"] == candidate
-        assert summary["rows"] == 120 and summary["labelled"] == 120
+        assert summary["labelled"] == 120
+        state.shadow._summarise()  # incremental: the same labels are not counted twice
+        assert state.shadow.summary[0]["labelled"] == 120
+        (whole,) = store.shadow_summary(get_settings().model_name)  # mlops status's figure
+        assert whole["rows"] == 120 and whole["labelled"] == 120
+        assert whole["shadow_accuracy"] == pytest.approx(summary["shadow_accuracy"])
         truth = y[:120]
         champion_labels = np.array([p["label"] for b in shadowed for p in b["predictions"]])
         assert summary["champion_accuracy"] == pytest.approx((champion_labels == truth).mean())
