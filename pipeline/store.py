@@ -215,7 +215,9 @@ class PredictionStore:
     def safe_url(self) -> str:
         return sa.engine.make_url(self.url).render_as_string(hide_password=True)
 
-    def insert(self, rows: Sequence[tuple], table: str = "predictions") -> int:
+    def insert(
+        self, rows: Sequence[tuple], table: str = "predictions", blocking: bool = True
+    ) -> int | None:
         """Insert rows (tuples in COLUMNS order, arrays already encoded), skipping ids
         already stored; returns how many were new. Committed when it returns.
 
@@ -224,11 +226,14 @@ class PredictionStore:
         of the writer's groups fit in one; larger ones get an explicit transaction).
         SQLAlchemy's checkout, begin and reset cost ~200 us per commit, all of it holding
         the GIL the event loop needs. `table="shadow_predictions"` takes SHADOW_COLUMNS
-        tuples the same way (the log writer commits a shadow's answers too).
+        tuples the same way (the log writer commits a shadow's answers too). With
+        `blocking=False`, None at once when another thread is inserting.
         """
         if not rows:
             return 0
-        with self._insert_lock:
+        if not self._insert_lock.acquire(blocking):
+            return None
+        try:
             for attempt in (1, 2):
                 reused = self._insert_conn is not None
                 try:
@@ -243,6 +248,8 @@ class PredictionStore:
                         raise StoreUnavailable(
                             f"prediction store {self.safe_url}: {_short(exc)}"
                         ) from exc
+        finally:
+            self._insert_lock.release()
         raise AssertionError("unreachable")
 
     def _file_identity(self) -> tuple[int, int] | None:

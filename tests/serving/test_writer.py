@@ -23,7 +23,9 @@ class RecordingStore(PredictionStore):
         self.gate.set()
         self.fail: Exception | None = None
 
-    def insert(self, rows):
+    def insert(self, rows, table="predictions", blocking=True):
+        if not blocking:  # never the event loop's inline commit: these tests are the thread's
+            return None
         self.gate.wait(10)
         self.calls.append(len(rows))
         if self.fail:
@@ -106,3 +108,35 @@ def test_close_drains_unawaited_async_submissions(store):
 
     asyncio.run(main())
     assert store.count() == 150
+
+
+class CountingStore(PredictionStore):
+    """A real store that notes which path each commit took."""
+
+    def __init__(self, url: str) -> None:
+        super().__init__(url)
+        self.paths: list[tuple[int, str]] = []
+
+    def insert(self, rows, table="predictions", blocking=True):
+        done = super().insert(rows, table, blocking)
+        if done is not None:
+            self.paths.append((len(rows), "loop" if not blocking else "thread"))
+        return done
+
+
+def test_small_groups_commit_on_the_loop_and_large_ones_on_the_thread(tmp_path):
+    store = CountingStore(f"sqlite:///{tmp_path / 'log.db'}").create()
+
+    async def main():
+        writer = LogWriter(store, max_queue=100)
+        writer.schema_ready = True
+        writer.start()
+        await asyncio.gather(*[writer.submit(_rows(f"s{i}")) for i in range(3)])
+        assert store.count() == 3  # committed before the answers were released
+        await writer.submit(_rows("big", 200))  # over INLINE_ROWS: the writer thread's
+        await writer.close()
+
+    asyncio.run(main())
+    assert store.paths == [(3, "loop"), (200, "thread")]
+    assert store.count() == 203
+    store.dispose()
