@@ -327,3 +327,57 @@ def test_metrics_show_the_monitors_latest_window_per_version(served, monkeypatch
     # an immature window shows no realized accuracy at all, only its estimate
     assert 'figure="realized_accuracy",version="2"' not in text
     assert 'mlops_live_performance{figure="estimated_accuracy",version="2"} 0.93' in text
+
+
+def _register_slow() -> str:
+    """A real, much heavier network (512 and 1,024 filters) behind the champion's own
+    preprocessor, logged and registered like any version: as accurate as chance, and
+    really slow per request, which is what the latency guard is for."""
+    import dataclasses
+
+    import mlflow
+
+    from pipeline.model import Predictor, build_model
+    from pipeline.registry import load_predictor, register
+    from pipeline.tracking import configure_tracking, log_model
+
+    settings = get_settings()
+    configure_tracking(settings)
+    champion, _ = load_predictor(settings.model_name, "champion")
+    cfg = dataclasses.replace(champion.cfg, conv_filters=512)
+    slow = Predictor(build_model(cfg), cfg, champion.preprocessor)
+    with mlflow.start_run(run_name="slow") as run:
+        pass
+    example = np.zeros((2, cfg.n_features), np.float32)
+    return register(log_model(run.info.run_id, slow, example), settings.model_name, {})
+
+
+def test_a_slow_canary_is_rolled_back_on_its_p99_with_no_failed_request(
+    served, monkeypatch, stream
+):
+    x, _ = stream
+    candidate = _register_slow()
+    settings = get_settings()
+    guards = _guards(fraction=0.5, min_samples=40, window_s=120, max_p99_ratio=2.0, p99_slack_ms=2)
+    rollout.start(settings, candidate, guards)
+    with _app(monkeypatch, MLOPS_ROLLOUT_POLL_S="0.1") as c:
+        state = c.app.state.mlops
+        _wait(lambda: state.canary.rollout is not None and state.canary.manager.current)
+        statuses, versions = [], set()
+        for k in range(400):
+            res = c.post(
+                "/predict",
+                json={"instances": x[k % 300 : k % 300 + 8].tolist()},
+                headers={"X-Client-Id": f"client-{k}"},
+            )
+            statuses.append(res.status_code)
+            versions.add(res.headers["X-Model-Version"])
+            if state.canary.rollout is None:
+                break
+        _wait(lambda: state.canary.rollout is None, timeout=30)
+    assert set(statuses) == {200} and candidate in versions
+    entry = ledger(settings)[0]
+    assert entry["action"] == "rollout-abort" and "p99" in entry["reason"], entry["reason"]
+    m = entry["metrics"]
+    assert m["candidate_p99_ms"] > 2 * m["champion_p99_ms"] + 2
+    assert alias_version(settings.model_name, CHAMPION) == "1"
