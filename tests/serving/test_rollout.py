@@ -134,6 +134,12 @@ def test_a_shadow_that_cannot_load_costs_nothing_but_its_rows(served, monkeypatc
 # --- canary -----------------------------------------------------------------------------------
 
 
+def _as_client(c, rows, client: str, ids: list[str] | None = None):
+    """POST /predict as the named client (the canary's sticky key)."""
+    body = {"instances": rows.tolist(), **({"ids": ids} if ids else {})}
+    return c.post("/predict", json=body, headers={"X-Client-Id": client})
+
+
 def _guards(**kw) -> RolloutParams:
     base = dict(fraction=0.3, window_s=3, check_interval_s=0.1, min_samples=40, min_labels=30)
     return RolloutParams(**{**base, **kw})
@@ -152,20 +158,14 @@ def test_canary_splits_by_client_sticks_and_a_good_candidate_is_promoted(
         _wait(lambda: state.canary.rollout is not None and state.canary.manager.current)
         seen: dict[str, str] = {}
         for k in range(400):
-            res = c.post(
-                "/predict",
-                json={"instances": x[k : k + 1].tolist()},
-                headers={"X-Client-Id": f"client-{k}"},
-            )
+            res = _as_client(c, x[k : k + 1], f"client-{k}")
             assert res.status_code == 200
             seen[f"client-{k}"] = res.headers["X-Model-Version"]
         share = sum(v == candidate for v in seen.values()) / len(seen)
         sd = (0.3 * 0.7 / len(seen)) ** 0.5
         assert abs(share - 0.3) < 4 * sd, share  # the split holds within binomial bounds
         for client in list(seen)[:40]:  # sticky: a client keeps its version
-            res = c.post(
-                "/predict", json={"instances": x[:1].tolist()}, headers={"X-Client-Id": client}
-            )
+            res = _as_client(c, x[:1], client)
             assert res.headers["X-Model-Version"] == seen[client]
         _wait(lambda: alias_version(settings.model_name, CHAMPION) == candidate, timeout=30)
         _wait(lambda: state.manager.current.version == candidate)
@@ -189,11 +189,7 @@ def test_a_less_accurate_canary_is_rolled_back_under_load_with_no_failed_request
         failed, versions = 0, []
         for k in range(0, 600, 4):
             ids = [f"c-{k + j}" for j in range(4)]
-            res = c.post(
-                "/predict",
-                json={"instances": x[k : k + 4].tolist(), "ids": ids},
-                headers={"X-Client-Id": f"client-{k}"},
-            )
+            res = _as_client(c, x[k : k + 4], f"client-{k}", ids)
             failed += res.status_code != 200
             versions.append(res.headers.get("X-Model-Version"))
             labels = [{"id": i, "label": int(t)} for i, t in zip(ids, y[k : k + 4], strict=True)]
@@ -291,11 +287,7 @@ def test_a_canary_that_fails_is_answered_by_the_champion_and_rolled_back(
         _wait(lambda: state.canary.rollout is not None)
         statuses, versions = [], set()
         for k in range(200):
-            res = c.post(
-                "/predict",
-                json={"instances": x[k : k + 1].tolist()},
-                headers={"X-Client-Id": f"client-{k}"},
-            )
+            res = _as_client(c, x[k : k + 1], f"client-{k}")
             statuses.append(res.status_code)
             versions.add(res.headers["X-Model-Version"])
             if state.canary.rollout is None:
@@ -365,11 +357,7 @@ def test_a_slow_canary_is_rolled_back_on_its_p99_with_no_failed_request(
         _wait(lambda: state.canary.rollout is not None and state.canary.manager.current)
         statuses, versions = [], set()
         for k in range(400):
-            res = c.post(
-                "/predict",
-                json={"instances": x[k % 300 : k % 300 + 8].tolist()},
-                headers={"X-Client-Id": f"client-{k}"},
-            )
+            res = _as_client(c, x[k % 300 : k % 300 + 8], f"client-{k}")
             statuses.append(res.status_code)
             versions.add(res.headers["X-Model-Version"])
             if state.canary.rollout is None:
