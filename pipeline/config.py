@@ -45,6 +45,10 @@ class DataParams(_Section):
     # and a second run continues with the other half instead of replaying the first.
     stream_per_round: float = Field(default=0.25, gt=0, le=1)
     num_classes: int = Field(default=10, ge=2)  # digits 0-9; labels outside [0, C) are quarantined
+    # Sources with more rows than this go through the streaming stages (pipeline/chunks.py):
+    # read, validated, split and fitted `chunk_rows` at a time, memory bounded by the chunk.
+    streaming_above_rows: int = Field(default=1_000_000, ge=1)
+    chunk_rows: int = Field(default=65_536, ge=1)  # rows per chunk (streaming stages, feedback)
 
 
 class SplitParams(_Section):
@@ -82,6 +86,11 @@ class TrainSection(_Section):
     # (bench/quality.py: +1-2 points on the image sets against a constant rate), "constant".
     schedule: Literal["cosine", "constant"] = "cosine"
     warm_start: bool = False  # start from the champion's weights when the architecture matches
+    # Train from the split's Parquet row groups through an iterable dataset (pipeline/shards.py)
+    # instead of one in-memory tensor: "auto" does when the training split has more rows than
+    # data.streaming_above_rows.
+    from_shards: Literal["auto", "on", "off"] = "auto"
+    shuffle_buffer: int = Field(default=65_536, ge=1)  # rows mixed before batches are drawn
 
 
 class Range(_Section):
