@@ -97,8 +97,9 @@ def ingest(
         bool, typer.Option(help="replace data with other columns or value scale")
     ] = False,
 ) -> None:
-    """Read and validate a source into an immutable raw snapshot (bad rows quarantined)."""
-    from pipeline.ingest import ingest as run_ingest
+    """Read and validate a source into an immutable raw snapshot (bad rows quarantined).
+    A source of more rows than data.streaming_above_rows is read chunk by chunk."""
+    from pipeline.stages import ingest as run_ingest
 
     settings, params = _config()
     source = source or params.data.source
@@ -132,10 +133,19 @@ def _write_ingest_report(settings, report) -> None:
 @app.command()
 def preprocess(
     name: Annotated[str | None, typer.Option(help="snapshot name under data/raw/")] = None,
+    dask_workers: Annotated[
+        int,
+        typer.Option(
+            help="a large snapshot's parts on a Dask LocalCluster of this many workers "
+            "(MLOPS_DASK_ADDRESS: on that cluster instead); 0: in this process"
+        ),
+    ] = 0,
 ) -> None:
-    """Split the raw snapshot and fit the preprocessor on the training split."""
+    """Split the raw snapshot and fit the preprocessor on the training split (part by part
+    for a snapshot of more rows than data.streaming_above_rows)."""
     from pipeline.ingest import DataFileError, check_name
-    from pipeline.preprocess import preprocess as run_preprocess
+    from pipeline.stages import preprocess as run_preprocess
+    from pipeline.stages import should_stream
 
     settings, params = _config()
     try:
@@ -144,7 +154,14 @@ def preprocess(
         raise _fail(str(exc)) from exc
     if not raw.exists():
         raise _fail(f"{raw} does not exist: run `mlops ingest` first")
-    report = run_preprocess(raw, settings.processed_dir, params)
+    if (settings.dask_address or dask_workers) and should_stream(raw, params):
+        from flows.data import preprocess_dask
+
+        report = preprocess_dask(
+            raw, settings.processed_dir, params, settings.dask_address, dask_workers or 2
+        )
+    else:
+        report = run_preprocess(raw, settings.processed_dir, params)
     typer.echo(json.dumps(report["rows"]))
 
 

@@ -318,6 +318,11 @@ class Settings(BaseSettings):
     train_processes: int = Field(
         default=1, description="> 1: train with torchrun DDP over this many processes"
     )
+    dask_address: str | None = Field(
+        default=None,
+        description="a Dask scheduler (tcp://host:8786) that runs the streaming data stages' "
+        "parts, through Prefect's Dask task runner; unset: this process",
+    )
     torch_threads: int = Field(default=0, description="0: one per core, minus the event loop's")
     otel: bool = Field(
         default=False,

@@ -353,7 +353,10 @@ def ingest(
     refused unless `allow_schema_change`; an allowed change is recorded in the report.
 
     `mnist` is downloaded once into `download_dir`; its official test split is validated
-    too and written beside the snapshot (`<name>.test.parquet`, see `fixed_test_path`)."""
+    too and written beside the snapshot (`<name>.test.parquet`, see `fixed_test_path`).
+
+    This reads the source into memory; `pipeline.stages.ingest` streams sources larger than
+    `data.streaming_above_rows` instead."""
     name = check_name(name or params.data.name)
     fixed_test: pd.DataFrame | None = None
     if source == "mnist":
@@ -443,6 +446,14 @@ def schema_change(snapshot: Path, clean: pd.DataFrame, schema: Schema) -> str:
     other feature columns, or values on another scale (the largest absolute value four times
     smaller or larger: 0-1 pixels replacing 0-255 ones). Reads only the snapshot's schema
     and its Parquet column statistics."""
+    features = clean.loc[:, list(schema.feature_names)].to_numpy(np.float64)
+    new_peak = float(np.abs(features).max()) if len(clean) else 0.0
+    return change_from(snapshot, schema, new_peak)
+
+
+def change_from(snapshot: Path, schema: Schema, new_peak: float) -> str:
+    """`schema_change` given the new data's largest absolute feature value (the streaming
+    ingest keeps it as it goes)."""
     import pyarrow.parquet as pq
 
     if not snapshot.exists():
@@ -457,7 +468,6 @@ def schema_change(snapshot: Path, clean: pd.DataFrame, schema: Schema) -> str:
             detail += f" (missing {_preview(gone)}; new {_preview(added)})"
         return detail
     old_peak = _peak(meta, old)
-    new_peak = float(np.abs(clean.loc[:, new].to_numpy(np.float64)).max()) if len(clean) else 0.0
     if old_peak and new_peak and not 0.25 <= new_peak / old_peak <= 4:
         return f"values up to {new_peak:g} where the current data goes up to {old_peak:g}"
     return ""

@@ -15,7 +15,6 @@ import pandas as pd
 from pipeline.config import Params
 from pipeline.ingest import (
     file_md5,
-    fixed_test_path,
     read_fixed_test,
     write_json_atomic,
     write_parquet_atomic,
@@ -243,11 +242,10 @@ def raw_test_set(processed_dir: Path, schema: Schema) -> tuple[np.ndarray, np.nd
 
 def preprocess(raw: Path, out_dir: Path, params: Params) -> dict:
     """Split the raw snapshot, fit the preprocessor on train, write splits + state + report.
-    A snapshot with an official test split beside it (mnist) keeps that split as test."""
+    A snapshot with an official test split beside it (mnist) keeps that split as test.
+    In memory; `pipeline.stages.preprocess` streams larger snapshots instead."""
     fixed = read_fixed_test(raw)
     digest = file_md5(raw)
-    if fixed is not None:
-        digest += "+" + file_md5(fixed_test_path(raw))
     return preprocess_frames(pd.read_parquet(raw), out_dir, params, digest, fixed_test=fixed)
 
 
@@ -268,13 +266,8 @@ def preprocess_frames(
     same split parameters, nothing is recomputed.
     """
     split = params.split
-    key = {
-        "data_hash": data_hash,
-        "seed": params.seed,
-        "split": split.model_dump(),
-        "scaling": params.preprocess.scaling,
-    }
-    cached = _cached_report(out_dir, key)
+    key = cache_key(data_hash, params)
+    cached = cached_report(out_dir, key)
     if cached is not None:
         log.info("preprocess: data version %s already processed (cached)", data_hash[:10])
         return cached
@@ -310,7 +303,17 @@ def preprocess_frames(
     return report
 
 
-def _cached_report(out_dir: Path, key: dict) -> dict | None:
+def cache_key(data_hash: str, params: Params) -> dict:
+    """What a processed directory was made from: it is reused only when all of it matches."""
+    return {
+        "data_hash": data_hash,
+        "seed": params.seed,
+        "split": params.split.model_dump(),
+        "scaling": params.preprocess.scaling,
+    }
+
+
+def cached_report(out_dir: Path, key: dict) -> dict | None:
     path = out_dir / REPORT_FILE
     if not path.exists() or not all(split_path(out_dir, s).exists() for s in SPLITS):
         return None
