@@ -17,18 +17,25 @@ values), so the same image sent again under a new id adds nothing.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
+import os
 import time
-from dataclasses import asdict, dataclass
+import uuid
+from collections.abc import Iterator, Sequence
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
 from filelock import FileLock
 
-from pipeline.ingest import write_atomic, write_json_atomic, write_parquet_atomic
-from pipeline.store import PredictionStore
+from pipeline.ingest import write_atomic, write_json_atomic
+from pipeline.store import CHUNK_ROWS, PredictionStore, decode_rows
 from pipeline.validate import LABEL, Schema, validate_frame
 
 log = logging.getLogger(__name__)
@@ -67,35 +74,55 @@ def read_feedback(loop_dir: Path) -> pd.DataFrame | None:
 
 
 def pull_feedback(
-    store: PredictionStore, loop_dir: Path, schema: Schema, quarantine_dir: Path
+    store: PredictionStore,
+    loop_dir: Path,
+    schema: Schema,
+    quarantine_dir: Path,
+    chunk_rows: int = CHUNK_ROWS,
 ) -> PullReport:
-    """Append the labelled predictions logged since the last pull to feedback.parquet."""
+    """Append the labelled predictions logged since the last pull to feedback.parquet.
+
+    The log is read `chunk_rows` at a time (a server-side cursor on PostgreSQL), each chunk
+    validated and written as one row group of a staged file, so memory is bounded by the
+    chunk, not the log. De-duplication by id stays exact: the database returns each id
+    once (the log's primary key, one statement, one snapshot), and against the rows already
+    in feedback.parquet only ids and labels are held whole (~40 bytes a row, against 256 of
+    features): an old row whose id comes again gives way to the pulled one, appended with
+    its newest label, as before. Nothing is published until the whole pull has been read;
+    a failure leaves the feedback, the quarantine file and the watermark as they were.
+    """
     loop_dir.mkdir(parents=True, exist_ok=True)
-    with FileLock(str(loop_dir.parent / ".loop.lock"), timeout=300):
+    path = loop_dir / FEEDBACK
+    with (
+        FileLock(str(loop_dir.parent / ".loop.lock"), timeout=300),
+        _staged(path) as staged,
+        _staged(quarantine_dir / "feedback.csv") as bad_csv,
+    ):
         state = read_state(loop_dir)
         # >= and de-duplication by id: rows sharing the watermark's timestamp are not missed.
-        rows = store.labelled_since(state["watermark"] - 1e-6)
-        existing = read_feedback(loop_dir)
-        if not rows:
-            total = 0 if existing is None else len(existing)
+        pull = _read_log(store, state["watermark"] - 1e-6, schema, chunk_rows, staged, bad_csv)
+        if not pull.rows:
+            total = pq.read_metadata(path).num_rows if path.exists() else 0
             return PullReport(0, 0, 0, total, state["watermark"])
-        frame = _rows_to_frame(rows, schema)
-        result = validate_frame(frame.drop(columns=[ID]), schema, "prediction log")
-        valid_ids = frame.loc[~frame.index.isin(result.quarantine.index), ID]
-        clean = result.clean
-        clean.insert(0, ID, valid_ids.to_numpy())
-        if len(result.quarantine):
-            bad = result.quarantine.assign(**{ID: frame.loc[result.quarantine.index, ID]})
-            write_atomic(quarantine_dir / "feedback.csv", lambda p: bad.to_csv(p, index=False))
-        merged, new = _merge(existing, clean)
-        watermark = max(r["labelled_at"] for r in rows)
-        if new:
-            write_parquet_atomic(merged, loop_dir / FEEDBACK)
+        pulled = pa.table(
+            {
+                ID: pa.chunked_array(pull.ids, pa.large_string()),
+                LABEL: pa.chunked_array(pull.labels, pa.int64()),
+            }
+        )
+        old = _ids_labels(path, pulled.schema)
+        new, total = _changes(old, pulled)
+        if pull.quarantined:
+            write_atomic(quarantine_dir / "feedback.csv", lambda p: os.replace(bad_csv, p))
+        if new and (old is None or old.num_rows == 0):  # the staged file is the result
+            write_atomic(path, lambda p: os.replace(staged, p))
+        elif new:
+            write_atomic(path, lambda p: _rewrite(p, path, staged, pulled[ID], chunk_rows))
         write_json_atomic(
-            {"watermark": watermark, "pulls": state["pulls"] + 1, "pulled_at": time.time()},
+            {"watermark": pull.watermark, "pulls": state["pulls"] + 1, "pulled_at": time.time()},
             loop_dir / STATE,
         )
-    report = PullReport(len(rows), new, len(result.quarantine), len(merged), watermark)
+    report = PullReport(pull.rows, new, pull.quarantined, total, pull.watermark)
     log.info(
         "feedback pull: %d labelled rows read, %d new, %d in all",
         report.pulled,
@@ -105,30 +132,127 @@ def pull_feedback(
     return report
 
 
-def _rows_to_frame(rows: list[dict], schema: Schema) -> pd.DataFrame:
-    features = np.asarray([r["features"] for r in rows], dtype=np.float32)
-    if features.ndim != 2 or features.shape[1] != schema.n_features:
+@dataclass
+class _Pull:
+    rows: int = 0  # read from the log, quarantined ones included
+    quarantined: int = 0
+    watermark: float = 0.0
+    ids: list[pa.Array] = field(default_factory=list)  # of the clean rows, in log order
+    labels: list[pa.Array] = field(default_factory=list)
+
+
+def _read_log(
+    store: PredictionStore,
+    after: float,
+    schema: Schema,
+    chunk_rows: int,
+    staged: Path,
+    bad_csv: Path,
+) -> _Pull:
+    """Stream the labelled rows since `after` into `staged` (one row group per chunk of
+    clean rows) and their quarantined rows into `bad_csv`, keeping only ids and labels."""
+    pull, writer = _Pull(), None
+    try:
+        with contextlib.closing(store.labelled_chunks(after, chunk_rows)) as chunks:
+            for part in chunks:
+                writer = _take_chunk(part, schema, pull, writer, staged, bad_csv)
+                del part  # not held while the next chunk is fetched
+                log.debug("feedback pull: %d rows read", pull.rows)
+    finally:
+        if writer is not None:
+            writer.close()
+    return pull
+
+
+def _take_chunk(
+    part: Sequence,
+    schema: Schema,
+    pull: _Pull,
+    writer: pq.ParquetWriter | None,
+    staged: Path,
+    bad_csv: Path,
+) -> pq.ParquetWriter | None:
+    """Validate one chunk: its clean rows become one row group of `staged` (the writer is
+    opened on the first), its bad rows lines of `bad_csv`; `pull` counts them."""
+    pull.rows += len(part)
+    pull.watermark = max(pull.watermark, max(r[3] for r in part))
+    frame = _rows_to_frame(part, schema)
+    result = validate_frame(frame.drop(columns=[ID]), schema, "prediction log")
+    if len(result.quarantine):
+        bad = result.quarantine.assign(**{ID: frame.loc[result.quarantine.index, ID]})
+        _append_csv(bad, bad_csv, header=not pull.quarantined)
+        pull.quarantined += len(bad)
+    clean = result.clean
+    if len(clean):
+        clean.insert(0, ID, frame.loc[~frame.index.isin(result.quarantine.index), ID].to_numpy())
+        table = pa.Table.from_pandas(clean, preserve_index=False)
+        if writer is None:
+            writer = pq.ParquetWriter(staged, table.schema, compression="zstd")
+        writer.write_table(table)  # one row group
+        pull.ids.append(table[ID].combine_chunks().cast(pa.large_string()))
+        pull.labels.append(table[LABEL].combine_chunks())
+    return writer
+
+
+def _append_csv(frame: pd.DataFrame, path: Path, header: bool) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    frame.to_csv(path, mode="w" if header else "a", header=header, index=False)
+
+
+def _rows_to_frame(rows: Sequence, schema: Schema) -> pd.DataFrame:
+    """(id, features blob, true_label, ...) rows -> id, label and feature columns."""
+    features = decode_rows([r[1] for r in rows])
+    if features.shape[1] != schema.n_features:
         raise ValueError(
-            f"logged rows have {features.shape[-1]} features, the dataset "
+            f"logged rows have {features.shape[1]} features, the dataset "
             f"{schema.n_features}: a model with another schema served them"
         )
     frame = pd.DataFrame(features, columns=list(schema.feature_names))
-    frame.insert(0, LABEL, [r["true_label"] for r in rows])
-    frame.insert(0, ID, [r["id"] for r in rows])
+    frame.insert(0, LABEL, [r[2] for r in rows])
+    frame.insert(0, ID, [r[0] for r in rows])
     return frame
 
 
-def _merge(existing: pd.DataFrame | None, pulled: pd.DataFrame) -> tuple[pd.DataFrame, int]:
-    """Union by id, newest label wins; returns (merged, rows added or changed)."""
-    if existing is None or existing.empty:
-        return pulled.reset_index(drop=True), len(pulled)
-    old = existing.set_index(ID)
-    incoming = pulled.set_index(ID)
-    common = incoming.index.intersection(old.index)
-    changed = int((old.loc[common, LABEL] != incoming.loc[common, LABEL]).sum())
-    added = len(incoming.index.difference(old.index))
-    merged = pd.concat([old.drop(index=common), incoming]).reset_index()
-    return merged, added + changed
+def _ids_labels(path: Path, schema: pa.Schema) -> pa.Table | None:
+    """The id and label columns of the feedback so far (whatever string type wrote them)."""
+    return pq.read_table(path, columns=[ID, LABEL]).cast(schema) if path.exists() else None
+
+
+def _changes(old: pa.Table | None, pulled: pa.Table) -> tuple[int, int]:
+    """(rows added or re-labelled, rows in all) once `pulled` replaces the old rows of the
+    same ids; from ids and labels alone."""
+    if old is None or old.num_rows == 0:
+        return pulled.num_rows, pulled.num_rows
+    common = pulled.join(old, ID, join_type="inner", right_suffix="_old")
+    changed = pc.sum(pc.not_equal(common[LABEL], common[f"{LABEL}_old"])).as_py() or 0
+    added = pulled.num_rows - common.num_rows
+    return added + changed, old.num_rows + added
+
+
+def _rewrite(dest: Path, old: Path, staged: Path, pulled_ids: pa.ChunkedArray, chunk_rows: int):
+    """The old rows whose ids were not pulled again, in their order, then the pulled rows:
+    chunk by chunk, one row group each (the order the whole-frame merge gave)."""
+    pulled = pq.ParquetFile(staged)
+    schema = pulled.schema_arrow
+    with pq.ParquetWriter(dest, schema, compression="zstd") as writer:
+        for batch in pq.ParquetFile(old).iter_batches(batch_size=chunk_rows):
+            again = pc.is_in(batch[ID].cast(pulled_ids.type), value_set=pulled_ids)
+            kept = batch.filter(pc.invert(again))
+            if kept.num_rows:
+                writer.write_table(pa.Table.from_batches([kept]).select(schema.names).cast(schema))
+        for i in range(pulled.num_row_groups):
+            writer.write_table(pulled.read_row_group(i))
+
+
+@contextlib.contextmanager
+def _staged(path: Path) -> Iterator[Path]:
+    """A temporary name beside `path` (same file system: it can be renamed over it), which
+    is removed afterwards unless it was moved into place."""
+    tmp = path.parent / f".{path.name}.{uuid.uuid4().hex[:8]}.tmp"
+    try:
+        yield tmp
+    finally:
+        tmp.unlink(missing_ok=True)
 
 
 def training_frames(loop_dir: Path) -> tuple[pd.DataFrame, pd.DataFrame | None]:

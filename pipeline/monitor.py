@@ -14,7 +14,6 @@ import time
 from pathlib import Path
 
 import mlflow
-import numpy as np
 
 from pipeline.config import Params, Settings
 from pipeline.drift import MIN_ROWS, detect_drift, drift_plot
@@ -33,13 +32,12 @@ def check_drift(settings: Settings, params: Params, since: float) -> dict:
     as a dict, or {"skipped": why} when too few rows were logged."""
     store = PredictionStore(settings.prediction_db)
     try:
-        logged = store.recent(since)
-        if len(logged) < MIN_ROWS:
-            return {"skipped": f"only {len(logged)} logged rows"}
+        # float32 arrays decoded chunk by chunk: no Python float per logged value
+        current, cur_probs = store.recent_arrays(since, chunk_rows=params.data.chunk_rows)
+        if len(current) < MIN_ROWS:
+            return {"skipped": f"only {len(current)} logged rows"}
         schema = load_preprocessor(settings.processed_dir).schema
         reference, _ = features_labels(load_split(settings.processed_dir, "train"), schema)
-        current = np.asarray([r["features"] for r in logged], dtype=np.float32)
-        cur_probs = np.asarray([r["probabilities"] for r in logged], dtype=np.float32)
         configure_tracking(settings)
         predictor, _ = load_predictor(settings.model_name, CHAMPION)
         cfg = params.monitor
@@ -92,7 +90,7 @@ def new_labels(settings: Settings) -> int:
     """Labelled predictions not yet pulled into the data (since the last pull's watermark)."""
     store = PredictionStore(settings.prediction_db)
     try:
-        return len(store.labelled_since(read_state(settings.loop_dir)["watermark"]))
+        return store.count_labelled_since(read_state(settings.loop_dir)["watermark"])
     finally:
         store.dispose()
 

@@ -15,13 +15,15 @@ import os
 import threading
 import time
 import uuid
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 
 import numpy as np
 import sqlalchemy as sa
 from sqlalchemy import event
+
+from pipeline.config import DataParams
 
 log = logging.getLogger(__name__)
 
@@ -162,6 +164,9 @@ _INSERTS = {
     "shadow_predictions": (SHADOW_COLUMNS, "id, model_version"),
 }
 _ROWS_PER_STATEMENT = 4000  # 8 parameters a row: under the 32,766 variables SQLite allows
+# Rows per chunk of the large reads (the feedback pull, the drift check) where no params are
+# at hand: params.data.chunk_rows' default, from the one place it is set.
+CHUNK_ROWS: int = DataParams.model_fields["chunk_rows"].default
 
 
 @dataclass
@@ -448,6 +453,26 @@ class PredictionStore:
         with self._read() as conn:
             return [_decoded(r) for r in conn.execute(labelled_query(after, limit))]
 
+    def labelled_chunks(self, after: float, chunk_rows: int) -> Iterator[Sequence[sa.Row]]:
+        """The rows `labelled_since` reads, as (id, features, true_label, labelled_at) with
+        the features still encoded, in lists of at most `chunk_rows`: the feedback pull's
+        read, its memory bounded by the chunk whatever the size of the log."""
+        p = predictions
+        stmt = labelled_query(after).with_only_columns(
+            p.c.id, p.c.features, p.c.true_label, p.c.labelled_at
+        )
+        yield from self._chunks(stmt, chunk_rows)
+
+    def count_labelled_since(self, after: float) -> int:
+        """How many rows `labelled_since(after)` would return, without reading them."""
+        stmt = (
+            sa.select(sa.func.count())
+            .select_from(predictions)
+            .where(predictions.c.true_label.is_not(None), predictions.c.labelled_at > after)
+        )
+        with self._read() as conn:
+            return int(conn.execute(stmt).scalar_one())
+
     def recent(self, since: float = 0.0, limit: int = 100_000) -> list[dict]:
         stmt = (
             sa.select(predictions)
@@ -457,6 +482,42 @@ class PredictionStore:
         )
         with self._read() as conn:
             return [_decoded(r) for r in conn.execute(stmt)]
+
+    def recent_arrays(
+        self, since: float = 0.0, limit: int = 100_000, chunk_rows: int = CHUNK_ROWS
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """(features, probabilities) of the rows `recent` returns, as float32 arrays (n, k)
+        and (n, c): the drift check's read. Decoded `chunk_rows` at a time, so the only
+        copy held whole is the arrays themselves (4 bytes a value, not a Python float)."""
+        p = predictions
+        stmt = (
+            sa.select(p.c.features, p.c.probabilities)
+            .where(p.c.created_at > since)
+            .order_by(p.c.created_at)
+            .limit(limit)
+        )
+        features, probabilities = [], []
+        for part in self._chunks(stmt, chunk_rows):
+            features.append(decode_rows([r.features for r in part]))
+            probabilities.append(decode_rows([r.probabilities for r in part]))
+        if not features:
+            return np.empty((0, 0), np.float32), np.empty((0, 0), np.float32)
+        return np.concatenate(features), np.concatenate(probabilities)
+
+    def _chunks(self, stmt: sa.Select, chunk_rows: int) -> Iterator[Sequence[sa.Row]]:
+        """The rows of `stmt` in lists of at most `chunk_rows`. PostgreSQL streams them
+        through a server-side cursor (`stream_results`), so neither the driver nor this
+        process ever holds more than a chunk; SQLite's cursor steps through the table the
+        same way. One statement, so one consistent snapshot, however many chunks."""
+        with self._read() as conn:
+            streaming = conn.execution_options(stream_results=True, yield_per=chunk_rows)
+            result = streaming.execute(stmt)
+            # Result.partitions() would do, but its generator keeps the chunk it yielded
+            # while fetching the next one: two chunks at once (a caller that drops its own
+            # reference before asking for the next holds one).
+            while rows := result.fetchmany(chunk_rows):
+                yield rows
+                del rows
 
     def count(self, labelled: bool | None = None) -> int:
         stmt = sa.select(sa.func.count()).select_from(predictions)
@@ -847,6 +908,15 @@ def encode_rows(array: np.ndarray) -> list[bytes]:
 
 def decode_array(blob: bytes) -> np.ndarray:
     return np.frombuffer(blob, dtype="<f4")
+
+
+def decode_rows(blobs: Sequence[bytes]) -> np.ndarray:
+    """n blobs of `encode_rows` -> (n, k) float32 array (one copy, no Python floats)."""
+    widths = {len(b) for b in blobs}
+    if len(widths) > 1:
+        raise ValueError(f"logged arrays of different lengths: {sorted(w // 4 for w in widths)}")
+    k = widths.pop() // 4 if widths else 0
+    return np.frombuffer(b"".join(blobs), dtype="<f4").reshape(len(blobs), k)
 
 
 def _decoded(row) -> dict:
