@@ -22,6 +22,7 @@ import torch.distributed as dist
 from pipeline.config import Params, get_settings, load_params
 from pipeline.experiment import finish_run
 from pipeline.model import choose_device
+from pipeline.shards import train_from_shards
 from pipeline.tracking import EpochLogger, start_run
 from pipeline.train import SplitData, TrainParams, is_distributed, rank, train_model
 
@@ -53,7 +54,8 @@ def main(argv: list[str] | None = None) -> None:
             torch.cuda.set_device(device)
     master_process = rank() == 0  # MLflow logging, evaluation, checkpointing
     try:
-        data = SplitData.load(settings.processed_dir)
+        shards = train_from_shards(params, settings.processed_dir)
+        data = SplitData.load(settings.processed_dir, from_shards=shards)
         if args.train_params:
             tp = TrainParams(**json.loads(args.train_params.read_text()))
         else:
@@ -66,7 +68,7 @@ def main(argv: list[str] | None = None) -> None:
                 tp.to_dict(),
                 args.run_name,
                 str(device),
-                extra_tags={"world_size": world},
+                extra_tags={"world_size": world, "train_data": data.path},
             )
         result = train_model(
             data,

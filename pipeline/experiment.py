@@ -35,6 +35,7 @@ from pipeline.model import (
 from pipeline.performance import Calibration
 from pipeline.preprocess import PREPROCESSOR_FILE, Preprocessor, features_labels, raw_test_set
 from pipeline.registry import CHAMPION, alias_version, download_model, register
+from pipeline.shards import train_from_shards
 from pipeline.tracking import (
     EpochLogger,
     configure_tracking,
@@ -132,7 +133,9 @@ def fit(
     """Tune (when trials > 0), train the final model, evaluate, log it, and register it.
     `source_hash` (the ingest report's) tags the run beside `params.data.source`."""
     device = choose_device(settings.device)
-    data = SplitData.load(settings.processed_dir)
+    shards = train_from_shards(params, settings.processed_dir)
+    data = SplitData.load(settings.processed_dir, from_shards=shards)
+    log.info("training split: %s", "read from its Parquet shards" if shards else "in memory")
     tp = TrainParams.from_params(params, epochs=epochs)
     experiment = configure_tracking(settings)
     if trials > 0:
@@ -167,6 +170,7 @@ def fit(
             "tuning_trials": trials,
             "data_source_hash": source_hash,
             "model_description": description,
+            "train_data": data.path,
         },
     )
     try:

@@ -131,7 +131,7 @@ def reproduce(settings: Settings, params: Params, version: str) -> dict:
     init = None
     if run.data.tags.get("warm_start") == "true":
         init = warm_start_weights(settings, run.data.tags["warm_start_from"])
-    data = SplitData.load(processed)
+    data = SplitData.load(processed, from_shards=run.data.tags.get("train_data") == "shards")
     result = train_model(data, tp, "cpu", init_state=init, show_progress=False)
     predictor = Predictor(result.model, result.cfg, data.preprocessor)
     x, y = raw_test_set(processed, data.preprocessor.schema)

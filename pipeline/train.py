@@ -5,6 +5,10 @@ plugs in through the `on_epoch` callback (pipeline/tracking.py), and `torchrun` 
 pipeline/ddp.py, which calls this same function on every rank. Under DDP every rank
 trains on its DistributedSampler shard and evaluates the full validation set, so all ranks
 take the same early-stopping decision.
+
+The training split is either in memory (a seeded permutation of one tensor) or, when
+`train.from_shards` resolves to on, read from its Parquet row groups a chunk at a time
+(pipeline/shards.py); validation and test are in memory either way (they are small).
 """
 
 from __future__ import annotations
@@ -12,7 +16,7 @@ from __future__ import annotations
 import logging
 import math
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
@@ -33,7 +37,9 @@ from pipeline.preprocess import (
     features_labels,
     load_preprocessor,
     load_split,
+    split_path,
 )
+from pipeline.shards import ShardDataset
 
 log = logging.getLogger(__name__)
 
@@ -54,6 +60,7 @@ class TrainParams:
     max_shift: int
     noise_std: float
     schedule: str
+    shuffle_buffer: int
     seed: int
 
     @classmethod
@@ -74,11 +81,14 @@ class TrainParams:
 
 @dataclass
 class SplitData:
-    """Standardised float32 features and int64 labels of each split, plus the preprocessor."""
+    """Standardised float32 features and int64 labels of each split, plus the preprocessor.
+    With `train_shards` set, the training split is not in `x`/`y`: training reads it from
+    that Parquet file or directory (pipeline/shards.py)."""
 
     preprocessor: Preprocessor
     x: dict[str, np.ndarray]
     y: dict[str, np.ndarray]
+    train_shards: Path | None = None
 
     @classmethod
     def from_frames(cls, frames: dict[str, pd.DataFrame], preprocessor: Preprocessor) -> SplitData:
@@ -90,9 +100,19 @@ class SplitData:
         return cls(preprocessor, x, y)
 
     @classmethod
-    def load(cls, processed_dir: Path) -> SplitData:
+    def load(cls, processed_dir: Path, from_shards: bool = False) -> SplitData:
+        """Every split in memory, or (`from_shards`) validation and test only."""
         pre = load_preprocessor(processed_dir)
-        return cls.from_frames({s: load_split(processed_dir, s) for s in SPLITS}, pre)
+        names = [s for s in SPLITS if not (from_shards and s == "train")]
+        data = cls.from_frames({s: load_split(processed_dir, s) for s in names}, pre)
+        if from_shards:
+            data.train_shards = split_path(processed_dir, "train")
+        return data
+
+    @property
+    def path(self) -> str:
+        """How training reads its split: "shards" or "memory" (tagged on the run)."""
+        return "shards" if self.train_shards is not None else "memory"
 
 
 @dataclass
@@ -179,11 +199,8 @@ def _train(
         weight_decay=params.weight_decay,
         fused=device.type in ("cpu", "cuda"),
     )
-    train_x = torch.from_numpy(data.x["train"])
-    train_y = torch.from_numpy(data.y["train"])
-    order_gen = torch.Generator().manual_seed(params.seed)
-    steps = params.epochs * math.ceil(_local_rows(len(train_y)) / params.batch_size)
-    sched = _schedule(opt, params.schedule, steps)
+    batches = _TrainBatches(data, params)
+    sched = _schedule(opt, params.schedule, params.epochs * batches.per_epoch)
     val_x = torch.from_numpy(data.x["val"]).to(device)
     val_y = torch.from_numpy(data.y["val"]).to(device)
     aug_gen = torch.Generator().manual_seed(params.seed + 1)
@@ -194,10 +211,12 @@ def _train(
     for epoch in range(1, params.epochs + 1):
         model.train()
         total, count = 0.0, 0
-        batches = _batches(len(train_y), params, epoch, order_gen)
-        for idx in _progress(batches, epoch, params.epochs, show_progress and rank() == 0):
-            xb = train_x[idx].to(device, non_blocking=True)
-            yb = train_y[idx].to(device, non_blocking=True)
+        epoch_batches = batches.epoch(epoch)
+        if show_progress and rank() == 0:
+            epoch_batches = _progress(epoch_batches, batches.per_epoch, epoch, params.epochs)
+        for xb, yb in epoch_batches:
+            xb = xb.to(device, non_blocking=True)
+            yb = yb.to(device, non_blocking=True)
             if params.augment:
                 xb = _augment(xb, cfg, params, aug_gen)
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_bf16):
@@ -267,6 +286,42 @@ def _schedule(opt: torch.optim.Optimizer, kind: str, steps: int):
     )
 
 
+class _TrainBatches:
+    """The training split's mini-batches epoch by epoch, as (x, y) CPU tensors: indexed
+    from the in-memory split, or read from its shards (this rank's share; every rank gets
+    the same number of batches either way). The shards are read in this process: a chunk
+    is decoded far faster than a step trains on it (docs/benchmarks.md), and no worker
+    process is started per epoch."""
+
+    def __init__(self, data: SplitData, params: TrainParams) -> None:
+        self.params = params
+        self.shards: ShardDataset | None = None
+        if data.train_shards is not None:
+            world = dist.get_world_size() if is_distributed() else 1
+            self.shards = ShardDataset(
+                data.train_shards,
+                data.preprocessor,
+                params.batch_size,
+                params.shuffle_buffer,
+                params.seed,
+                rank=rank(),
+                world_size=world,
+            )
+            self.per_epoch = self.shards.batches_per_epoch()
+        else:
+            self.x = torch.from_numpy(data.x["train"])
+            self.y = torch.from_numpy(data.y["train"])
+            self.order_gen = torch.Generator().manual_seed(params.seed)
+            self.per_epoch = math.ceil(_local_rows(len(self.y)) / params.batch_size)
+
+    def epoch(self, epoch: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        if self.shards is not None:
+            self.shards.set_epoch(epoch)
+            return iter(self.shards)
+        batches = _batches(len(self.y), self.params, epoch, self.order_gen)
+        return ((self.x[idx], self.y[idx]) for idx in batches)
+
+
 def _local_rows(n: int) -> int:
     """Rows this rank trains on per epoch (DistributedSampler pads to equal shards)."""
     return math.ceil(n / dist.get_world_size()) if is_distributed() else n
@@ -305,9 +360,7 @@ def _evaluate(
     return loss, (logits.argmax(1) == y).float().mean().item()
 
 
-def _progress(batches: list, epoch: int, epochs: int, enabled: bool):
-    if not enabled:
-        return batches
+def _progress(batches: Iterable, total: int, epoch: int, epochs: int):
     from tqdm import tqdm
 
-    return tqdm(batches, desc=f"epoch {epoch}/{epochs}", leave=False, unit="batch")
+    return tqdm(batches, total=total, desc=f"epoch {epoch}/{epochs}", leave=False, unit="batch")
