@@ -70,3 +70,21 @@ def test_flows_reach_torchrun_through_a_setting(prepared, settings, params, monk
     runs = mlflow.search_runs(experiment_names=[settings.model_name], output_format="list")
     assert [r.info.run_name for r in runs] == ["ddp-fit"]
     assert runs[0].data.tags["world_size"] == "2"
+
+
+def test_torchrun_trains_from_shards(prepared, settings, params, monkeypatch):
+    """Two ranks read their halves of the training split's row groups (the demo's split is
+    one row group, so each rank takes part of it) and step together: one run, tagged."""
+    from pipeline.config import get_settings
+    from pipeline.experiment import fit
+
+    monkeypatch.setenv("MLOPS_TRAIN_PROCESSES", "2")
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    get_settings.cache_clear()
+    on = params.updated(train={"from_shards": "on"})
+    cand = fit(get_settings(), on, epochs=2, run_name="ddp-shards", show_progress=False)
+    assert cand.metrics["accuracy"] > 0.3
+    runs = mlflow.search_runs(experiment_names=[settings.model_name], output_format="list")
+    assert [r.info.run_name for r in runs] == ["ddp-shards"]
+    tags = runs[0].data.tags
+    assert tags["world_size"] == "2" and tags["train_data"] == "shards"
