@@ -85,11 +85,12 @@ def pull_feedback(
     The log is read `chunk_rows` at a time (a server-side cursor on PostgreSQL), each chunk
     validated and written as one row group of a staged file, so memory is bounded by the
     chunk, not the log. De-duplication by id stays exact: the database returns each id
-    once (the log's primary key, one statement, one snapshot), and against the rows already
-    in feedback.parquet only ids and labels are held whole (~40 bytes a row, against 256 of
-    features): an old row whose id comes again gives way to the pulled one, appended with
-    its newest label, as before. Nothing is published until the whole pull has been read;
-    a failure leaves the feedback, the quarantine file and the watermark as they were.
+    once (the log's primary key; one statement reads one snapshot), and this process keeps
+    only the pull's ids and labels whole (~40 bytes a row, against 256 of features). The
+    feedback so far is streamed a chunk at a time and matched against those ids: an old row
+    whose id comes again gives way to the pulled one, appended with its newest label, as
+    the whole-frame merge did. Nothing is published until the whole pull has been read; a
+    failure leaves the feedback, the quarantine file and the watermark as they were.
     """
     loop_dir.mkdir(parents=True, exist_ok=True)
     path = loop_dir / FEEDBACK
@@ -110,11 +111,10 @@ def pull_feedback(
                 LABEL: pa.chunked_array(pull.labels, pa.int64()),
             }
         )
-        old = _ids_labels(path, pulled.schema)
-        new, total = _changes(old, pulled)
+        old_rows, new, total = _changes(path, pulled, chunk_rows)
         if pull.quarantined:
             write_atomic(quarantine_dir / "feedback.csv", lambda p: os.replace(bad_csv, p))
-        if new and (old is None or old.num_rows == 0):  # the staged file is the result
+        if new and not old_rows:  # the staged file is the whole result
             write_atomic(path, lambda p: os.replace(staged, p))
         elif new:
             write_atomic(path, lambda p: _rewrite(p, path, staged, pulled[ID], chunk_rows))
@@ -213,20 +213,24 @@ def _rows_to_frame(rows: Sequence, schema: Schema) -> pd.DataFrame:
     return frame
 
 
-def _ids_labels(path: Path, schema: pa.Schema) -> pa.Table | None:
-    """The id and label columns of the feedback so far (whatever string type wrote them)."""
-    return pq.read_table(path, columns=[ID, LABEL]).cast(schema) if path.exists() else None
-
-
-def _changes(old: pa.Table | None, pulled: pa.Table) -> tuple[int, int]:
-    """(rows added or re-labelled, rows in all) once `pulled` replaces the old rows of the
-    same ids; from ids and labels alone."""
-    if old is None or old.num_rows == 0:
-        return pulled.num_rows, pulled.num_rows
-    common = pulled.join(old, ID, join_type="inner", right_suffix="_old")
-    changed = pc.sum(pc.not_equal(common[LABEL], common[f"{LABEL}_old"])).as_py() or 0
-    added = pulled.num_rows - common.num_rows
-    return added + changed, old.num_rows + added
+def _changes(path: Path, pulled: pa.Table, chunk_rows: int) -> tuple[int, int, int]:
+    """(rows in the feedback so far, rows added or re-labelled, rows in all) once `pulled`
+    replaces the old rows of its ids: the old ids and labels are read a chunk at a time,
+    each matched against the pull's ids."""
+    old_rows, again, changed = 0, 0, 0
+    if path.exists():
+        batches = pq.ParquetFile(path).iter_batches(batch_size=chunk_rows, columns=[ID, LABEL])
+        for batch in batches:
+            old_rows += batch.num_rows
+            # where each old id is in the pull (null: not pulled again)
+            at = pc.index_in(batch[ID].cast(pulled[ID].type), value_set=pulled[ID])
+            hit = pc.is_valid(at)
+            old_labels = batch[LABEL].filter(hit).cast(pa.int64())
+            new_labels = pc.take(pulled[LABEL], at.filter(hit))
+            again += len(old_labels)
+            changed += pc.sum(pc.not_equal(old_labels, new_labels)).as_py() or 0
+    added = pulled.num_rows - again
+    return old_rows, added + changed, old_rows + added
 
 
 def _rewrite(dest: Path, old: Path, staged: Path, pulled_ids: pa.ChunkedArray, chunk_rows: int):

@@ -241,3 +241,30 @@ def test_the_drift_checks_read_is_chunked_and_equals_the_rows_read(store, monkey
     assert store.recent_arrays(time.time() + 60)[0].shape[0] == 0
     mark = store.labelled_since(0)[400]["labelled_at"]
     assert store.count_labelled_since(mark) == len(store.labelled_since(mark)) > 0
+
+
+def test_a_feedback_file_written_before_is_merged_chunk_by_chunk(tmp_path):
+    """A file from the former pull (one row group, ids as `string`) is read in chunks and
+    merged as before: its rows first, less those pulled again, then the pull."""
+    import pyarrow as pa
+
+    store = PredictionStore(f"sqlite:///{tmp_path / 'log.db'}").create()
+    ids = [f"p{i:04d}" for i in range(600)]
+    _log(store, ids)
+    _label(store, [(i, 1) for i in ids[:450]])
+    old = _one_read(store)
+    loop = tmp_path / "a" / "loop"
+    loop.mkdir(parents=True)
+    table = pa.Table.from_pandas(old, preserve_index=False)
+    pq.write_table(table.cast(table.schema.set(0, pa.field("id", pa.string()))), loop / FEEDBACK)
+    mark = max(r["labelled_at"] for r in store.labelled_since(0))  # as that pull left it
+    (loop / STATE).write_text(f'{{"watermark": {mark!r}, "pulls": 1}}')
+    time.sleep(0.01)
+    _label(store, [(i, 6) for i in ids[100:130]], overwrite=True)
+    _label(store, [(i, 2) for i in ids[450:]])
+    report = _pull(store, tmp_path, "a", CHUNK)
+    pulled = _one_read(store, mark - 1e-6)  # the re-labelled, the new, those at the mark
+    store.dispose()
+    assert (report.pulled, report.new, report.total_feedback) == (len(pulled), 30 + 150, 600)
+    expected = pd.concat([old[~old["id"].isin(set(pulled["id"]))], pulled], ignore_index=True)
+    pd.testing.assert_frame_equal(_feedback(tmp_path, "a"), expected)
