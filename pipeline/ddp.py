@@ -68,7 +68,7 @@ def main(argv: list[str] | None = None) -> None:
                 tp.to_dict(),
                 args.run_name,
                 str(device),
-                extra_tags={"world_size": world, "train_data": data.path},
+                extra_tags={"world_size": world, "train_data": data.train_from},
             )
         result = train_model(
             data,

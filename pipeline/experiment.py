@@ -170,7 +170,7 @@ def fit(
             "tuning_trials": trials,
             "data_source_hash": source_hash,
             "model_description": description,
-            "train_data": data.path,
+            "train_data": data.train_from,
         },
     )
     try:

@@ -110,7 +110,7 @@ class SplitData:
         return data
 
     @property
-    def path(self) -> str:
+    def train_from(self) -> str:
         """How training reads its split: "shards" or "memory" (tagged on the run)."""
         return "shards" if self.train_shards is not None else "memory"
 

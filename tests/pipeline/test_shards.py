@@ -183,7 +183,7 @@ def test_training_from_shards_augments_and_is_deterministic(
     from pipeline.train import SplitData, TrainParams, train_model
 
     data = SplitData.load(settings.processed_dir, from_shards=True)
-    assert "train" not in data.x and data.path == "shards"
+    assert "train" not in data.x and data.train_from == "shards"
     tp = replace(TrainParams.from_params(params), epochs=2)
     assert tp.augment and data.preprocessor.schema.image_side == 8
     calls = []
