@@ -1,94 +1,264 @@
-"""Data-side scale benchmark: 1,000,000 rows x 64 features through ingest -> validate -> preprocess.
+"""Data-side scale benchmark: N rows x 64 features through ingest -> validate -> split ->
+preprocessor fit, for each N (default 1M, 4M and 16M), in one run.
 
-Prints rows/s and peak RSS of the whole path, and its ratio to a baseline measured in
-the same run: reading the same Parquet file with pyarrow alone (the floor for any ingest).
-Targets on a 2-core machine: under 30 s and under 3 GiB peak RSS.
+Arms, each in a fresh process whose whole process tree is sampled for peak RSS:
+- `in-memory`: today's path (pipeline/ingest.py + pipeline/preprocess.py, the whole source in
+  pandas), at 1M rows only (its memory grows with the rows: the point of the others);
+- `streaming`: pipeline/stages.py forced onto the chunked path (`data.chunk_rows` rows at a
+  time), one process;
+- `dask`: the same ingest, then the preprocess parts on a Dask LocalCluster of 2 worker
+  processes through Prefect's Dask task runner (flows/data.py), Prefect's temporary API;
+- `read` (the baseline, same run): pyarrow reading the source into pandas, the floor for any
+  ingest and what one in-memory copy costs.
 
-    python bench/data.py [--rows 1000000]
+Checks printed with the figures: the Dask arm's splits hold exactly the streaming arm's rows
+(part by part) and its preprocessor is the same. The source is generated in row groups (its
+generation is bounded too), and every file is deleted after its size's arms.
+
+    python bench/data.py [--rows 1000000 4000000 16000000] [--chunk-rows 65536]
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
-import multiprocessing as mp
-import resource
+import os
+import shutil
+import subprocess
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 
 import numpy as np
 
+ROOT = Path(__file__).resolve().parents[1]
+GIB = 1024**3
 
-def _make(path: Path, rows: int) -> None:
+
+def _make(path: Path, rows: int, block: int = 1_000_000) -> None:
+    """Digits-like rows: integer pixels 0-16 as float32, labels 0-9, written a block at a time."""
     import pyarrow as pa
     import pyarrow.parquet as pq
 
     rng = np.random.default_rng(0)
-    columns = {"label": pa.array(rng.integers(0, 10, rows))}
-    for i in range(64):
-        columns[f"pixel{i}"] = pa.array(rng.integers(0, 17, rows).astype(np.float32))
-    pq.write_table(pa.table(columns), path)
+    writer = None
+    for start in range(0, rows, block):
+        n = min(block, rows - start)
+        columns = {"label": pa.array(rng.integers(0, 10, n))}
+        pixels = rng.integers(0, 17, (n, 64)).astype(np.float32)
+        for i in range(64):
+            columns[f"pixel{i}"] = pa.array(pixels[:, i])
+        table = pa.table(columns)
+        writer = writer or pq.ParquetWriter(path, table.schema, compression="zstd")
+        writer.write_table(table, row_group_size=65_536)
+    assert writer is not None
+    writer.close()
 
 
-def _baseline(path: str, queue: mp.Queue) -> None:
-    import pyarrow.parquet as pq
+# --- the arms (run as `python bench/data.py --arm NAME SOURCE WORKDIR CHUNK`) ----------------
 
+
+def _arm(name: str, source: str, work: str, chunk_rows: int) -> dict:
+    from pipeline.config import Params
+
+    params = Params.model_validate(
+        {"data": {"streaming_above_rows": 1_000, "chunk_rows": chunk_rows}}
+    )
+    work_dir = Path(work)
+    if name == "read":
+        import pyarrow.parquet as pq
+
+        pq.read_table(source).to_pandas()
+        return {"done": time.perf_counter()}
+    if name == "in-memory":
+        from pipeline.ingest import ingest
+        from pipeline.preprocess import preprocess
+
+        big = params.model_copy(
+            update={"data": params.data.model_copy(update={"streaming_above_rows": 10**12})}
+        )
+        report = ingest(source, work_dir / "raw", work_dir / "q", big, max_bytes=10**12)
+        preprocess(Path(report.snapshot), work_dir / "processed", big)
+        return {"done": time.perf_counter()}
+    from pipeline import stages
+
+    report = stages.ingest(source, work_dir / "raw", work_dir / "q", params)
+    ingest_done = time.perf_counter()
+    if name == "streaming":
+        stages.preprocess(Path(report.snapshot), work_dir / "processed", params)
+    else:
+        from flows.data import preprocess_dask
+
+        preprocess_dask(Path(report.snapshot), work_dir / "processed", params, workers=2)
+    return {"ingest_s": ingest_done, "done": time.perf_counter()}
+
+
+def _sample_tree(pid: int, peaks: dict[int, tuple[str, int]], stop: threading.Event) -> None:
+    """Peak RSS of the process and of every descendant (Dask's nannies, workers, and
+    Prefect's temporary server), sampled every 50 ms."""
+    import psutil
+
+    root = psutil.Process(pid)
+    while not stop.is_set():
+        try:
+            procs = [root, *root.children(recursive=True)]
+        except psutil.Error:
+            break
+        for proc in procs:
+            try:
+                rss = proc.memory_info().rss
+                role = _role(proc.cmdline())
+            except psutil.Error:
+                continue
+            if rss > peaks.get(proc.pid, ("", 0))[1]:
+                peaks[proc.pid] = (role, rss)
+        stop.wait(0.05)
+
+
+def _role(cmdline: list[str]) -> str:
+    text = " ".join(cmdline)
+    if "--arm" in text:
+        return "driver"
+    if "prefect" in text and "server" in text or "uvicorn" in text:
+        return "prefect-server"
+    if "multiprocessing" in text or "spawn_main" in text or "forkserver" in text:
+        return "dask-worker"
+    return "other"
+
+
+def _measure(name: str, source: Path, work: Path, chunk_rows: int, api_url: str) -> dict:
+    env = {
+        **os.environ,
+        "PREFECT_API_URL": api_url,
+        "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+        "DO_NOT_TRACK": "1",
+        "PREFECT_LOGGING_LEVEL": "WARNING",
+    }
+    out_file = work / "arm.json"
+    cmd = [sys.executable, __file__, "--arm", name, str(source), str(work), str(chunk_rows)]
     start = time.perf_counter()
-    pq.read_table(path).to_pandas()
-    queue.put((time.perf_counter() - start, _peak_rss()))
+    with (work / "arm.log").open("w") as log:
+        proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=out_file.open("w"), stderr=log,
+                                start_new_session=True)  # fmt: skip
+        peaks: dict[int, tuple[str, int]] = {}
+        stop = threading.Event()
+        sampler = threading.Thread(target=_sample_tree, args=(proc.pid, peaks, stop), daemon=True)
+        sampler.start()
+        proc.wait()
+        seconds = time.perf_counter() - start
+        stop.set()
+        sampler.join()
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(proc.pid, 15)  # anything the arm left behind
+    if proc.returncode:
+        sys.stderr.write((work / "arm.log").read_text()[-5000:])
+        raise SystemExit(f"arm {name} failed ({proc.returncode})")
+    out = out_file.read_text()
+    marks = json.loads(out.strip().splitlines()[-1])
+    by_role: dict[str, list[int]] = {}
+    for role, rss in peaks.values():
+        by_role.setdefault(role, []).append(rss)
+    return {
+        "wall_s": seconds,  # with the interpreter's start and imports
+        "seconds": marks["done"],  # the stages alone, as the arm timed them
+        "inner": marks,
+        "driver_gib": max(by_role.get("driver", [0])) / GIB,
+        "worker_gib": max(by_role.get("dask-worker", [0])) / GIB,
+        "workers": len(by_role.get("dask-worker", [])),
+        "server_gib": max(by_role.get("prefect-server", [0])) / GIB,
+    }
 
 
-def _full(path: str, root: str, queue: mp.Queue) -> None:
-    from pipeline.config import load_params
-    from pipeline.ingest import ingest
-    from pipeline.preprocess import preprocess
+def _same_output(a: Path, b: Path) -> bool:
+    import pandas as pd
 
-    params = load_params(Path("params.yaml"))
-    start = time.perf_counter()
-    report = ingest(path, Path(root) / "raw", Path(root) / "quarantine", params)
-    preprocess(Path(report.snapshot), Path(root) / "processed", params)
-    queue.put((time.perf_counter() - start, _peak_rss()))
+    from pipeline.preprocess import PREPROCESSOR_FILE, SPLITS, split_path
 
-
-def _peak_rss() -> int:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # bytes on Linux
-
-
-def _measure(target, *args) -> tuple[float, int]:
-    """Run in a fresh process so each peak RSS is that path's alone."""
-    queue: mp.Queue = mp.get_context("spawn").Queue()
-    proc = mp.get_context("spawn").Process(target=target, args=(*args, queue))
-    proc.start()
-    result = queue.get()
-    proc.join()
-    return result
+    for split in SPLITS:
+        parts_a = sorted(split_path(a, split).iterdir())
+        parts_b = sorted(split_path(b, split).iterdir())
+        if [p.name for p in parts_a] != [p.name for p in parts_b]:
+            return False
+        for x, y in zip(parts_a, parts_b, strict=True):
+            if not pd.read_parquet(x).equals(pd.read_parquet(y)):
+                return False
+    return (a / PREPROCESSOR_FILE).read_text() == (b / PREPROCESSOR_FILE).read_text()
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--rows", type=int, default=1_000_000)
+    parser.add_argument("--rows", type=int, nargs="+", default=[1_000_000, 4_000_000, 16_000_000])
+    parser.add_argument("--chunk-rows", type=int, default=65_536)
+    parser.add_argument("--arm", nargs=4, help=argparse.SUPPRESS)
     args = parser.parse_args()
-    with tempfile.TemporaryDirectory() as tmp:
-        source = Path(tmp) / "big.parquet"
-        _make(source, args.rows)
-        base_s, base_rss = _measure(_baseline, str(source))
-        full_s, full_rss = _measure(_full, str(source), tmp)
-    gib = 1024**3
-    result = {
-        "rows": args.rows,
-        "baseline_read_s": round(base_s, 2),
-        "baseline_peak_rss_gib": round(base_rss / gib, 2),
-        "ingest_validate_preprocess_s": round(full_s, 2),
-        "rows_per_s": round(args.rows / full_s),
-        "peak_rss_gib": round(full_rss / gib, 2),
-        "time_ratio_vs_read": round(full_s / base_s, 1),
-        "rss_ratio_vs_read": round(full_rss / base_rss, 1),
-        "target_met": full_s < 30 and full_rss < 3 * gib,
-    }
-    json.dump(result, sys.stdout, indent=2)
-    print()
+    if args.arm:
+        name, source, work, chunk = args.arm
+        start = time.perf_counter()
+        marks = _arm(name, source, work, int(chunk))
+        print(json.dumps({k: v - start for k, v in marks.items()}))
+        return
+    print(f"{'rows':>11} {'arm':>10} {'s':>7} {'rows/s':>9} {'ingest s':>8} {'driver GiB':>10} "
+          f"{'worker GiB':>10} {'vs read s':>9} {'vs read RSS':>11}")  # fmt: skip
+    results = []
+    with tempfile.TemporaryDirectory(prefix="mlops-bench-prefect-") as home:
+        server, api_url = _prefect_server(Path(home))
+        try:
+            for rows in args.rows:
+                results.append(_size(rows, args.chunk_rows, api_url))
+        finally:
+            server.stop()
+    streaming = [next(r for r in results if r["rows"] == n)["streaming"] for n in args.rows]
+    flat = max(s["driver_gib"] for s in streaming) / min(s["driver_gib"] for s in streaming)
+    same = all(r["dask"]["same_as_streaming"] for r in results)
+    print(f"streaming peak RSS, largest / smallest size: {flat:.2f} (target <= 1.20)")
+    print(f"dask splits and preprocessor identical to the streaming path's: {same}")
+
+
+def _prefect_server(home: Path):
+    """A Prefect server of the bench's own (the arms' flow runs report to it)."""
+    from pipeline import process
+
+    port = process.free_port()
+    url = f"http://127.0.0.1:{port}/api"
+    env = {**os.environ, "PREFECT_HOME": str(home), "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+           "DO_NOT_TRACK": "1"}  # fmt: skip
+    prefect = str(Path(sys.executable).parent / "prefect")
+    cmd = [prefect, "server", "start", "--host", "127.0.0.1", "--port", str(port)]
+    server = process.start(cmd, url, home / "server.log", env=env)
+    server.wait_healthy("/health")
+    return server, url
+
+
+def _size(rows: int, chunk_rows: int, api_url: str) -> dict:
+    with tempfile.TemporaryDirectory(prefix="mlops-bench-data-") as tmp:
+        source = Path(tmp) / "source.parquet"
+        _make(source, rows)
+        arms = ["read", "in-memory", "streaming", "dask"] if rows <= 1_000_000 else [
+            "read", "streaming", "dask"]  # fmt: skip
+        got = {}
+        for arm in arms:
+            work = Path(tmp) / arm
+            work.mkdir()
+            got[arm] = _measure(arm, source, work, chunk_rows, api_url)
+            if arm == "dask":
+                got[arm]["same_as_streaming"] = _same_output(
+                    Path(tmp) / "streaming" / "processed", work / "processed"
+                )
+            if arm not in ("streaming", "dask"):
+                shutil.rmtree(work)
+        base = got["read"]
+        for arm in arms:
+            r = got[arm]
+            ingest_s = r["inner"].get("ingest_s")
+            print(f"{rows:>11,} {arm:>10} {r['seconds']:>7.1f} {rows / r['seconds']:>9,.0f} "
+                  f"{ingest_s if ingest_s is None else round(ingest_s, 1)!s:>8} "
+                  f"{r['driver_gib']:>10.2f} {r['worker_gib']:>10.2f} "
+                  f"{r['seconds'] / base['seconds']:>9.1f} "
+                  f"{r['driver_gib'] / base['driver_gib']:>11.2f}", flush=True)  # fmt: skip
+        return {"rows": rows, **got}
 
 
 if __name__ == "__main__":

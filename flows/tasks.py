@@ -34,7 +34,7 @@ from pipeline import (
     rollout,
     stream,
 )
-from pipeline.config import Params, RolloutParams, Settings
+from pipeline.config import Params, RolloutParams, Settings, load_params
 from pipeline.experiment import fit
 from pipeline.ingest import read_fixed_test
 from pipeline.preprocess import load_preprocessor, preprocess_frames
@@ -433,9 +433,12 @@ def send_labels(
 @step(task_run_name="pull feedback into data", cache_policy=NO_CACHE, **IO_RETRIES)
 def pull_feedback(settings: Settings) -> dict:
     schema = load_preprocessor(settings.processed_dir).schema
+    chunk_rows = load_params(settings.params_path).data.chunk_rows
     store = PredictionStore(settings.prediction_db)
     try:
-        report = feedback.pull_feedback(store, settings.loop_dir, schema, settings.quarantine_dir)
+        report = feedback.pull_feedback(
+            store, settings.loop_dir, schema, settings.quarantine_dir, chunk_rows=chunk_rows
+        )
     finally:
         store.dispose()
     return report.to_dict()

@@ -296,9 +296,16 @@ def preprocess_stream(
 
 
 def _run_here(raw: Path, params: Params):
+    """Parts on this process's threads, one per core (Parquet's decoding and encoding and
+    numpy release the GIL): two parts in memory at a time on two cores."""
+
     def run(parts: list[tuple[int, int]], out_dir: Path, keep: int) -> Iterator[PartResult]:
-        for index, offset in parts:
-            yield process_part(raw, index, offset, out_dir, params, keep)
+        from concurrent.futures import ThreadPoolExecutor
+
+        with ThreadPoolExecutor(max_workers=min(os.cpu_count() or 1, 4)) as pool:
+            yield from pool.map(
+                lambda part: process_part(raw, part[0], part[1], out_dir, params, keep), parts
+            )
 
     return run
 
@@ -392,6 +399,7 @@ def ingest_stream(
     same outputs and report, written chunk by chunk. Nothing replaces the previous snapshot
     or quarantine until every chunk of every file has been read and validated."""
     import hashlib
+    from concurrent.futures import Future, ThreadPoolExecutor
 
     import pyarrow as pa
     import pyarrow.parquet as pq
@@ -419,6 +427,8 @@ def ingest_stream(
     reports: list[ValidationReport] = []
     bad_parts: list[Path] = []
     progress = _Progress("ingest", source_rows(files))
+    pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="snapshot-writer")
+    pending: list[Future] = []  # writes of clean chunks, in order, while the next is read
     try:
         for path in files:
             report = ValidationReport(source=str(path))
@@ -442,8 +452,10 @@ def ingest_stream(
                     table = pa.Table.from_pandas(result.clean, preserve_index=False)
                     if writer is None:
                         writer = pq.ParquetWriter(staged, table.schema, compression="zstd")
-                    writer.write_table(table)
-                    features = result.clean.iloc[:, 1:].to_numpy(np.float64)
+                    while len(pending) >= 2:  # memory: at most two chunks waiting
+                        pending.pop(0).result()
+                    pending.append(pool.submit(writer.write_table, table))
+                    features = result.clean.iloc[:, 1:].to_numpy(np.float32)
                     peak = max(peak, float(np.abs(features).max()))
                 if len(result.quarantine):
                     part = bad_dir / f"{len(bad_parts):06d}.csv"
@@ -458,6 +470,9 @@ def ingest_stream(
         if writer is None:
             rows = sum(r.rows_in for r in reports)
             raise DataFileError(f"{source}: no valid rows (all {rows} quarantined)")
+        for future in pending:
+            future.result()
+        pending.clear()
         writer.close()
         writer = None
         assert schema is not None
@@ -476,6 +491,9 @@ def ingest_stream(
         os.chmod(staged, 0o666 & ~_umask())
         os.replace(staged, snapshot)
     finally:
+        for future in pending:
+            future.exception()  # wait: the file is closed after its last write
+        pool.shutdown()
         if writer is not None:
             writer.close()
         staged.unlink(missing_ok=True)

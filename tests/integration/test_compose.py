@@ -33,10 +33,12 @@ def test_services_volumes_health_and_restart(compose):
         "prefect-server",
         "worker",
         "api",
+        "dask-scheduler",
+        "dask-worker",
     }
     for name, svc in services.items():
         assert "restart" in svc, name
-        if name not in {"minio-init", "worker"}:
+        if name not in {"minio-init", "worker", "dask-worker"}:
             assert "healthcheck" in svc, name
     assert {"pgdata", "miniodata", "workdata"} <= set(compose["volumes"])
     assert services["minio-init"]["restart"] == "no"
@@ -81,12 +83,20 @@ def test_mlops_commands_exist(compose, service):
         assert option in help_text.output, (service, option)
 
 
-@pytest.mark.parametrize(("service", "tool"), [("mlflow", "mlflow"), ("prefect-server", "prefect")])
+@pytest.mark.parametrize(
+    ("service", "tool"),
+    [
+        ("mlflow", "mlflow"),
+        ("prefect-server", "prefect"),
+        ("dask-scheduler", "dask"),
+        ("dask-worker", "dask"),
+    ],
+)
 def test_tool_commands_exist(compose, service, tool):
     command = compose["services"][service]["command"]
     assert command[0] == tool
     words = [c for c in command[1:] if not c.startswith("-")][:2]
-    sub = [w for w in words if w in {"server", "start"}]
+    sub = [w for w in words if w in {"server", "start", "scheduler", "worker"}]
     done = subprocess.run(
         [str(BIN / tool), *sub, "--help"],
         capture_output=True,
