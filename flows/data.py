@@ -1,19 +1,25 @@
 """The streaming data stages on a Dask cluster, through Prefect's own Dask task runner
-(prefect-dask): each part of the snapshot (one row group) is split and summarised by a
-Prefect task on a Dask worker, which writes its Parquet parts straight to the shared data
-directory; this process combines the parts' statistics into the preprocessor.
+(prefect-dask), each part a Prefect task on a Dask worker:
 
-The work per part is `pipeline.chunks.process_part`, the very function the single-process
-path runs, so both put every row in the same split and fit the same preprocessor
-(tests/flows/test_data_dask.py). Workers must see the data directory at the same path (one
-machine, or a shared volume as in docker-compose.yml).
+- ingest: each row group of a Parquet source is read and validated on a worker
+  (`pipeline.chunks.check_row_group`); this process writes the clean rows to the snapshot
+  in order, so the snapshot is the single-process path's, byte for byte;
+- preprocess: each row group of the snapshot is split and summarised on a worker
+  (`pipeline.chunks.process_part`), which writes its Parquet parts straight to the shared
+  data directory; this process combines the parts' statistics into the preprocessor.
 
-    MLOPS_DASK_ADDRESS=tcp://127.0.0.1:8786 mlops preprocess   # a running cluster
-    mlops preprocess --dask-workers 2                          # a LocalCluster for this run
+The work per part is the very function the single-process path runs, so both put every row
+in the same split and fit the same preprocessor (tests/flows/test_data_dask.py). Workers
+must see the data directory at the same path (one machine, or a shared volume as in
+docker-compose.yml).
+
+    MLOPS_DASK_ADDRESS=tcp://127.0.0.1:8786 mlops ingest --source big/   # a running cluster
+    mlops preprocess --dask-workers 2                    # a LocalCluster for this run
 """
 
 from __future__ import annotations
 
+from collections import deque
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -21,8 +27,17 @@ from prefect import flow, task
 from prefect_dask import DaskTaskRunner
 
 from pipeline import stages
-from pipeline.chunks import PartResult, process_part
+from pipeline.chunks import (
+    Checked,
+    PartResult,
+    check_file,
+    check_row_group,
+    is_parquet,
+    process_part,
+)
 from pipeline.config import Params
+from pipeline.ingest import IngestReport
+from pipeline.validate import Schema
 
 
 @task(retries=2, retry_delay_seconds=[2, 5], task_run_name="split-part-{index}")
@@ -49,6 +64,68 @@ def preprocess_on_dask(raw: str, out_dir: str, params: dict) -> dict:
             yield future.result()
 
     return stages.preprocess(Path(raw), Path(out_dir), parsed, run_parts)
+
+
+@task(retries=2, retry_delay_seconds=[2, 5], task_run_name="check-file-{file}-part-{group}")
+def check_part(path: str, file: int, group: int, schema: dict, chunk_rows: int) -> list[Checked]:
+    """One row group of a Parquet source, validated chunk by chunk."""
+    return check_row_group(Path(path), file, group, Schema.from_dict(schema), chunk_rows)
+
+
+def _check_on_dask(window: int):
+    """Parquet sources' row groups validated on the cluster, at most `window` in flight (the
+    driver holds their clean rows until it writes them), yielded in order; a CSV source,
+    which cannot be cut without reading it, is validated here."""
+    import pyarrow.parquet as pq
+
+    def check(files: list[Path], schema: Schema, chunk_rows: int) -> Iterator[Checked]:
+        for file, path in enumerate(files):
+            if not is_parquet(path):
+                yield from check_file(path, file, schema, chunk_rows)
+                continue
+            futures: deque = deque()
+            for group in range(pq.ParquetFile(path).metadata.num_row_groups):
+                futures.append(
+                    check_part.submit(str(path), file, group, schema.to_dict(), chunk_rows)
+                )
+                if len(futures) >= window:
+                    yield from futures.popleft().result()
+            while futures:
+                yield from futures.popleft().result()
+
+    return check
+
+
+@flow(name="ingest-dask", log_prints=False)
+def ingest_on_dask(
+    source: str, raw_dir: str, quarantine_dir: str, params: dict, name: str | None = None,
+    allow_schema_change: bool = False, window: int = 4,
+) -> dict:  # fmt: skip
+    """Validate a large source's parts on the flow's Dask task runner; write the snapshot."""
+    report = stages.ingest(
+        source, Path(raw_dir), Path(quarantine_dir), Params.model_validate(params), name=name,
+        allow_schema_change=allow_schema_change, check=_check_on_dask(window),
+    )  # fmt: skip
+    return report.to_dict()
+
+
+def ingest_dask(
+    source: str,
+    raw_dir: Path,
+    quarantine_dir: Path,
+    params: Params,
+    name: str | None = None,
+    allow_schema_change: bool = False,
+    address: str | None = None,
+    workers: int = 2,
+) -> IngestReport:
+    """`pipeline.stages.ingest` with the validation of a large source's parts on Dask."""
+    runner = task_runner(address, workers)
+    report = ingest_on_dask.with_options(task_runner=runner)(
+        source, str(raw_dir), str(quarantine_dir), params.model_dump(), name, allow_schema_change,
+        2 * workers,
+    )  # fmt: skip
+    return IngestReport(**report)
 
 
 def task_runner(address: str | None, workers: int = 2) -> DaskTaskRunner:

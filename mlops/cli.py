@@ -96,24 +96,40 @@ def ingest(
     allow_schema_change: Annotated[
         bool, typer.Option(help="replace data with other columns or value scale")
     ] = False,
+    dask_workers: Annotated[
+        int,
+        typer.Option(
+            help="a large Parquet source's parts validated on a Dask LocalCluster of this many "
+            "workers (MLOPS_DASK_ADDRESS: on that cluster instead); 0: in this process"
+        ),
+    ] = 0,
 ) -> None:
     """Read and validate a source into an immutable raw snapshot (bad rows quarantined).
     A source of more rows than data.streaming_above_rows is read chunk by chunk."""
     from pipeline.stages import ingest as run_ingest
+    from pipeline.stages import source_streams
 
     settings, params = _config()
     source = source or params.data.source
     with _user_errors():
-        report = run_ingest(
-            source,
-            settings.raw_dir,
-            settings.quarantine_dir,
-            params,
-            name=name,
-            max_bytes=settings.max_ingest_bytes,
-            allow_schema_change=allow_schema_change,
-            download_dir=settings.downloads_dir,
-        )
+        if (settings.dask_address or dask_workers) and source_streams(source, params):
+            from flows.data import ingest_dask
+
+            report = ingest_dask(
+                source, settings.raw_dir, settings.quarantine_dir, params, name,
+                allow_schema_change, settings.dask_address, dask_workers or 2,
+            )  # fmt: skip
+        else:
+            report = run_ingest(
+                source,
+                settings.raw_dir,
+                settings.quarantine_dir,
+                params,
+                name=name,
+                max_bytes=settings.max_ingest_bytes,
+                allow_schema_change=allow_schema_change,
+                download_dir=settings.downloads_dir,
+            )
     _write_ingest_report(settings, report)
     typer.echo(
         f"{report.rows_ok} rows -> {report.snapshot} ({report.rows_quarantined} quarantined), "

@@ -351,27 +351,32 @@ class _Progress:
 # --- ingest, chunk by chunk ----------------------------------------------------------------
 
 
-def read_chunks(path: Path, chunk_rows: int) -> Iterator[pd.DataFrame]:
+def read_chunks(
+    path: Path, chunk_rows: int, row_groups: list[int] | None = None
+) -> Iterator[pd.DataFrame]:
     """A Parquet or (optionally gzipped) CSV file as frames of at most `chunk_rows` rows,
-    every way it can be unreadable turned into DataFileError naming the file."""
+    every way it can be unreadable turned into DataFileError naming the file. Parquet is read
+    row group by row group (`row_groups`: only those), so a chunk never spans two: whoever
+    reads a row group, this process or a Dask worker, cuts it into the same chunks."""
     import pyarrow as pa
     import pyarrow.parquet as pq
 
     from pipeline.ingest import DataFileError, _check_not_truncated, _check_width, _header_columns
 
-    name = path.name.lower()
-    if name.endswith((".parquet", ".pq")):
+    if is_parquet(path):
         try:
             source = pq.ParquetFile(path)
             _check_width(path, source.metadata.num_columns)
-            for batch in source.iter_batches(batch_size=chunk_rows):
-                yield batch.to_pandas()
+            groups = range(source.metadata.num_row_groups) if row_groups is None else row_groups
+            for group in groups:
+                for batch in source.iter_batches(batch_size=chunk_rows, row_groups=[group]):
+                    yield batch.to_pandas()
         except (pa.ArrowException, OSError) as exc:
             raise DataFileError(f"{path}: not a readable Parquet file ({exc})") from exc
         return
-    if not name.endswith((".csv", ".csv.gz")):
+    if not path.name.lower().endswith((".csv", ".csv.gz")):
         raise DataFileError(f"{path}: the streaming ingest reads .parquet, .csv and .csv.gz")
-    if name.endswith(".csv"):
+    if path.name.lower().endswith(".csv"):
         _check_width(path, _header_columns(path))
         _check_not_truncated(path)
     try:
@@ -385,6 +390,83 @@ def read_chunks(path: Path, chunk_rows: int) -> Iterator[pd.DataFrame]:
         raise DataFileError(f"{path}: not a valid CSV file ({exc})") from exc
 
 
+def is_parquet(path: Path) -> bool:
+    return path.name.lower().endswith((".parquet", ".pq"))
+
+
+def columns_of(path: Path) -> list[str]:
+    """A source file's column names, without reading its rows."""
+    import pyarrow.parquet as pq
+
+    from pipeline.ingest import DataFileError
+
+    try:
+        if is_parquet(path):
+            return [str(c) for c in pq.read_schema(path).names]
+        return [str(c) for c in pd.read_csv(path, nrows=0, encoding="utf-8").columns]
+    except Exception as exc:  # noqa: BLE001 - every unreadable file says why, with its name
+        raise DataFileError(f"{path}: cannot read its columns ({exc})") from exc
+
+
+@dataclass
+class Checked:
+    """One validated chunk: what the snapshot, the quarantine and the report take of it."""
+
+    file: int  # index of the source file
+    first: bool  # the file's first chunk (its header goes into the content hash)
+    columns: list[str]
+    clean: object | None  # pyarrow.Table of the clean rows (None: none)
+    quarantine: pd.DataFrame | None  # the rejected rows, formulas neutralised
+    rows_in: int
+    reasons: dict[str, int]
+    extra_columns: list[str]
+    peak: float  # largest |feature| of the clean rows
+    row_hashes: bytes  # pipeline.ingest.content_hash's row part
+
+
+def check_chunk(frame: pd.DataFrame, schema: Schema, path: Path, file: int, first: bool) -> Checked:
+    """Validate one chunk (pipeline.validate.validate_frame) and prepare its outputs."""
+    import pyarrow as pa
+
+    from pipeline.ingest import DataFileError, neutralise_formulas
+    from pipeline.validate import SchemaError, validate_frame
+
+    columns = [str(c) for c in frame.columns]
+    hashes = pd.util.hash_pandas_object(frame, index=False).to_numpy().tobytes()
+    try:
+        result = validate_frame(frame, schema, str(path))
+    except SchemaError as exc:
+        raise DataFileError(f"{path}: {exc}") from exc
+    clean, peak = None, 0.0
+    if len(result.clean):
+        clean = pa.Table.from_pandas(result.clean, preserve_index=False)
+        peak = float(np.abs(result.clean.iloc[:, 1:].to_numpy(np.float32)).max())
+    bad = neutralise_formulas(result.quarantine) if len(result.quarantine) else None
+    return Checked(file, first, columns, clean, bad, len(frame), result.report.reasons,
+                   result.report.extra_columns, peak, hashes)  # fmt: skip
+
+
+def check_row_group(
+    path: Path, file: int, group: int, schema: Schema, chunk_rows: int
+) -> list[Checked]:
+    """A Parquet source's row group, chunk by chunk: the Dask path's unit of ingest work."""
+    return [
+        check_chunk(frame, schema, path, file, first=group == 0 and i == 0)
+        for i, frame in enumerate(read_chunks(path, chunk_rows, [group]))
+    ]
+
+
+def check_file(path: Path, file: int, schema: Schema, chunk_rows: int) -> Iterator[Checked]:
+    """A source file, chunk by chunk, in this process."""
+    for i, frame in enumerate(read_chunks(path, chunk_rows)):
+        yield check_chunk(frame, schema, path, file, first=i == 0)
+
+
+def _check_here(files: list[Path], schema: Schema, chunk_rows: int) -> Iterator[Checked]:
+    for file, path in enumerate(files):
+        yield from check_file(path, file, schema, chunk_rows)
+
+
 def ingest_stream(
     source: str,
     files: list[Path],
@@ -394,14 +476,18 @@ def ingest_stream(
     name: str,
     schema: Schema | None = None,
     allow_schema_change: bool = False,
+    check: Callable[[list[Path], Schema, int], Iterator[Checked]] | None = None,
 ):
     """`pipeline.ingest.ingest` for a source larger than `data.streaming_above_rows`: the
     same outputs and report, written chunk by chunk. Nothing replaces the previous snapshot
-    or quarantine until every chunk of every file has been read and validated."""
+    or quarantine until every chunk of every file has been read and validated.
+
+    `check` validates the files' chunks and yields them in order: in this process by
+    default, on a Dask cluster from flows/data.py; the snapshot is written here, in order,
+    so both give the same file."""
     import hashlib
     from concurrent.futures import Future, ThreadPoolExecutor
 
-    import pyarrow as pa
     import pyarrow.parquet as pq
 
     from pipeline.ingest import (
@@ -411,12 +497,17 @@ def ingest_stream(
         change_from,
         file_md5,
         fixed_test_path,
-        neutralise_formulas,
         write_atomic,
     )
-    from pipeline.validate import SchemaError, ValidationReport, infer_schema, validate_frame
+    from pipeline.validate import ValidationReport, infer_schema
 
     chunk_rows = params.data.chunk_rows
+    try:
+        schema = schema or infer_schema(columns_of(files[0]), params.data.num_classes)
+    except Exception as exc:
+        if isinstance(exc, DataFileError):
+            raise
+        raise DataFileError(f"{files[0]}: {exc}") from exc
     snapshot = raw_dir / f"{name}.parquet"
     raw_dir.mkdir(parents=True, exist_ok=True)
     staged = raw_dir / f".{name}.parquet.streaming"
@@ -424,49 +515,40 @@ def ingest_stream(
     shutil.rmtree(bad_dir, ignore_errors=True)
     bad_dir.mkdir(parents=True)
     writer, digest, peak = None, hashlib.md5(), 0.0
-    reports: list[ValidationReport] = []
+    reports = [ValidationReport(source=str(path)) for path in files]
     bad_parts: list[Path] = []
     progress = _Progress("ingest", source_rows(files))
     pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="snapshot-writer")
     pending: list[Future] = []  # writes of clean chunks, in order, while the next is read
     try:
-        for path in files:
-            report = ValidationReport(source=str(path))
-            for i, frame in enumerate(read_chunks(path, chunk_rows)):
-                try:
-                    schema = schema or infer_schema([str(c) for c in frame.columns],
-                                                    params.data.num_classes)  # fmt: skip
-                    result = validate_frame(frame, schema, str(path))
-                except SchemaError as exc:
-                    raise DataFileError(f"{path}: {exc}") from exc
-                if i == 0:
-                    digest.update("\x1f".join(map(str, frame.columns)).encode())
-                    report.extra_columns = result.report.extra_columns
-                digest.update(pd.util.hash_pandas_object(frame, index=False).to_numpy().tobytes())
-                report.rows_in += result.report.rows_in
-                report.rows_ok += result.report.rows_ok
-                report.rows_quarantined += result.report.rows_quarantined
-                for reason, count in result.report.reasons.items():
-                    report.reasons[reason] = report.reasons.get(reason, 0) + count
-                if len(result.clean):
-                    table = pa.Table.from_pandas(result.clean, preserve_index=False)
-                    if writer is None:
-                        writer = pq.ParquetWriter(staged, table.schema, compression="zstd")
-                    while len(pending) >= 2:  # memory: at most two chunks waiting
-                        pending.pop(0).result()
-                    pending.append(pool.submit(writer.write_table, table))
-                    features = result.clean.iloc[:, 1:].to_numpy(np.float32)
-                    peak = max(peak, float(np.abs(features).max()))
-                if len(result.quarantine):
-                    part = bad_dir / f"{len(bad_parts):06d}.csv"
-                    neutralise_formulas(result.quarantine).to_csv(part, index=False)
-                    bad_parts.append(part)
-                progress.add(len(frame))
+        for chunk in (check or _check_here)(files, schema, chunk_rows):
+            report = reports[chunk.file]
+            if chunk.first:
+                digest.update("\x1f".join(chunk.columns).encode())
+                report.extra_columns = chunk.extra_columns
+            digest.update(chunk.row_hashes)
+            report.rows_in += chunk.rows_in
+            report.rows_quarantined += sum(chunk.reasons.values())
+            report.rows_ok = report.rows_in - report.rows_quarantined
+            for reason, count in chunk.reasons.items():
+                report.reasons[reason] = report.reasons.get(reason, 0) + count
+            if chunk.clean is not None:
+                if writer is None:
+                    writer = pq.ParquetWriter(staged, chunk.clean.schema, compression="zstd")
+                while len(pending) >= 2:  # memory: at most two chunks waiting
+                    pending.pop(0).result()
+                pending.append(pool.submit(writer.write_table, chunk.clean))
+                peak = max(peak, chunk.peak)
+            if chunk.quarantine is not None:
+                part = bad_dir / f"{len(bad_parts):06d}.csv"
+                chunk.quarantine.to_csv(part, index=False)
+                bad_parts.append(part)
+            progress.add(chunk.rows_in)
+        for report in reports:
             if report.rows_quarantined:
-                log.warning("%s: %d of %d rows quarantined (%s)", path, report.rows_quarantined,
-                            report.rows_in, ", ".join(f"{k}: {v}" for k, v in
-                                                      report.reasons.items()))  # fmt: skip
-            reports.append(report)
+                log.warning("%s: %d of %d rows quarantined (%s)", report.source,
+                            report.rows_quarantined, report.rows_in,
+                            ", ".join(f"{k}: {v}" for k, v in report.reasons.items()))  # fmt: skip
         if writer is None:
             rows = sum(r.rows_in for r in reports)
             raise DataFileError(f"{source}: no valid rows (all {rows} quarantined)")
@@ -475,7 +557,6 @@ def ingest_stream(
         pending.clear()
         writer.close()
         writer = None
-        assert schema is not None
         change = change_from(snapshot, schema, peak)
         if change and not allow_schema_change:
             raise DataFileError(

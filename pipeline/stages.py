@@ -24,17 +24,19 @@ def ingest(
     max_bytes: int = MAX_INGEST_BYTES,
     allow_schema_change: bool = False,
     download_dir: Path | None = None,
+    check=None,
 ) -> in_memory.IngestReport:
     """`pipeline.ingest.ingest`, streamed for a file or directory of more rows than
     `data.streaming_above_rows` (whose memory is bounded by `data.chunk_rows`, so the
-    in-memory byte limit `max_bytes` does not apply to it)."""
+    in-memory byte limit `max_bytes` does not apply to it). `check` validates the chunks
+    elsewhere (flows/data.py: on a Dask cluster)."""
     name = in_memory.check_name(name or params.data.name)
-    if source not in ("digits", "mnist") and Path(source).exists():
+    if source_streams(source, params):
         files = in_memory.source_files(Path(source))
-        if chunks.source_rows(files) > params.data.streaming_above_rows:
-            return chunks.ingest_stream(
-                source, files, raw_dir, quarantine_dir, params, name, schema, allow_schema_change
-            )
+        return chunks.ingest_stream(
+            source, files, raw_dir, quarantine_dir, params, name, schema, allow_schema_change,
+            check,
+        )  # fmt: skip
     return in_memory.ingest(
         source,
         raw_dir,
@@ -46,6 +48,14 @@ def ingest(
         allow_schema_change=allow_schema_change,
         download_dir=download_dir,
     )
+
+
+def source_streams(source: str, params: Params) -> bool:
+    """A file or directory of more rows than `data.streaming_above_rows`."""
+    if source in ("digits", "mnist") or not Path(source).exists():
+        return False
+    files = in_memory.source_files(Path(source))
+    return chunks.source_rows(files) > params.data.streaming_above_rows
 
 
 def should_stream(raw: Path, params: Params) -> bool:

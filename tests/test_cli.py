@@ -203,3 +203,35 @@ def test_label_queue_exports_the_rows_worth_labelling_for_feedback(project):
     assert "p1" in (project / "queue.csv").read_text()
     result = runner.invoke(app, ["label-queue", "--strategy", "vibes"])
     assert result.exit_code == 1 and "--strategy must be one of" in result.output
+
+
+def test_a_source_past_the_threshold_streams_through_every_stage(project, tmp_path):
+    """ingest (chunked), preprocess (parts) and train (from shards) from the command line,
+    on a CSV with a bad row, when its rows pass data.streaming_above_rows."""
+    import mlflow
+    import pandas as pd
+    import yaml
+
+    params_file = project / "params.yaml"
+    cfg = yaml.safe_load(params_file.read_text())
+    cfg["data"].update(streaming_above_rows=500, chunk_rows=300)
+    params_file.write_text(yaml.safe_dump(cfg))
+    frame = load_digits_frame("all")
+    frame.loc[7, "pixel3"] = None
+    source = tmp_path / "digits.csv"
+    frame.to_csv(source, index=False)
+
+    result = runner.invoke(app, ["ingest", "--source", str(source)])
+    assert result.exit_code == 0, result.output
+    report = json.loads((project / "data/reports/ingest.json").read_text())
+    assert report["rows_ok"] == 1796 and report["rows_quarantined"] == 1
+    result = runner.invoke(app, ["preprocess"])
+    assert result.exit_code == 0, result.output
+    rows = json.loads(result.stdout.strip().splitlines()[-1])
+    assert sum(rows.values()) == 1796
+    assert len(list((project / "data/processed/train.parquet").glob("part-*.parquet"))) == 6
+    assert len(pd.read_parquet(project / "data/processed/train.parquet")) == rows["train"]
+    result = runner.invoke(app, ["train", "--epochs", "1", "--no-progress", "--no-register"])
+    assert result.exit_code == 0, result.output
+    runs = mlflow.search_runs(search_all_experiments=True)
+    assert set(runs["tags.train_data"]) == {"shards"}  # 1,161 training rows > 500
