@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import logging
+import shutil
 from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
@@ -285,8 +286,12 @@ def preprocess_frames(
         parts["val"] = pd.concat([parts["val"], extra[picks]], ignore_index=True)
     train_x, _ = features_labels(parts["train"], schema)
     preprocessor = Preprocessor.fit(train_x, schema, params.preprocess.scaling)
+    (out_dir / REPORT_FILE).unlink(missing_ok=True)  # no cache hit on half-replaced splits
     for name, part in parts.items():
-        write_parquet_atomic(part, split_path(out_dir, name))
+        target = split_path(out_dir, name)
+        if target.is_dir():  # parts of a streamed data version before this one
+            shutil.rmtree(target)
+        write_parquet_atomic(part, target)
     preprocessor.save(out_dir / PREPROCESSOR_FILE)
     report = {
         **key,

@@ -141,3 +141,22 @@ def test_small_sources_keep_the_in_memory_stratified_path(tmp_path):
     report = stages.ingest(str(source), tmp_path / "raw", tmp_path / "q", params)
     result = stages.preprocess(Path(report.snapshot), tmp_path / "processed", params)
     assert "streamed" not in result and split_path(tmp_path / "processed", "train").is_file()
+
+
+def test_a_small_version_after_a_streamed_one_replaces_its_parts(tmp_path):
+    """Streamed, then in memory, into the same processed directory: files replace the
+    directories of parts, and nothing of the streamed version is read back."""
+    params = _params()
+    big = tmp_path / "big.parquet"
+    _source(big)
+    raw = stages.ingest(str(big), tmp_path / "raw", tmp_path / "q", params).snapshot
+    out = tmp_path / "processed"
+    stages.preprocess(Path(raw), out, params)
+    assert split_path(out, "train").is_dir()
+    small = tmp_path / "small.parquet"
+    _source(small, rows=900, seed=5)
+    raw = stages.ingest(str(small), tmp_path / "raw", tmp_path / "q", params).snapshot
+    result = stages.preprocess(Path(raw), out, params)
+    assert split_path(out, "train").is_file()
+    assert sum(len(pd.read_parquet(split_path(out, s))) for s in SPLITS) == 896
+    assert sum(result["rows"].values()) == 896
