@@ -266,21 +266,26 @@ def preprocess_stream(
     shutil.rmtree(staging, ignore_errors=True)
     staging.mkdir(parents=True)
     runner = run_parts or _run_here(raw, params)
-    results: dict[int, PartResult] = {}
+    rows = dict.fromkeys(SPLITS, 0)
+    moments: Moments | None = None
+    waiting: dict[int, PartResult] = {}  # parts that came back before an earlier one
+    done = 0
     progress = _Progress("preprocess", total)
     for result in runner(parts, staging, keep):
-        results[result.index] = result
+        waiting[result.index] = result
         progress.add(sum(result.rows.values()))
-    if len(results) != len(parts):
-        raise RuntimeError(f"preprocess: {len(results)} of {len(parts)} parts came back")
-    moments = None
-    for index in sorted(results):  # merged in part order: the same figures whoever ran them
-        part = results[index].moments
-        moments = part if moments is None else moments.merge(part, keep)
-    assert moments is not None
+        # Merged in part order, as they come: the same figures whoever ran the parts, and
+        # one running total in memory instead of every part's statistics.
+        while done < len(parts) and parts[done][0] in waiting:
+            part = waiting.pop(parts[done][0])
+            moments = part.moments if moments is None else moments.merge(part.moments, keep)
+            for split, n in part.rows.items():
+                rows[split] += n
+            done += 1
+    if done != len(parts) or moments is None:
+        raise RuntimeError(f"preprocess: {done} of {len(parts)} parts came back")
     preprocessor = moments.preprocessor(schema, params.preprocess.scaling)
     preprocessor.save(staging / PREPROCESSOR_FILE)
-    rows = {s: sum(r.rows[s] for r in results.values()) for s in SPLITS}
     report = {
         **key,
         "rows": rows,
