@@ -446,14 +446,17 @@ def schema_change(snapshot: Path, clean: pd.DataFrame, schema: Schema) -> str:
     other feature columns, or values on another scale (the largest absolute value four times
     smaller or larger: 0-1 pixels replacing 0-255 ones). Reads only the snapshot's schema
     and its Parquet column statistics."""
-    features = clean.loc[:, list(schema.feature_names)].to_numpy(np.float64)
-    new_peak = float(np.abs(features).max()) if len(clean) else 0.0
-    return change_from(snapshot, schema, new_peak)
+
+    def peak() -> float:
+        features = clean.loc[:, list(schema.feature_names)].to_numpy(np.float32)
+        return float(np.abs(features).max()) if len(clean) else 0.0
+
+    return change_from(snapshot, schema, peak)
 
 
-def change_from(snapshot: Path, schema: Schema, new_peak: float) -> str:
-    """`schema_change` given the new data's largest absolute feature value (the streaming
-    ingest keeps it as it goes)."""
+def change_from(snapshot: Path, schema: Schema, new_peak: float | Callable[[], float]) -> str:
+    """`schema_change` given the new data's largest absolute feature value, or how to get it
+    when it is needed (the streaming ingest keeps it as it goes)."""
     import pyarrow.parquet as pq
 
     if not snapshot.exists():
@@ -468,6 +471,7 @@ def change_from(snapshot: Path, schema: Schema, new_peak: float) -> str:
             detail += f" (missing {_preview(gone)}; new {_preview(added)})"
         return detail
     old_peak = _peak(meta, old)
+    new_peak = new_peak() if callable(new_peak) else new_peak
     if old_peak and new_peak and not 0.25 <= new_peak / old_peak <= 4:
         return f"values up to {new_peak:g} where the current data goes up to {old_peak:g}"
     return ""
