@@ -24,6 +24,7 @@ import logging
 import os
 import shutil
 import time
+from collections import deque
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -462,9 +463,18 @@ def check_row_group(
 
 
 def check_file(path: Path, file: int, schema: Schema, chunk_rows: int) -> Iterator[Checked]:
-    """A source file, chunk by chunk, in this process."""
-    for i, frame in enumerate(read_chunks(path, chunk_rows)):
-        yield check_chunk(frame, schema, path, file, first=i == 0)
+    """A source file, chunk by chunk, in this process: two chunks checked at a time on
+    threads (numpy, pandas' hashing and Arrow release the GIL), yielded in order."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    with ThreadPoolExecutor(max_workers=2, thread_name_prefix="chunk-check") as pool:
+        waiting: deque = deque()
+        for i, frame in enumerate(read_chunks(path, chunk_rows)):
+            waiting.append(pool.submit(check_chunk, frame, schema, path, file, i == 0))
+            if len(waiting) >= 2:
+                yield waiting.popleft().result()
+        while waiting:
+            yield waiting.popleft().result()
 
 
 def _check_here(files: list[Path], schema: Schema, chunk_rows: int) -> Iterator[Checked]:
