@@ -68,9 +68,13 @@ def preprocess_on_dask(raw: str, out_dir: str, params: dict, window: int = 4) ->
 
 
 @task(retries=2, retry_delay_seconds=[2, 5], task_run_name="check-file-{file}-part-{group}")
-def check_part(path: str, file: int, group: int, schema: dict, chunk_rows: int) -> list[Checked]:
-    """One row group of a Parquet source, validated chunk by chunk."""
-    return check_row_group(Path(path), file, group, Schema.from_dict(schema), chunk_rows)
+def check_part(
+    path: str, file: int, group: int, schema: dict, chunk_rows: int, first: bool, staging: str
+) -> list[Checked]:
+    """One row group of a Parquet source, validated chunk by chunk, its rows staged."""
+    return check_row_group(
+        Path(path), file, group, Schema.from_dict(schema), chunk_rows, first, Path(staging)
+    )
 
 
 def _check_on_dask(window: int):
@@ -79,15 +83,28 @@ def _check_on_dask(window: int):
     which cannot be cut without reading it, is validated here."""
     import pyarrow.parquet as pq
 
-    def check(files: list[Path], schema: Schema, chunk_rows: int) -> Iterator[Checked]:
+    def check(
+        files: list[Path], schema: Schema, chunk_rows: int, staging: Path
+    ) -> Iterator[Checked]:
         for file, path in enumerate(files):
             if not is_parquet(path):
                 yield from check_file(path, file, schema, chunk_rows)
                 continue
+            meta = pq.ParquetFile(path).metadata
+            sizes = [meta.row_group(g).num_rows for g in range(meta.num_row_groups)]
+            first = next((g for g, n in enumerate(sizes) if n), 0)  # where the header is hashed
             futures: deque = deque()
-            for group in range(pq.ParquetFile(path).metadata.num_row_groups):
+            for group in range(len(sizes)):
                 futures.append(
-                    check_part.submit(str(path), file, group, schema.to_dict(), chunk_rows)
+                    check_part.submit(
+                        str(path.resolve()),
+                        file,
+                        group,
+                        schema.to_dict(),
+                        chunk_rows,
+                        group == first,
+                        str(staging.resolve()),
+                    )  # fmt: skip
                 )
                 if len(futures) >= window:
                     yield from futures.popleft().result()
@@ -130,8 +147,8 @@ def ingest_dask(
 
 
 def _window(address: str | None, workers: int) -> int:
-    """Parts in flight: two per local worker; 16 on a running cluster (ingest parts carry
-    their clean rows back to this process: 16 chunks of 65,536 x 64 float32 is ~270 MB)."""
+    """Parts in flight: two per local worker, 16 on a running cluster (each holds only
+    counts and 8 bytes of row hash per row here: the rows are staged as files)."""
     return 2 * workers if address is None else 16
 
 

@@ -97,12 +97,13 @@ def ingest(
         bool, typer.Option(help="replace data with other columns or value scale")
     ] = False,
     dask_workers: Annotated[
-        int,
+        int | None,
         typer.Option(
+            min=0,
             help="a large Parquet source's parts validated on a Dask LocalCluster of this many "
-            "workers (MLOPS_DASK_ADDRESS: on that cluster instead); 0: in this process"
+            "workers; 0: in this process; unset: on MLOPS_DASK_ADDRESS's cluster if set",
         ),
-    ] = 0,
+    ] = None,
 ) -> None:
     """Read and validate a source into an immutable raw snapshot (bad rows quarantined).
     A source of more rows than data.streaming_above_rows is read chunk by chunk."""
@@ -112,12 +113,13 @@ def ingest(
     settings, params = _config()
     source = source or params.data.source
     with _user_errors():
-        if (settings.dask_address or dask_workers) and source_streams(source, params):
+        cluster = _dask(settings, dask_workers)
+        if cluster and source_streams(source, params):
             from flows.data import ingest_dask
 
             report = ingest_dask(
-                source, settings.raw_dir, settings.quarantine_dir, params, name,
-                allow_schema_change, settings.dask_address, dask_workers or 2,
+                str(Path(source).resolve()), settings.raw_dir, settings.quarantine_dir, params,
+                name, allow_schema_change, *cluster,
             )  # fmt: skip
         else:
             report = run_ingest(
@@ -150,12 +152,13 @@ def _write_ingest_report(settings, report) -> None:
 def preprocess(
     name: Annotated[str | None, typer.Option(help="snapshot name under data/raw/")] = None,
     dask_workers: Annotated[
-        int,
+        int | None,
         typer.Option(
-            help="a large snapshot's parts on a Dask LocalCluster of this many workers "
-            "(MLOPS_DASK_ADDRESS: on that cluster instead); 0: in this process"
+            min=0,
+            help="a large snapshot's parts on a Dask LocalCluster of this many workers; "
+            "0: in this process; unset: on MLOPS_DASK_ADDRESS's cluster if set",
         ),
-    ] = 0,
+    ] = None,
 ) -> None:
     """Split the raw snapshot and fit the preprocessor on the training split (part by part
     for a snapshot of more rows than data.streaming_above_rows)."""
@@ -170,15 +173,23 @@ def preprocess(
         raise _fail(str(exc)) from exc
     if not raw.exists():
         raise _fail(f"{raw} does not exist: run `mlops ingest` first")
-    if (settings.dask_address or dask_workers) and should_stream(raw, params):
+    cluster = _dask(settings, dask_workers)
+    if cluster and should_stream(raw, params):
         from flows.data import preprocess_dask
 
-        report = preprocess_dask(
-            raw, settings.processed_dir, params, settings.dask_address, dask_workers or 2
-        )
+        report = preprocess_dask(raw.resolve(), settings.processed_dir.resolve(), params, *cluster)
     else:
         report = run_preprocess(raw, settings.processed_dir, params)
     typer.echo(json.dumps(report["rows"]))
+
+
+def _dask(settings, workers: int | None) -> tuple[str | None, int] | None:
+    """(scheduler address, LocalCluster workers) for the data stages' parts, None for this
+    process: an explicit --dask-workers wins (0: here; N: a LocalCluster of N), else
+    MLOPS_DASK_ADDRESS's cluster when it is set."""
+    if workers is not None:
+        return (None, workers) if workers > 0 else None
+    return (settings.dask_address, 2) if settings.dask_address else None
 
 
 @contextmanager

@@ -20,6 +20,7 @@ Peak memory is bounded by `data.chunk_rows`, not by the row count:
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import shutil
@@ -266,6 +267,15 @@ def preprocess_stream(
     staging = out_dir.parent / f".{out_dir.name}.staging"
     shutil.rmtree(staging, ignore_errors=True)
     staging.mkdir(parents=True)
+    try:
+        return _preprocess_parts(raw, out_dir, params, key, run_parts, parts, total, keep,
+                                 schema, staging)  # fmt: skip
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+
+
+def _preprocess_parts(raw, out_dir, params, key, run_parts, parts, total, keep, schema, staging):
+    """`preprocess_stream`'s body, inside the try that removes its staging directory."""
     runner = run_parts or _run_here(raw, params)
     rows = dict.fromkeys(SPLITS, 0)
     moments: Moments | None = None
@@ -428,6 +438,8 @@ class Checked:
     extra_columns: list[str]
     peak: float  # largest |feature| of the clean rows
     row_hashes: bytes  # pipeline.ingest.content_hash's row part
+    clean_at: str | None = None  # the clean rows staged in this Parquet file instead
+    quarantine_at: str | None = None  # the rejected rows staged in this CSV file instead
 
 
 def check_chunk(frame: pd.DataFrame, schema: Schema, path: Path, file: int, first: bool) -> Checked:
@@ -453,13 +465,29 @@ def check_chunk(frame: pd.DataFrame, schema: Schema, path: Path, file: int, firs
 
 
 def check_row_group(
-    path: Path, file: int, group: int, schema: Schema, chunk_rows: int
-) -> list[Checked]:
-    """A Parquet source's row group, chunk by chunk: the Dask path's unit of ingest work."""
-    return [
-        check_chunk(frame, schema, path, file, first=group == 0 and i == 0)
-        for i, frame in enumerate(read_chunks(path, chunk_rows, [group]))
-    ]
+    path: Path, file: int, group: int, schema: Schema, chunk_rows: int, first: bool,
+    staging: Path,
+) -> list[Checked]:  # fmt: skip
+    """A Parquet source's row group, chunk by chunk: the Dask path's unit of ingest work.
+    Each chunk's clean and rejected rows are staged as files in `staging` (seen by this
+    worker and the driver), so only counts and row hashes travel back: the worker holds one
+    chunk at a time, the driver the hashes of its window of row groups."""
+    import pyarrow.parquet as pq
+
+    out = []
+    for i, frame in enumerate(read_chunks(path, chunk_rows, [group])):
+        chunk = check_chunk(frame, schema, path, file, first=first and i == 0)
+        stem = staging / f"file{file:05d}-group{group:07d}-chunk{i:05d}"
+        if chunk.clean is not None:
+            chunk.clean_at = str(stem.with_suffix(".parquet"))
+            pq.write_table(chunk.clean, chunk.clean_at)
+            chunk.clean = None
+        if chunk.quarantine is not None:
+            chunk.quarantine_at = str(stem.with_suffix(".csv"))
+            chunk.quarantine.to_csv(chunk.quarantine_at, index=False)
+            chunk.quarantine = None
+        out.append(chunk)
+    return out
 
 
 def check_file(path: Path, file: int, schema: Schema, chunk_rows: int) -> Iterator[Checked]:
@@ -477,7 +505,9 @@ def check_file(path: Path, file: int, schema: Schema, chunk_rows: int) -> Iterat
             yield waiting.popleft().result()
 
 
-def _check_here(files: list[Path], schema: Schema, chunk_rows: int) -> Iterator[Checked]:
+def _check_here(
+    files: list[Path], schema: Schema, chunk_rows: int, staging: Path
+) -> Iterator[Checked]:
     for file, path in enumerate(files):
         yield from check_file(path, file, schema, chunk_rows)
 
@@ -491,15 +521,15 @@ def ingest_stream(
     name: str,
     schema: Schema | None = None,
     allow_schema_change: bool = False,
-    check: Callable[[list[Path], Schema, int], Iterator[Checked]] | None = None,
+    check: Callable[[list[Path], Schema, int, Path], Iterator[Checked]] | None = None,
 ):
     """`pipeline.ingest.ingest` for a source larger than `data.streaming_above_rows`: the
     same outputs and report, written chunk by chunk. Nothing replaces the previous snapshot
     or quarantine until every chunk of every file has been read and validated.
 
-    `check` validates the files' chunks and yields them in order: in this process by
-    default, on a Dask cluster from flows/data.py; the snapshot is written here, in order,
-    so both give the same file."""
+    `check` validates the files' chunks and yields them in order, given a staging directory
+    for their rows: in this process by default, on a Dask cluster from flows/data.py; the
+    snapshot is written here, in order, so both give the same file."""
     import hashlib
     from concurrent.futures import Future, ThreadPoolExecutor
 
@@ -536,7 +566,7 @@ def ingest_stream(
     pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="snapshot-writer")
     pending: list[Future] = []  # writes of clean chunks, in order, while the next is read
     try:
-        for chunk in (check or _check_here)(files, schema, chunk_rows):
+        for chunk in (check or _check_here)(files, schema, chunk_rows, bad_dir):
             report = reports[chunk.file]
             if chunk.first:
                 digest.update("\x1f".join(chunk.columns).encode())
@@ -547,6 +577,9 @@ def ingest_stream(
             report.rows_ok = report.rows_in - report.rows_quarantined
             for reason, count in chunk.reasons.items():
                 report.reasons[reason] = report.reasons.get(reason, 0) + count
+            if chunk.clean is None and chunk.clean_at is not None:
+                chunk.clean = pq.read_table(chunk.clean_at)  # staged by a worker
+                Path(chunk.clean_at).unlink()
             if chunk.clean is not None:
                 if writer is None:
                     writer = pq.ParquetWriter(staged, chunk.clean.schema, compression="zstd")
@@ -558,6 +591,8 @@ def ingest_stream(
                 part = bad_dir / f"{len(bad_parts):06d}.csv"
                 chunk.quarantine.to_csv(part, index=False)
                 bad_parts.append(part)
+            elif chunk.quarantine_at is not None:
+                bad_parts.append(Path(chunk.quarantine_at))
             progress.add(chunk.rows_in)
         for report in reports:
             if report.rows_quarantined:
@@ -591,7 +626,8 @@ def ingest_stream(
             future.exception()  # wait: the file is closed after its last write
         pool.shutdown()
         if writer is not None:
-            writer.close()
+            with contextlib.suppress(Exception):  # the error that brought us here is the one
+                writer.close()
         staged.unlink(missing_ok=True)
         shutil.rmtree(bad_dir, ignore_errors=True)
     rows_ok = sum(r.rows_ok for r in reports)

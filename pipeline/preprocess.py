@@ -232,6 +232,27 @@ def load_split(processed_dir: Path, split: str) -> pd.DataFrame:
     return pd.read_parquet(split_path(processed_dir, split))
 
 
+def sample_split(processed_dir: Path, split: str, max_rows: int, seed: int) -> pd.DataFrame:
+    """The split whole when it has at most `max_rows` rows, else a seeded sample of
+    `max_rows` of them, read a row group at a time (a streamed split need not fit in
+    memory): what a reference distribution needs, not every row."""
+    import pyarrow.dataset as ds
+
+    dataset = ds.dataset(split_path(processed_dir, split), format="parquet")
+    total = dataset.count_rows()
+    if total <= max_rows:
+        return dataset.to_table().to_pandas()
+    keep = np.sort(np.random.default_rng(seed).choice(total, max_rows, replace=False))
+    pieces, start = [], 0
+    for batch in dataset.to_batches():
+        end = start + batch.num_rows
+        lo, hi = np.searchsorted(keep, [start, end])
+        if hi > lo:
+            pieces.append(batch.take(keep[lo:hi] - start).to_pandas())
+        start = end
+    return pd.concat(pieces, ignore_index=True)
+
+
 def load_preprocessor(processed_dir: Path) -> Preprocessor:
     return Preprocessor.load(processed_dir / PREPROCESSOR_FILE)
 
@@ -308,14 +329,16 @@ def preprocess_frames(
     return report
 
 
-def cache_key(data_hash: str, params: Params) -> dict:
-    """What a processed directory was made from: it is reused only when all of it matches."""
-    return {
+def cache_key(data_hash: str, params: Params, streamed: bool = False) -> dict:
+    """What a processed directory was made from: it is reused only when all of it matches
+    (a streamed output, split by hash into parts, is not the in-memory one)."""
+    key = {
         "data_hash": data_hash,
         "seed": params.seed,
         "split": params.split.model_dump(),
         "scaling": params.preprocess.scaling,
     }
+    return {**key, "split_by": "row position hash"} if streamed else key
 
 
 def cached_report(out_dir: Path, key: dict) -> dict | None:

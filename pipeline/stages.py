@@ -73,7 +73,7 @@ def preprocess(raw: Path, out_dir: Path, params: Params, run_parts=None) -> dict
     runs the parts elsewhere (flows/data.py: on a Dask cluster)."""
     if not should_stream(raw, params):
         return processing.preprocess(raw, out_dir, params)
-    key = processing.cache_key(in_memory.file_md5(raw), params)
+    key = processing.cache_key(in_memory.file_md5(raw), params, streamed=True)
     cached = processing.cached_report(out_dir, key)
     if cached is not None:
         return cached

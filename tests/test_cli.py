@@ -235,3 +235,20 @@ def test_a_source_past_the_threshold_streams_through_every_stage(project, tmp_pa
     assert result.exit_code == 0, result.output
     runs = mlflow.search_runs(search_all_experiments=True)
     assert set(runs["tags.train_data"]) == {"shards"}  # 1,161 training rows > 500
+
+
+def test_dask_workers_on_the_command_line_win_over_the_configured_cluster(monkeypatch, project):
+    from mlops.cli import _dask
+    from pipeline.config import get_settings
+
+    get_settings.cache_clear()
+    assert _dask(get_settings(), None) is None  # nothing configured: this process
+    monkeypatch.setenv("MLOPS_DASK_ADDRESS", "tcp://10.0.0.5:8786")
+    get_settings.cache_clear()
+    settings = get_settings()
+    assert _dask(settings, None) == ("tcp://10.0.0.5:8786", 2)
+    assert _dask(settings, 3) == (None, 3)  # a LocalCluster of 3
+    assert _dask(settings, 0) is None  # this process, even with a cluster configured
+    result = runner.invoke(app, ["preprocess", "--dask-workers", "-1"])
+    assert result.exit_code == 2 and "dask-workers" in result.output.replace("\n", "")
+    get_settings.cache_clear()

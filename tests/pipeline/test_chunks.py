@@ -160,3 +160,21 @@ def test_a_small_version_after_a_streamed_one_replaces_its_parts(tmp_path):
     assert split_path(out, "train").is_file()
     assert sum(len(pd.read_parquet(split_path(out, s))) for s in SPLITS) == 896
     assert sum(result["rows"].values()) == 896
+
+
+def test_the_drift_reference_is_a_seeded_sample_of_a_large_split(tmp_path):
+    from pipeline.preprocess import sample_split
+
+    source = tmp_path / "source.parquet"
+    _source(source)
+    params = _params()
+    raw = stages.ingest(str(source), tmp_path / "raw", tmp_path / "q", params).snapshot
+    out = tmp_path / "processed"
+    result = stages.preprocess(Path(raw), out, params)
+    train = pd.read_parquet(split_path(out, "train"))
+    sample = sample_split(out, "train", 500, seed=1)
+    assert len(sample) == 500 and result["streamed"]
+    assert sample.merge(train, how="left", indicator=True)["_merge"].eq("both").all()
+    pd.testing.assert_frame_equal(sample, sample_split(out, "train", 500, seed=1))
+    assert not sample.equals(sample_split(out, "train", 500, seed=2))
+    assert len(sample_split(out, "train", 10**6, seed=1)) == len(train)  # small: whole
