@@ -539,6 +539,7 @@ def ingest_stream(
         DataFileError,
         IngestReport,
         _umask,
+        allowed_change,
         change_from,
         file_md5,
         fixed_test_path,
@@ -607,14 +608,7 @@ def ingest_stream(
         pending.clear()
         writer.close()
         writer = None
-        change = change_from(snapshot, schema, peak)
-        if change and not allow_schema_change:
-            raise DataFileError(
-                f"{source}: {change}; pass --allow-schema-change to replace the current data "
-                "version with it"
-            )
-        if change:
-            log.warning("%s: %s (allowed)", source, change)
+        change = allowed_change(source, change_from(snapshot, schema, peak), allow_schema_change)
         empty = pq.read_schema(staged).empty_table()
         write_atomic(fixed_test_path(snapshot), lambda p: pq.write_table(empty, p))
         header = [LABEL, *schema.feature_names, "source", "reason"]

@@ -374,14 +374,7 @@ def ingest(
             [("mnist:test", fixed_test)], params.data.num_classes, schema
         )
         quarantine = pd.concat([quarantine, bad_test])
-    change = schema_change(snapshot, clean, schema)
-    if change and not allow_schema_change:
-        raise DataFileError(
-            f"{source}: {change}; pass --allow-schema-change to replace the current data "
-            "version with it"
-        )
-    if change:
-        log.warning("%s: %s (allowed)", source, change)
+    change = allowed_change(source, schema_change(snapshot, clean, schema), allow_schema_change)
     if keep is not None:
         clean = keep(clean)
     # Always written, so the dvc.yaml stage has one fixed set of outputs: a source without an
@@ -452,6 +445,18 @@ def schema_change(snapshot: Path, clean: pd.DataFrame, schema: Schema) -> str:
         return float(np.abs(features).max()) if len(clean) else 0.0
 
     return change_from(snapshot, schema, peak)
+
+
+def allowed_change(source: str, change: str, allow: bool) -> str:
+    """The change, when allowed (logged); refused with what to do otherwise."""
+    if change and not allow:
+        raise DataFileError(
+            f"{source}: {change}; pass --allow-schema-change to replace the current data "
+            "version with it"
+        )
+    if change:
+        log.warning("%s: %s (allowed)", source, change)
+    return change
 
 
 def change_from(snapshot: Path, schema: Schema, new_peak: float | Callable[[], float]) -> str:

@@ -22,16 +22,9 @@ N, CHUNK = 2_500, 100  # 25 chunks
 ONE_READ = 10**9  # a chunk larger than the log: the whole pull in one query, as before
 
 
-@pytest.fixture(params=["sqlite", "postgresql"])
-def store(request, tmp_path):
-    url = (
-        f"sqlite:///{tmp_path / 'log.db'}"
-        if request.param == "sqlite"
-        else request.getfixturevalue("pg_url")
-    )
-    s = PredictionStore(url).create()
-    yield s
-    s.dispose()
+@pytest.fixture
+def store(store_on_both):
+    return store_on_both
 
 
 def _log(store: PredictionStore, ids: list[str], seed: int = 0) -> np.ndarray:

@@ -17,16 +17,9 @@ from pipeline.store import (
 )
 
 
-@pytest.fixture(params=["sqlite", "postgresql"])
-def store(request, tmp_path):
-    url = (
-        f"sqlite:///{tmp_path / 'log.db'}"
-        if request.param == "sqlite"
-        else request.getfixturevalue("pg_url")
-    )
-    s = PredictionStore(url).create()
-    yield s
-    s.dispose()
+@pytest.fixture
+def store(store_on_both):
+    return store_on_both
 
 
 def _rows(ids, version="1"):
