@@ -77,11 +77,13 @@ class Canary:
         running = self.store.running_rollout(self.settings.model_name)
         if running is None:
             if self.rollout is not None:
-                self.rollout = None
-                metrics.CANARY_FRACTION.set(0)
-                # promoted or aborted: follow the champion now, not at the next poll
+                # Promoted or aborted: follow the champion now, not at the next poll, and only
+                # then stop routing: until the promoted candidate is loaded as the champion,
+                # its clients stay on it instead of bouncing back to the old champion.
                 with contextlib.suppress(Exception):
                     self.champion.refresh()
+                self.rollout = None
+                metrics.CANARY_FRACTION.set(0)
             return
         if self.manager.current is None or self.manager.current.version != running["candidate"]:
             # A candidate that cannot load is routed to anyway: every row it gets is

@@ -153,7 +153,9 @@ def test_canary_splits_by_client_sticks_and_a_good_candidate_is_promoted(
     settings = get_settings()
     with _app(monkeypatch, MLOPS_ROLLOUT_POLL_S="0.1") as c:
         state = c.app.state.mlops
-        started = rollout.start(settings, candidate, _guards(p99_slack_ms=1000, window_s=4))
+        # a window long enough that the split and stickiness are seen while the canary runs,
+        # even on a loaded machine (400 requests took over 4 s in a full suite run)
+        started = rollout.start(settings, candidate, _guards(p99_slack_ms=1000, window_s=20))
         assert started["champion"] == "1"
         _wait(lambda: state.canary.rollout is not None and state.canary.manager.current)
         seen: dict[str, str] = {}
@@ -167,7 +169,8 @@ def test_canary_splits_by_client_sticks_and_a_good_candidate_is_promoted(
         for client in list(seen)[:40]:  # sticky: a client keeps its version
             res = _as_client(c, x[:1], client)
             assert res.headers["X-Model-Version"] == seen[client]
-        _wait(lambda: alias_version(settings.model_name, CHAMPION) == candidate, timeout=30)
+        assert state.canary.rollout is not None  # all of that while the canary ran
+        _wait(lambda: alias_version(settings.model_name, CHAMPION) == candidate, timeout=60)
         _wait(lambda: state.manager.current.version == candidate)
     actions = [e["action"] for e in ledger(settings)]
     assert actions[:2] == ["promote", "rollout-start"]
