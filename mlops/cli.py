@@ -62,6 +62,10 @@ def main(
         logging.getLogger(noisy).setLevel(logging.WARNING)
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
     os.environ.setdefault("DO_NOT_TRACK", "1")
+    # Without PREFECT_API_URL, Prefect starts a temporary server for the command and gives up
+    # after 20 s, which a loaded 2-core machine can pass (its database migrations alone take
+    # seconds): wait longer before failing. Set before prefect is first imported.
+    os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")
 
 
 def _fail(message: str, code: int = 1) -> typer.Exit:

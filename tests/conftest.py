@@ -19,6 +19,9 @@ os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 os.environ.setdefault("DO_NOT_TRACK", "1")
 os.environ.setdefault("MLFLOW_ENABLE_TELEMETRY", "false")
 os.environ.setdefault("GIT_PYTHON_REFRESH", "quiet")
+# The `mlops` subprocesses start Prefect's temporary server; on a loaded CI machine it can
+# take longer than Prefect's default 20 s to answer.
+os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")
 
 # Prefect keeps its database and artifacts under PREFECT_HOME (~/.prefect by default): the
 # suite's flow runs, and those of the `mlops run` subprocesses it starts, go to a home of
