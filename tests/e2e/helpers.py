@@ -37,6 +37,34 @@ def mlops(
     )
 
 
+# Prefect's temporary server (started by `mlops run` when no PREFECT_API_URL is set) shares
+# the terminal; stopped while a database call of its own is under way on a loaded machine,
+# its SQLAlchemy pool logs that call's cancellation with a traceback. That one is Prefect's.
+_CHAINED = ("During handling of the above exception", "The above exception was the direct")
+
+
+def output_of(done: subprocess.CompletedProcess) -> str:
+    """stdout + stderr as the user reads them, less the temporary server's shutdown noise:
+    from its "Exception during reset or similar" line to the CancelledError that ends it
+    (chained tracebacks included)."""
+    lines, out, i = (done.stdout + done.stderr).splitlines(keepends=True), [], 0
+    while i < len(lines):
+        if "Exception during reset or similar" not in lines[i]:
+            out.append(lines[i])
+            i += 1
+            continue
+        j = i + 1
+        while j < len(lines):
+            line = lines[j]
+            j += 1
+            if line[:1].strip() and "CancelledError" in line:  # a traceback's last line
+                rest = "".join(lines[j : j + 2]).lstrip("\n")
+                if not rest.startswith(_CHAINED):
+                    break
+        i = j
+    return "".join(out)
+
+
 _ROW = re.compile(
     r"^\s*(?P<round>\d+)\s+(?P<data>[0-9a-f]+)\s+(?P<rows>\d+)\s+v(?P<model>\d+)\s+"
     r"(?P<acc>[\d.]+)\s+(?P<shadow>\S+)\s+(?P<gate>-|pass p=\S+|no p=\S+)\s+"

@@ -13,7 +13,7 @@ import pandas as pd
 import pytest
 
 from tests.conftest import REPO
-from tests.e2e.helpers import BIN, loop_rows
+from tests.e2e.helpers import BIN, loop_rows, output_of
 from tests.e2e.helpers import mlops as _mlops
 
 pytestmark = [pytest.mark.slow, pytest.mark.integration]
@@ -61,7 +61,7 @@ def test_the_loop_closes_and_reproduces_on_the_users_own_28x28_csv(tmp_path):
         "3",
         "--quiet",
     )
-    output = done.stdout + done.stderr
+    output = output_of(done)
     assert done.returncode == 0, output[-4000:]
     assert "Traceback" not in output
     # --quiet: the results table alone, no step lines, no info lines

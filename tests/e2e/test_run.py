@@ -11,7 +11,7 @@ import subprocess
 import pytest
 
 from tests.conftest import REPO
-from tests.e2e.helpers import loop_rows
+from tests.e2e.helpers import loop_rows, output_of
 from tests.e2e.helpers import mlops as _mlops
 
 pytestmark = [pytest.mark.slow, pytest.mark.integration]
@@ -29,7 +29,7 @@ def test_mlops_run_two_rounds_then_lineage_and_reproduce(tmp_path):
     assert [r["round"] for r in table] == ["1", "2"], done.stdout[-2000:]
     assert int(table[1]["rows"]) > int(table[0]["rows"])  # round 2 trained on the feedback too
     assert table[1]["gate"].startswith(("pass p=", "no p="))  # the paired gate decided
-    assert "Traceback" not in done.stdout + done.stderr
+    assert "Traceback" not in output_of(done)
     assert "Add type hints" not in done.stdout + done.stderr
     # each finished step is one line with its name and time, in place of Prefect's nameless
     # "Finished in state Completed()"; rounds are marked
@@ -79,7 +79,7 @@ def test_mlops_run_on_a_bad_source_says_one_line(tmp_path, content, message):
     bad = tmp_path / "bad.csv"
     bad.write_bytes(content)
     done = _mlops(root, "run", "--rounds", "1", "--source", str(bad), timeout=300)
-    output = done.stdout + done.stderr
+    output = output_of(done)
     assert done.returncode == 1, output
     errors = [line for line in output.splitlines() if "error" in line.lower()]
     assert len(errors) == 1 and errors[0].startswith("error: "), output
