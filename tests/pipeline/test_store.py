@@ -215,6 +215,36 @@ def test_the_timer_notices_a_deleted_file_between_commits(tmp_path):
     store.dispose()
 
 
+def test_wal_checkpoints_follow_commits_and_an_idle_store_runs_none(tmp_path):
+    from sqlalchemy import event
+
+    store = PredictionStore(f"sqlite:///{tmp_path / 'log.db'}").create()
+    checkpoints = []
+
+    @event.listens_for(store.engine, "before_cursor_execute")
+    def seen(_conn, _cursor, statement, *_args):
+        if "wal_checkpoint" in statement:
+            checkpoints.append(time.monotonic())
+
+    stop = store.start_checkpoints(interval_s=0.05, check_s=0.2)
+    try:
+        time.sleep(0.6)
+        assert checkpoints == []  # nothing written: no checkpoint, however long
+        for _ in range(5):
+            store.insert(_rows(new_ids(64)))
+            time.sleep(0.1)
+        deadline = time.monotonic() + 5
+        while len(checkpoints) < 2 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert len(checkpoints) >= 2  # commits spread over 0.5 s: several small checkpoints
+        settled = len(checkpoints)
+        time.sleep(0.6)
+        assert len(checkpoints) <= settled + 1  # and none once the commits stop
+    finally:
+        stop.set()
+        store.dispose()
+
+
 def test_shadow_answers_rollouts_and_version_figures_on_both_backends(store):
     store.insert(_rows(["a", "b", "c", "d"]))  # the champion (v1) said 3 for each
     p = encode_rows(np.full((1, 10), 0.1, np.float32))[0]
