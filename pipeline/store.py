@@ -771,10 +771,11 @@ class PredictionStore:
         A checkpoint follows new commits by `interval_s` at most, and an idle server runs
         none. Its pages go to the database file and are synced; commits made meanwhile wait
         on the disk longer, so many small checkpoints beat few large ones. `mlops serve`
-        with 64-row requests, one client (p99 latency, two 10 s runs each): every 1 s
-        9.3-12.4 ms, every 0.1 s 6.0-7.5 ms, none (SQLite's own autocheckpoint, on the
-        request path) 93-126 ms; the log off 3.7-5.9 ms. The file check (a deleted or
-        replaced file is noticed between commits too) runs every `check_s`.
+        with 64-row requests from one client, p99 latency in 10 s runs: a checkpoint every
+        1 s 10.8-15.8 ms, this 5.6-6.0 ms (three runs each, alternating), none (SQLite's
+        own autocheckpoint, on the request path) 93-126 ms, the log off 3.7-5.9 ms. The
+        file check (a deleted or replaced file is noticed between commits too) runs every
+        `check_s`.
         """
         if self.dialect != "sqlite":
             return None
