@@ -13,6 +13,11 @@ This subclass adds, per connection (settings in pipeline/config.py, `MLOPS_*`):
   dropped, up to `linger_bytes`, so clients that send the whole body before reading
   (urllib, requests) read the 413 instead of a connection reset; beyond that it is closed.
 
+It also sends each answer in one write: uvicorn writes a response's head and its body as
+two system calls (two TCP segments, two wake-ups of the client), and on loopback each send
+costs the kernel's whole TCP path; `_OneWrite` joins what is written within one turn of the
+event loop.
+
 `mlops serve` passes it to uvicorn as `http="serving.protocol:GuardedHttpTools"`.
 """
 
@@ -25,6 +30,44 @@ from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 from pipeline.config import get_settings
 
 _REASONS = {408: b"Request Timeout", 431: b"Request Header Fields Too Large"}
+
+
+class _OneWrite:
+    """The connection's transport, with the writes made within one turn of the event loop
+    joined into one (flushed by a callback at the end of the turn, or before anything that
+    ends the stream); everything else is the transport's own."""
+
+    __slots__ = ("_transport", "_loop", "_pending")
+
+    def __init__(self, transport, loop) -> None:
+        self._transport, self._loop = transport, loop
+        self._pending: list[bytes] = []
+
+    def write(self, data: bytes) -> None:
+        if not self._pending:
+            self._loop.call_soon(self.flush)
+        self._pending.append(data)
+
+    def flush(self) -> None:
+        if self._pending:
+            data = self._pending[0] if len(self._pending) == 1 else b"".join(self._pending)
+            self._pending = []
+            if not self._transport.is_closing():
+                self._transport.write(data)
+
+    def write_eof(self) -> None:
+        self.flush()
+        self._transport.write_eof()
+
+    def close(self) -> None:
+        self.flush()
+        self._transport.close()
+
+    def get_write_buffer_size(self) -> int:
+        return self._transport.get_write_buffer_size() + sum(map(len, self._pending))
+
+    def __getattr__(self, name: str):
+        return getattr(self._transport, name)
 
 
 class GuardedHttpTools(HttpToolsProtocol):
@@ -90,6 +133,7 @@ class GuardedHttpTools(HttpToolsProtocol):
 
     def connection_made(self, transport) -> None:  # type: ignore[override]
         super().connection_made(transport)
+        self.transport = _OneWrite(transport, self.loop)  # type: ignore[assignment]
         self._arm(self._head_timeout, self._head_expired)
 
     def connection_lost(self, exc: Exception | None) -> None:
