@@ -143,7 +143,10 @@ class MicroBatcher:
 
     Rows that queue up while a pass runs form the next batch (up to `max_rows`); when
     requests are known to be on their way (parsed but not yet queued), it waits for them at
-    most `max_wait_s`. One inference thread: passes never compete for the cores.
+    most `max_wait_s`. One inference thread: passes never compete for the cores. A pass of
+    at most `inline_rows` rows runs on the event loop instead (MLOPS_BATCH_INLINE_ROWS):
+    small forwards are mostly Python dispatch that holds the GIL, so the thread bought no
+    parallelism there, only two hand-offs and a fight for the GIL at every layer.
     """
 
     def __init__(
@@ -152,10 +155,12 @@ class MicroBatcher:
         max_rows: int,
         max_wait_s: float,
         executor: ThreadPoolExecutor | None = None,
+        inline_rows: int = 0,
     ) -> None:
         self.manager = manager
         self.max_rows = max_rows
         self.max_wait_s = max_wait_s
+        self.inline_rows = inline_rows  # passes this small run on the event loop itself
         self.arriving = 0  # requests inside a handler that will call predict()
         self._queue: asyncio.Queue | None = None
         self._task: asyncio.Task | None = None
@@ -212,9 +217,12 @@ class MicroBatcher:
                 raise NoModel("no model is loaded yet")
             batch = items[0][0] if len(items) == 1 else np.concatenate([x for x, _ in items])
             metrics.BATCH_ROWS.observe(count)
-            probs = await asyncio.get_running_loop().run_in_executor(
-                self._executor, model.predictor.predict_proba, batch
-            )
+            if count <= self.inline_rows:
+                probs = model.predictor.predict_proba(batch)
+            else:
+                probs = await asyncio.get_running_loop().run_in_executor(
+                    self._executor, model.predictor.predict_proba, batch
+                )
         except Exception as exc:  # noqa: BLE001 - handed to each waiting request
             for _, fut in items:
                 if not fut.done():
@@ -289,7 +297,12 @@ class LogWriter:
         if not items:
             return
         rows = sum(len(batch) for batch, _, _ in items)
-        small = rows <= self.inline_rows and self.schema_ready and self._queue.empty()
+        small = (
+            rows <= self.inline_rows
+            and self.schema_ready
+            and self._queue.empty()
+            and not self.store.wal_restart_pending  # that commit waits on the disk
+        )
         if small and self._commit_inline(items, rows):
             return
         metrics.LOG_QUEUE.inc(rows)
@@ -298,7 +311,9 @@ class LogWriter:
     def _commit_inline(self, items: list, rows: int) -> bool:
         """A small group on SQLite, committed here on the event loop when no other commit
         is under way (tens of microseconds): the answers wait for the commit, not for two
-        hand-offs between threads as well. Anything else goes to the writer thread."""
+        hand-offs between threads as well. Anything else goes to the writer thread, and so
+        does the first commit after a checkpoint emptied the WAL: it syncs the WAL's new
+        header to disk, which stalled every request on the loop (0.2-5 ms here)."""
         try:
             done = self.store.insert([r for batch, _, _ in items for r in batch], blocking=False)
         except Exception:  # noqa: BLE001 - the writer thread retries it and reports

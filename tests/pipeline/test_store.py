@@ -245,6 +245,30 @@ def test_wal_checkpoints_follow_commits_and_an_idle_store_runs_none(tmp_path):
         store.dispose()
 
 
+def test_a_checkpoint_that_empties_the_wal_marks_the_next_commit_as_a_restart(tmp_path):
+    """The commit after a complete checkpoint starts the WAL over and syncs its header: the
+    store says so (the log writer then makes that commit off the event loop)."""
+    import os
+
+    db = tmp_path / "log.db"
+    store = PredictionStore(f"sqlite:///{db}").create()
+    stop = store.start_checkpoints(interval_s=0.02, check_s=5)
+    try:
+        assert store.wal_restart_pending is False
+        store.insert(_rows(new_ids(64)))
+        deadline = time.monotonic() + 5
+        while not store.wal_restart_pending and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert store.wal_restart_pending  # every frame was copied back to the database
+        wal = os.path.getsize(f"{db}-wal")
+        store.insert(_rows(new_ids(4)))  # this commit restarts the WAL from its start
+        assert store.wal_restart_pending is False
+        assert os.path.getsize(f"{db}-wal") <= wal  # written over, not appended to
+    finally:
+        stop.set()
+        store.dispose()
+
+
 def test_shadow_answers_rollouts_and_version_figures_on_both_backends(store):
     store.insert(_rows(["a", "b", "c", "d"]))  # the champion (v1) said 3 for each
     p = encode_rows(np.full((1, 10), 0.1, np.float32))[0]

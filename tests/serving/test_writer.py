@@ -140,3 +140,43 @@ def test_small_groups_commit_on_the_loop_and_large_ones_on_the_thread(tmp_path):
     assert store.paths == [(3, "loop"), (200, "thread")]
     assert store.count() == 203
     store.dispose()
+
+
+class ThreadRecordingStore(PredictionStore):
+    """A real store that records which thread made each commit; no background checkpoints
+    (the test sets the flag a complete checkpoint would set)."""
+
+    def __init__(self, url: str) -> None:
+        super().__init__(url)
+        self.threads: list[str] = []
+
+    def start_checkpoints(self, interval_s: float = 0.1, check_s: float = 1.0):
+        return None
+
+    def insert(self, rows, table="predictions", blocking=True):
+        done = super().insert(rows, table, blocking)
+        if done is not None:
+            self.threads.append(threading.current_thread().name)
+        return done
+
+
+def test_small_groups_commit_on_the_loop_but_not_the_one_that_restarts_the_wal(tmp_path):
+    store = ThreadRecordingStore(f"sqlite:///{tmp_path / 'log.db'}").create()
+
+    async def main():
+        writer = LogWriter(store, max_queue=100)
+        writer.schema_ready = True
+        writer.start()
+        await writer.submit(_rows("a", 4))  # small, writer idle: on the event loop
+        store.wal_restart_pending = True  # as after a checkpoint that emptied the WAL
+        await writer.submit(_rows("b", 4))  # its commit syncs the WAL header: the thread's
+        await writer.submit(_rows("c", 4))  # the WAL has restarted: the loop's again
+        await writer.close()
+
+    try:
+        asyncio.run(main())
+        assert store.threads == ["MainThread", "log-writer", "MainThread"]
+        assert store.wal_restart_pending is False
+        assert store.count() == 12
+    finally:
+        store.dispose()
