@@ -36,7 +36,11 @@ class Canary:
         self.champion = champion
         self.manager = ModelManager(settings, primary=False)
         self.batcher = MicroBatcher(
-            self.manager, batcher.max_rows, batcher.max_wait_s, executor=batcher._executor
+            self.manager,
+            batcher.max_rows,
+            batcher.max_wait_s,
+            executor=batcher._executor,
+            inline_rows=batcher.inline_rows,
         )
         self.rollout: dict | None = None  # the running rollout, when its candidate is loaded
         self._stop = threading.Event()

@@ -26,7 +26,10 @@ class State:
         self.settings = settings
         self.manager = ModelManager(settings)
         self.batcher = MicroBatcher(
-            self.manager, settings.batch_max_rows, settings.batch_max_wait_ms / 1000
+            self.manager,
+            settings.batch_max_rows,
+            settings.batch_max_wait_ms / 1000,
+            inline_rows=settings.batch_inline_rows,
         )
         self.store = PredictionStore(settings.prediction_db)
         self.writer = LogWriter(self.store, settings.log_queue_max)

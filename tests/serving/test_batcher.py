@@ -119,3 +119,34 @@ def test_a_shadow_that_raises_or_falls_behind_only_counts_its_rows():
     slow.gate.set()
     behind.stop()
     assert behind.counts["scored"] == 9 and len(behind.writer.rows) == 9
+
+
+class ThreadNoting(SlowRowSum):
+    """Also notes the thread each pass ran on."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.gate.set()
+        self.threads: list[str] = []
+
+    def predict_proba(self, x: np.ndarray) -> np.ndarray:
+        self.threads.append(threading.current_thread().name)
+        return super().predict_proba(x)
+
+
+def test_small_passes_run_on_the_event_loop_and_larger_ones_on_the_inference_thread():
+    async def run():
+        predictor = ThreadNoting()
+        manager = SimpleNamespace(current=SimpleNamespace(predictor=predictor))
+        batcher = MicroBatcher(manager, max_rows=256, max_wait_s=0.002, inline_rows=32)
+        batcher.start()
+        small = np.arange(32 * 3, dtype=np.float32).reshape(32, 3)
+        large = np.arange(33 * 3, dtype=np.float32).reshape(33, 3)
+        answers = [await batcher.predict(small), await batcher.predict(large)]
+        await batcher.stop()
+        return predictor.threads, [small, large], answers
+
+    threads, requests, answers = asyncio.run(run())
+    assert threads[0] == "MainThread" and threads[1].startswith("inference")
+    for rows, (probs, _model) in zip(requests, answers, strict=True):
+        np.testing.assert_array_equal(probs[:, 0], rows.sum(axis=1))
