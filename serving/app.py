@@ -81,8 +81,11 @@ def _lifespan(settings: Settings):
         threads = settings.torch_threads or max(1, (os.cpu_count() or 2) - 1)
         torch.set_num_threads(threads)
         # The event loop, the inference thread and the log writer hand the GIL to each other
-        # on every request; the default 5 ms switch interval would add that much to each wait.
-        sys.setswitchinterval(0.0005)
+        # on every request, and the inference thread wants it back after every layer of a
+        # forward pass: each time the loop holds it, that thread waits up to the switch
+        # interval (default 5 ms). 0.5 ms -> 0.1 ms: 64-row requests at concurrency 8
+        # +7% and +13% req/s in two interleaved runs; 0.03 ms measured no better.
+        sys.setswitchinterval(0.0001)
         state = State(settings)
         app.state.mlops = state
         try:
