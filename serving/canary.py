@@ -39,8 +39,7 @@ class Canary:
             self.manager,
             batcher.max_rows,
             batcher.max_wait_s,
-            executor=batcher._executor,
-            inline_rows=batcher.inline_rows,
+            executor=batcher._executor,  # a candidate, unknown until measured: never inline
         )
         self.rollout: dict | None = None  # the running rollout, when its candidate is loaded
         self._stop = threading.Event()

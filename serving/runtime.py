@@ -138,6 +138,13 @@ class NoModel(RuntimeError):
     pass
 
 
+# An inline pass that takes longer than this held every other request; after a few such
+# passes that model's small passes go to the inference thread (the default ConvNet's 32-row
+# pass: under 1 ms here)
+INLINE_PASS_MAX_S = 0.005
+INLINE_SLOW_PASSES = 3
+
+
 class MicroBatcher:
     """Gathers concurrent requests into one forward pass.
 
@@ -146,7 +153,8 @@ class MicroBatcher:
     most `max_wait_s`. One inference thread: passes never compete for the cores. A pass of
     at most `inline_rows` rows runs on the event loop instead (MLOPS_BATCH_INLINE_ROWS):
     small forwards are mostly Python dispatch that holds the GIL, so the thread bought no
-    parallelism there, only two hand-offs and a fight for the GIL at every layer.
+    parallelism there, only two hand-offs and a fight for the GIL at every layer. Not on a
+    GPU, and not for a model whose inline passes took over `INLINE_PASS_MAX_S`.
     """
 
     def __init__(
@@ -161,6 +169,7 @@ class MicroBatcher:
         self.max_rows = max_rows
         self.max_wait_s = max_wait_s
         self.inline_rows = inline_rows  # passes this small run on the event loop itself
+        self._slow_inline: dict[str, int] = {}  # version -> inline passes that were slow
         self.arriving = 0  # requests inside a handler that will call predict()
         self._queue: asyncio.Queue | None = None
         self._task: asyncio.Task | None = None
@@ -217,8 +226,11 @@ class MicroBatcher:
                 raise NoModel("no model is loaded yet")
             batch = items[0][0] if len(items) == 1 else np.concatenate([x for x, _ in items])
             metrics.BATCH_ROWS.observe(count)
-            if count <= self.inline_rows:
+            if count <= self.inline_rows and self._inline_suits(model):
+                started = time.perf_counter()
                 probs = model.predictor.predict_proba(batch)
+                if time.perf_counter() - started > INLINE_PASS_MAX_S:
+                    self._slow_inline[model.version] = self._slow_inline.get(model.version, 0) + 1
             else:
                 probs = await asyncio.get_running_loop().run_in_executor(
                     self._executor, model.predictor.predict_proba, batch
@@ -233,6 +245,12 @@ class MicroBatcher:
             if not fut.done():
                 fut.set_result((probs[start : start + len(x)], model))
             start += len(x)
+
+    def _inline_suits(self, model: LoadedModel) -> bool:
+        """A small pass may run on the loop: on the CPU (a GPU pass would hold the loop while
+        it waits for the device) and for a model whose small passes have been quick."""
+        slow = self._slow_inline.get(model.version, 0)
+        return model.predictor.device.type == "cpu" and slow < INLINE_SLOW_PASSES
 
 
 INLINE_ROWS = 64

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import threading
+import time
 from types import SimpleNamespace
 
 import numpy as np
@@ -122,31 +123,49 @@ def test_a_shadow_that_raises_or_falls_behind_only_counts_its_rows():
 
 
 class ThreadNoting(SlowRowSum):
-    """Also notes the thread each pass ran on."""
+    """Also notes the thread each pass ran on; `delay_s` makes each pass that slow."""
 
-    def __init__(self) -> None:
+    def __init__(self, device: str = "cpu", delay_s: float = 0.0) -> None:
         super().__init__()
         self.gate.set()
         self.threads: list[str] = []
+        self.device = SimpleNamespace(type=device)  # as torch.device(...).type
+        self.delay_s = delay_s
 
     def predict_proba(self, x: np.ndarray) -> np.ndarray:
         self.threads.append(threading.current_thread().name)
+        time.sleep(self.delay_s)
         return super().predict_proba(x)
 
 
-def test_small_passes_run_on_the_event_loop_and_larger_ones_on_the_inference_thread():
+def _passes(predictor: ThreadNoting, sizes: list[int]) -> tuple[list[str], list, list]:
     async def run():
-        predictor = ThreadNoting()
-        manager = SimpleNamespace(current=SimpleNamespace(predictor=predictor))
+        manager = SimpleNamespace(current=SimpleNamespace(predictor=predictor, version="1"))
         batcher = MicroBatcher(manager, max_rows=256, max_wait_s=0.002, inline_rows=32)
         batcher.start()
-        small = np.arange(32 * 3, dtype=np.float32).reshape(32, 3)
-        large = np.arange(33 * 3, dtype=np.float32).reshape(33, 3)
-        answers = [await batcher.predict(small), await batcher.predict(large)]
+        requests = [np.arange(n * 3, dtype=np.float32).reshape(n, 3) for n in sizes]
+        answers = [await batcher.predict(r) for r in requests]
         await batcher.stop()
-        return predictor.threads, [small, large], answers
+        return predictor.threads, requests, answers
 
-    threads, requests, answers = asyncio.run(run())
+    return asyncio.run(run())
+
+
+def test_small_passes_run_on_the_event_loop_and_larger_ones_on_the_inference_thread():
+    threads, requests, answers = _passes(ThreadNoting(), [32, 33, 1])
     assert threads[0] == "MainThread" and threads[1].startswith("inference")
+    assert threads[2] == "MainThread"
     for rows, (probs, _model) in zip(requests, answers, strict=True):
         np.testing.assert_array_equal(probs[:, 0], rows.sum(axis=1))
+
+
+def test_no_inline_pass_on_a_gpu_or_for_a_model_whose_small_passes_are_slow():
+    # a GPU cannot run here: the stand-in only says its device is one (an inline pass
+    # would hold the event loop while waiting for the device)
+    threads, _, _ = _passes(ThreadNoting(device="cuda"), [1, 1])
+    assert all(t.startswith("inference") for t in threads)
+    # a heavy model: after a few slow inline passes, its small passes leave the loop
+    threads, _, answers = _passes(ThreadNoting(delay_s=0.02), [1] * 5)
+    assert threads[:3] == ["MainThread"] * 3
+    assert all(t.startswith("inference") for t in threads[3:])
+    assert all(probs.shape == (1, 2) for probs, _ in answers)
