@@ -139,8 +139,8 @@ class NoModel(RuntimeError):
 
 
 # An inline pass that takes longer than this held every other request; after a few such
-# passes that model's small passes go to the inference thread (the default ConvNet's 32-row
-# pass: under 1 ms here)
+# passes in a row that model's small passes go to the inference thread (the default
+# ConvNet's 32-row pass: under 1 ms here)
 INLINE_PASS_MAX_S = 0.005
 INLINE_SLOW_PASSES = 3
 
@@ -169,7 +169,7 @@ class MicroBatcher:
         self.max_rows = max_rows
         self.max_wait_s = max_wait_s
         self.inline_rows = inline_rows  # passes this small run on the event loop itself
-        self._slow_inline: dict[str, int] = {}  # version -> inline passes that were slow
+        self._slow_inline: dict[str, int] = {}  # version -> slow inline passes in a row
         self.arriving = 0  # requests inside a handler that will call predict()
         self._queue: asyncio.Queue | None = None
         self._task: asyncio.Task | None = None
@@ -229,8 +229,11 @@ class MicroBatcher:
             if count <= self.inline_rows and self._inline_suits(model):
                 started = time.perf_counter()
                 probs = model.predictor.predict_proba(batch)
-                if time.perf_counter() - started > INLINE_PASS_MAX_S:
-                    self._slow_inline[model.version] = self._slow_inline.get(model.version, 0) + 1
+                slow = time.perf_counter() - started > INLINE_PASS_MAX_S
+                # in a row: a pause of the whole process now and then is no heavy model
+                self._slow_inline[model.version] = (
+                    self._slow_inline.get(model.version, 0) + 1 if slow else 0
+                )
             else:
                 probs = await asyncio.get_running_loop().run_in_executor(
                     self._executor, model.predictor.predict_proba, batch

@@ -125,16 +125,16 @@ def test_a_shadow_that_raises_or_falls_behind_only_counts_its_rows():
 class ThreadNoting(SlowRowSum):
     """Also notes the thread each pass ran on; `delay_s` makes each pass that slow."""
 
-    def __init__(self, device: str = "cpu", delay_s: float = 0.0) -> None:
+    def __init__(self, device: str = "cpu", delays_s: tuple[float, ...] = (0.0,)) -> None:
         super().__init__()
         self.gate.set()
         self.threads: list[str] = []
         self.device = SimpleNamespace(type=device)  # as torch.device(...).type
-        self.delay_s = delay_s
+        self.delays_s = delays_s  # pass k takes delays_s[k % len(delays_s)]
 
     def predict_proba(self, x: np.ndarray) -> np.ndarray:
+        time.sleep(self.delays_s[len(self.threads) % len(self.delays_s)])
         self.threads.append(threading.current_thread().name)
-        time.sleep(self.delay_s)
         return super().predict_proba(x)
 
 
@@ -164,8 +164,11 @@ def test_no_inline_pass_on_a_gpu_or_for_a_model_whose_small_passes_are_slow():
     # would hold the event loop while waiting for the device)
     threads, _, _ = _passes(ThreadNoting(device="cuda"), [1, 1])
     assert all(t.startswith("inference") for t in threads)
-    # a heavy model: after a few slow inline passes, its small passes leave the loop
-    threads, _, answers = _passes(ThreadNoting(delay_s=0.02), [1] * 5)
+    # a heavy model: after a few slow inline passes in a row, its small passes leave the loop
+    threads, _, answers = _passes(ThreadNoting(delays_s=(0.02,)), [1] * 5)
     assert threads[:3] == ["MainThread"] * 3
     assert all(t.startswith("inference") for t in threads[3:])
     assert all(probs.shape == (1, 2) for probs, _ in answers)
+    # a slow pass now and then (a pause of the whole process) is no heavy model
+    threads, _, _ = _passes(ThreadNoting(delays_s=(0.02, 0.02, 0.0)), [1] * 8)
+    assert threads == ["MainThread"] * 8
