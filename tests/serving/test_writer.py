@@ -111,11 +111,16 @@ def test_close_drains_unawaited_async_submissions(store):
 
 
 class CountingStore(PredictionStore):
-    """A real store that notes which path each commit took."""
+    """A real store that notes which path each commit took; with `checkpoints=False`, no
+    background checkpoints (a test then sets the flag a complete checkpoint would set)."""
 
-    def __init__(self, url: str) -> None:
+    def __init__(self, url: str, checkpoints: bool = True) -> None:
         super().__init__(url)
         self.paths: list[tuple[int, str]] = []
+        self.checkpoints = checkpoints
+
+    def start_checkpoints(self, interval_s: float = 0.1, check_s: float = 1.0):
+        return super().start_checkpoints(interval_s, check_s) if self.checkpoints else None
 
     def insert(self, rows, table="predictions", blocking=True):
         done = super().insert(rows, table, blocking)
@@ -142,26 +147,8 @@ def test_small_groups_commit_on_the_loop_and_large_ones_on_the_thread(tmp_path):
     store.dispose()
 
 
-class ThreadRecordingStore(PredictionStore):
-    """A real store that records which thread made each commit; no background checkpoints
-    (the test sets the flag a complete checkpoint would set)."""
-
-    def __init__(self, url: str) -> None:
-        super().__init__(url)
-        self.threads: list[str] = []
-
-    def start_checkpoints(self, interval_s: float = 0.1, check_s: float = 1.0):
-        return None
-
-    def insert(self, rows, table="predictions", blocking=True):
-        done = super().insert(rows, table, blocking)
-        if done is not None:
-            self.threads.append(threading.current_thread().name)
-        return done
-
-
 def test_small_groups_commit_on_the_loop_but_not_the_one_that_restarts_the_wal(tmp_path):
-    store = ThreadRecordingStore(f"sqlite:///{tmp_path / 'log.db'}").create()
+    store = CountingStore(f"sqlite:///{tmp_path / 'log.db'}", checkpoints=False).create()
 
     async def main():
         writer = LogWriter(store, max_queue=100)
@@ -175,7 +162,7 @@ def test_small_groups_commit_on_the_loop_but_not_the_one_that_restarts_the_wal(t
 
     try:
         asyncio.run(main())
-        assert store.threads == ["MainThread", "log-writer", "MainThread"]
+        assert store.paths == [(4, "loop"), (4, "thread"), (4, "loop")]
         assert store.wal_restart_pending is False
         assert store.count() == 12
     finally:
