@@ -2,8 +2,9 @@
 
   (a) in-process torch inference (the limit, torch threads pinned as the server pins them),
   (b) `mlflow models serve --env-manager local -w 1`, (c) `mlops serve` with 1 worker and
-  durable logging, (d) the same with logging off; and `mlops predict`'s batch path on
-  64-row chunks, against (a).
+  durable logging, and with 2 (one per core of the machine the bar was set on), (d) one
+  worker with logging off, (e) the peers (LitServe, MLServer, BentoML, bench/peers.py); and
+  `mlops predict`'s batch path on 64-row chunks, against (a).
 
 Load comes from a keep-alive client (wrk when installed, else a Python asyncio client) at
 concurrency 1, 8 and 32, with 1-row and 64-row requests, after a warm-up. Prints req/s,
@@ -293,11 +294,11 @@ def main() -> None:
     parser.add_argument("--concurrency", default="1,8,32")
     parser.add_argument(
         "--paths",
-        default="mlflow,durable,off,v2,litserve,mlserver,bentoml",
+        default="mlflow,durable,durable-w2,off,v2,litserve,mlserver,bentoml",
         help="servers to measure (a subset, to iterate); v2 is mlops serve's /v2 route, "
-        "durable-w2 mlops serve --workers 2, shadow mlops serve with a shadow on every "
-        "request (these two not measured unless named); the peers run in virtualenvs made "
-        "on first use (bench/peers.py)",
+        "durable-w2 mlops serve --workers 2 (one per core here), shadow mlops serve with a "
+        "shadow on every request (not measured unless named); the peers run in virtualenvs "
+        "made on first use (bench/peers.py)",
     )
     parser.add_argument(
         "--peer-workers",
@@ -413,16 +414,26 @@ def _report(results: list[dict], loader: str, repeats: int) -> None:
     measured_peers = [r for r in results if r["path"] in peer_labels]
     if measured_peers:
         print("\nagainst the best peer in each cell (mlops serve, log on):")
-        print(f"{'cell':12} {'best peer':38} {'req/s ratio':>11} {'p99 ours/theirs':>16}")
+        print(
+            f"{'cell':12} {'ours':7} {'best peer':38} {'req/s ratio':>11} {'p99 ours/theirs':>16}"
+        )
+        ours = {LABELS["durable"]: "-w 1", LABELS["durable-w2"]: "-w 2"}
         for r in results:
-            if r["path"] not in (LABELS["durable"], LABELS["durable-w2"]):
+            if r["path"] not in ours:
                 continue
             cell = [p for p in measured_peers if p["conc"] == r["conc"] and p["rows"] == r["rows"]]
             best = max(cell, key=lambda p: p["req_s"])
             print(
-                f"{r['rows']:>3} x c={r['conc']:<5} {best['path'][:38]:38} "
+                f"{r['rows']:>3} x c={r['conc']:<5} {ours[r['path']]:7} {best['path'][:38]:38} "
                 f"{r['req_s'] / best['req_s']:11.2f} "
                 f"{r['p99_ms']:7.1f} / {best['p99_ms']:<7.1f}"
+            )
+    limit = next((r for r in results if r["path"] == "in-process torch" and r["rows"] == 64), None)
+    for path in (LABELS["durable"], LABELS["durable-w2"]):
+        cell = [r for r in results if r["path"] == path and r["conc"] == 8 and r["rows"] == 64]
+        if limit and cell:
+            ratios[f"{path}: 64-row rows/s at c=8 vs the in-process limit (target >= 0.7)"] = (
+                cell[0]["rows_s"] / limit["rows_s"]
             )
     batch = next((r for r in results if "vs_limit" in r), None)
     if batch:
