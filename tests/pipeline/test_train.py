@@ -163,6 +163,44 @@ def test_the_default_architecture_and_its_description():
     assert (legacy.conv_blocks, legacy.batch_norm, legacy.conv_filters) == (1, False, 32)
 
 
+def test_the_inference_max_pool_equals_torchs_own():
+    """MaxPool2x2's quarters outside training: the same values as torch's 2x2 max-pool bit
+    for bit (odd sides, NaN, negative maps, batches large enough to take that path);
+    training and tiny maps keep torch's kernel, and its error for a map too small."""
+    from pipeline.model import SMALL_POOL, MaxPool2x2
+
+    pool = MaxPool2x2().eval()
+    gen = torch.Generator().manual_seed(0)
+    for shape in [(64, 16, 8, 8), (8, 16, 28, 28), (40, 32, 7, 7), (30, 3, 9, 10), (40, 2, 33, 3)]:
+        x = torch.randn(shape, generator=gen) - 0.5
+        x[0, 0, 1, 1] = float("nan")
+        assert x.numel() >= SMALL_POOL  # the quarters, not torch's kernel
+        ours, theirs = pool(x), torch.nn.functional.max_pool2d(x, 2)
+        assert ours.shape == theirs.shape
+        assert torch.equal(ours.isnan(), theirs.isnan()) and ours.isnan().any()
+        assert torch.equal(ours.nan_to_num(), theirs.nan_to_num())
+    small = torch.randn(1, 16, 4, 4, generator=gen)
+    assert torch.equal(pool(small), torch.nn.functional.max_pool2d(small, 2))
+    with pytest.raises(RuntimeError, match="too small"):
+        pool(torch.zeros(SMALL_POOL, 1, 1, 4))
+    # training: torch's kernel and its gradient (to one input of each window)
+    train = MaxPool2x2().train()
+    x = torch.randn(64, 16, 8, 8, generator=gen, requires_grad=True)
+    train(x).sum().backward()
+    assert x.grad is not None and x.grad.sum() == 64 * 16 * 4 * 4
+    # a whole default ConvNet answers the same with either pool
+    model = build_model(
+        ModelConfig(64, 10, 64, 0.0, image_side=8, conv_filters=16, conv_blocks=2, batch_norm=True)
+    ).eval()
+    rows = torch.randn(256, 64, generator=gen)
+    with torch.inference_mode():
+        fast = model(rows)
+        for layer in model.features:
+            if isinstance(layer, MaxPool2x2):
+                layer.forward = lambda t: torch.nn.functional.max_pool2d(t, 2)
+        assert torch.equal(fast, model(rows))
+
+
 def test_predictions_are_invariant_to_tiny_noise(prepared, settings, params):
     data = _data(settings)
     result = train_model(
