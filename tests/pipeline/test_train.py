@@ -164,7 +164,7 @@ def test_the_default_architecture_and_its_description():
 
 
 def test_the_inference_max_pool_equals_torchs_own():
-    """MaxPool2x2's quarters outside training: the same values as torch's 2x2 max-pool bit
+    """MaxPool2x2's pairs outside training: the same values as torch's 2x2 max-pool bit
     for bit (odd sides, NaN, negative maps, batches large enough to take that path);
     training and tiny maps keep torch's kernel, and its error for a map too small."""
     from pipeline.model import SMALL_POOL, MaxPool2x2
@@ -174,7 +174,7 @@ def test_the_inference_max_pool_equals_torchs_own():
     for shape in [(64, 16, 8, 8), (8, 16, 28, 28), (40, 32, 7, 7), (30, 3, 9, 10), (40, 2, 33, 3)]:
         x = torch.randn(shape, generator=gen) - 0.5
         x[0, 0, 1, 1] = float("nan")
-        assert x.numel() >= SMALL_POOL  # the quarters, not torch's kernel
+        assert x.numel() >= SMALL_POOL  # the pairs, not torch's kernel
         ours, theirs = pool(x), torch.nn.functional.max_pool2d(x, 2)
         assert ours.shape == theirs.shape
         assert torch.equal(ours.isnan(), theirs.isnan()) and ours.isnan().any()
