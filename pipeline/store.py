@@ -9,6 +9,7 @@ server worker receives the retry.
 from __future__ import annotations
 
 import contextlib
+import itertools
 import json
 import logging
 import os
@@ -855,8 +856,9 @@ class PredictionStore:
 
 
 def _flat(rows: Sequence[tuple]) -> tuple:
-    """Rows -> the parameters of one multi-row INSERT (the driver steps once, not per row)."""
-    return tuple(value for row in rows for value in row)
+    """Rows -> the parameters of one multi-row INSERT (the driver steps once, not per row);
+    chained in C: half the time of a generator, on the GIL the event loop needs."""
+    return tuple(itertools.chain.from_iterable(rows))
 
 
 def _autocommit(conn, dialect: str) -> None:
