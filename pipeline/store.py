@@ -922,13 +922,29 @@ def new_ids(n: int) -> list[str]:
     ~3.5x fewer rows per second once the index outgrows the page cache, since every row of a
     commit dirtied a different page. 74 random bits per id keep them unique across workers.
     """
-    head = f"{time.time_ns() // 1_000_000:012x}7"  # 48-bit unix ms, version 7
+    ms = time.time_ns() // 1_000_000
+    if n > 8:
+        return _many_ids(ms, n)
+    head = f"{ms:012x}7"  # 48-bit unix ms, version 7
     rand = os.urandom(10 * n).hex()
     out = []
     for i in range(0, 20 * n, 20):
         # 12 random bits, the RFC variant (binary 10xx) with 2 random bits, 60 random bits
         out.append(head + rand[i : i + 3] + "89ab"[int(rand[i + 3], 16) & 3] + rand[i + 4 : i + 19])
     return out
+
+
+def _many_ids(ms: int, n: int) -> list[str]:
+    """`new_ids` for larger n: the 16 bytes of each id set as columns of one array, then
+    one hex string cut in 32s (half the time at 64 ids, held on the event loop's GIL)."""
+    raw = np.frombuffer(bytearray(os.urandom(16 * n)), np.uint8).reshape(n, 16)
+    raw[:, :6] = np.frombuffer(ms.to_bytes(6, "big"), np.uint8)  # unix ms
+    raw[:, 6] &= 0x0F  # version 7, then 12 random bits (with byte 7)
+    raw[:, 6] |= 0x70
+    raw[:, 8] &= 0x3F  # the RFC variant (binary 10), then 62 random bits
+    raw[:, 8] |= 0x80
+    text = raw.tobytes().hex()
+    return [text[i : i + 32] for i in range(0, 32 * n, 32)]
 
 
 def encode_rows(array: np.ndarray) -> list[bytes]:

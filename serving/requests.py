@@ -45,6 +45,18 @@ def may_hold_booleans(body: bytes) -> bool:
     return b"true" in body or b"false" in body
 
 
+# What is left of a body of numbers under one key once its digits, signs, exponents,
+# points, brackets, commas, colons and white space are deleted: the key's quotes and letters
+# (less e and E). A string, a true, false or null, or a second key leaves more.
+_NUMERIC = b"0123456789.,[]{}:eE+- \t\r\n"
+
+
+def numbers_only(body: bytes, key: bytes) -> bool:
+    """True when a JSON body holds nothing but numbers (in lists) under its one key `key`:
+    one C pass over the bytes (half the time of the scan for true and false it replaces)."""
+    return body.translate(None, _NUMERIC) == b'"' + key.translate(None, b"eE") + b'"'
+
+
 def expect_object(payload: Any, allowed: set[str], required: set[str]) -> dict:
     if not isinstance(payload, dict):
         raise BadRequest(422, f"expected a JSON object, got {type(payload).__name__}")
@@ -58,12 +70,20 @@ def expect_object(payload: Any, allowed: set[str], required: set[str]) -> dict:
 
 
 def rows_to_array(
-    rows: Any, n_features: int, max_rows: int, field: str = "instances", booleans: bool = True
+    rows: Any,
+    n_features: int,
+    max_rows: int,
+    field: str = "instances",
+    booleans: bool = True,
+    numbers: bool = False,
 ) -> np.ndarray:
     """A list of rows of numbers -> (n, n_features) float32, finite, or BadRequest.
 
     `booleans=False` skips the scan for true/false, for a caller that knows the body holds
-    none (`may_hold_booleans`): the scan is half this function's time on a 64 x 64 body."""
+    none (`may_hold_booleans`): the scan is half this function's time on a 64 x 64 body.
+    `numbers=True`, for a caller that knows every value is a number (`numbers_only`),
+    converts straight to float32: numpy's pass to find the values' type (a string or a
+    boolean would be converted silently by a cast) is a quarter of the conversion."""
     if not isinstance(rows, list):
         raise BadRequest(422, f"{field} must be a list of rows, got {type(rows).__name__}")
     if not rows:
@@ -71,10 +91,18 @@ def rows_to_array(
     if len(rows) > max_rows:
         raise BadRequest(413, f"{len(rows)} rows in one request; the limit is {max_rows}")
     # true/false among numbers would become 1/0 silently; map(type) keeps the scan in C
-    if booleans and any(isinstance(row, list) and bool in map(type, row) for row in rows):
+    if (
+        booleans
+        and not numbers
+        and any(isinstance(row, list) and bool in map(type, row) for row in rows)
+    ):
         raise BadRequest(422, f"{field}: values must be numbers, found booleans")
     try:
-        array = np.asarray(rows)
+        if numbers:  # too large for float32: inf, refused with NaN below
+            with np.errstate(over="ignore"):
+                array = np.array(rows, dtype=np.float32)
+        else:
+            array = np.asarray(rows)
     except (ValueError, TypeError, OverflowError):
         raise BadRequest(
             422,
@@ -95,7 +123,7 @@ def checked_array(array: np.ndarray, n_features: int, field: str) -> np.ndarray:
             422, f"{field}: each row needs {n_features} features, got {array.shape[1]}"
         )
     with np.errstate(over="ignore", invalid="ignore"):
-        array = array.astype(np.float32)
+        array = array.astype(np.float32, copy=False)
     finite = np.isfinite(array)
     if not finite.all():
         row = int(np.argmin(finite.all(axis=1)))

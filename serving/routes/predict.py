@@ -23,6 +23,7 @@ from serving.requests import (
     expect_object,
     may_hold_booleans,
     media_type,
+    numbers_only,
     parse_csv,
     parse_ids,
     parse_invocations,
@@ -78,8 +79,13 @@ def parse_instances(
 ) -> tuple[np.ndarray, list[str]]:
     payload = expect_object(parse_json(body, content_type), {"instances", "ids"}, {"instances"})
     n_features = model.predictor.cfg.n_features
+    numbers = numbers_only(body, b"instances")  # no ids, no strings: the common body
     rows = rows_to_array(
-        payload["instances"], n_features, max_rows, booleans=may_hold_booleans(body)
+        payload["instances"],
+        n_features,
+        max_rows,
+        booleans=not numbers and may_hold_booleans(body),
+        numbers=numbers,
     )
     return rows, parse_ids(payload.get("ids"), len(rows))
 

@@ -41,17 +41,23 @@ def test_insert_is_idempotent_and_round_trips(store):
     assert row["model_version"] == "1" and row["latency_ms"] == 2.5
 
 
-def test_new_ids_are_unique_rfc_uuid7_in_time_order():
-    first = new_ids(500)
+@pytest.mark.parametrize("n", [1, 8, 9, 500])  # both ways of making them (up to 8, more)
+def test_new_ids_are_unique_rfc_uuid7_in_time_order(n):
+    first = new_ids(n)
     time.sleep(0.002)  # the next millisecond
-    later = new_ids(500)
-    assert len(set(first + later)) == 1000
-    for value in first[:20] + later[:20]:
+    later = new_ids(n)
+    assert len(first) == len(later) == n and len(set(first + later)) == 2 * n
+    for value in first + later:
         parsed = uuid.UUID(hex=value)
         assert parsed.version == 7 and parsed.variant == uuid.RFC_4122 and parsed.hex == value
     assert max(first) < min(later)  # inserts append at the index's right-hand edge
     stamp = int(later[0][:12], 16) / 1000
     assert abs(stamp - time.time()) < 5
+    # the 74 bits after the version (12) and the variant (62) are random: each one varies
+    bits = np.array([list(f"{uuid.UUID(hex=v).int:0128b}") for v in first + later])
+    bits = np.concatenate([bits[:, 52:64], bits[:, 66:]], axis=1)
+    if 2 * n >= 500:
+        assert (bits == "1").any(axis=0).all() and (bits == "0").any(axis=0).all()
 
 
 def test_many_rows_in_one_group(store):

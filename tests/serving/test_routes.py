@@ -103,6 +103,9 @@ def test_generated_ids_and_idempotent_retries(client, digits_rows):
         (json.dumps({"instances": [["a"] * 64]}).encode(), None, 422, "strings"),
         (json.dumps({"instances": [[1e39] * 64]}).encode(), None, 422, "not a finite"),
         (json.dumps({"instances": [[0] * 64, [0] * 63]}).encode(), None, 422, "different lengths"),
+        (json.dumps({"instances": [[None] * 64]}).encode(), None, 422, "non-numeric"),
+        (json.dumps({"instances": [{}, [0] * 64]}).encode(), None, 422, "list of 64 numbers"),
+        (json.dumps({"instances": [[-(2**200)] * 64]}).encode(), None, 422, "not a finite"),
         (json.dumps({"instances": [[0] * 64], "extra": 1}).encode(), None, 422, "unknown field"),
         (json.dumps({"rows": [[0] * 64]}).encode(), None, 422, "unknown field"),
         (json.dumps([[0] * 64]).encode(), None, 422, "expected a JSON object"),
@@ -139,6 +142,32 @@ def test_bad_predict_requests_get_a_clear_4xx_and_log_nothing(
     assert res.status_code == status, res.text
     assert message in res.json()["detail"]
     assert _store().count() == before
+
+
+def test_the_numbers_only_body_converts_as_the_general_path_does():
+    """A body of numbers alone skips numpy's type pass (`numbers_only`): the same float32
+    values, bit for bit, as the path any other body takes; anything but numbers under the
+    one key keeps the general path and its checks."""
+    from serving.requests import numbers_only, rows_to_array
+
+    rng = np.random.default_rng(3)
+    rows = rng.normal(0, 1e3, (64, 64)).tolist()
+    rows[0][:8] = [0, -1, 255, 16, 2**40, 1e-45, -3.4e38, 0.1]  # ints, subnormal, extremes
+    body = json.dumps({"instances": rows}).encode()
+    assert numbers_only(body, b"instances")
+    fast = rows_to_array(rows, 64, 100, numbers=True)
+    general = rows_to_array(rows, 64, 100)
+    assert fast.dtype == general.dtype == np.float32
+    assert fast.tobytes() == general.tobytes()
+    for other in (
+        {"instances": rows, "ids": [str(i) for i in range(64)]},
+        {"instances": [["1.5"] * 64]},
+        {"instances": [[True] + [0] * 63]},
+        {"instances": [[None] * 64]},
+        {"instances": [{"a": 1}]},
+    ):
+        assert not numbers_only(json.dumps(other).encode(), b"instances"), other
+    assert not numbers_only(json.dumps({"rows": [[1]]}).encode(), b"instances")
 
 
 def test_oversized_body_is_413_before_parsing(client):
