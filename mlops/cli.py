@@ -409,6 +409,10 @@ def run(
     if label_strategy not in STRATEGIES:
         raise _fail(f"--label-strategy must be one of {', '.join(STRATEGIES)}", code=2)
     settings, params = _config()
+    from pipeline.ingest import check_source
+
+    with _user_errors():  # a bad source fails now, not after Prefect's server has started
+        check_source(source or params.data.source, settings.max_ingest_bytes)
     _prefect_env()
     from flows.loop import loop_flow  # imports Prefect, which configures its loggers
 

@@ -303,6 +303,28 @@ def load_source(
     return [(str(p), read_table(p, max_bytes)) for p in source_files(path)]
 
 
+# Sources up to this size in all are read once before a flow starts (`check_source`)
+CHECK_BYTES = 16 << 20
+
+
+def check_source(source: str, max_bytes: int = MAX_INGEST_BYTES) -> None:
+    """Raise the DataFileError that ingesting `source` would raise, where it is cheap to
+    find out first: `mlops run` calls this before Prefect's temporary server starts (10-20 s
+    on a small machine), so a mistyped path or a broken file fails at once. A missing path
+    or a directory without tables is found whatever the size; the files themselves are
+    read (and parsed as ingest will) when they hold at most CHECK_BYTES in all, so a large
+    source is not read twice."""
+    if source in ("digits", "mnist"):
+        return
+    path = Path(source)
+    if not path.exists():
+        raise DataFileError(f"{source}: no such file or directory (or use the built-in 'digits')")
+    files = source_files(path)
+    if sum(f.stat().st_size for f in files) <= CHECK_BYTES:
+        for file in files:
+            read_table(file, max_bytes)
+
+
 def validate_sources(
     frames: list[tuple[str, pd.DataFrame]], num_classes: int, schema: Schema | None = None
 ) -> tuple[Schema, pd.DataFrame, pd.DataFrame, list[ValidationReport]]:

@@ -69,22 +69,30 @@ def test_mlops_run_two_rounds_then_lineage_and_reproduce(tmp_path):
         (b"", "empty"),
         (b"\x89PNG\r\n\x1a\n\x00\x00\x00\rIHDR\x00\x00", "not UTF-8"),
         (b"label,pixel0,pixel1\n1,0,0\n2,0", "truncated"),
+        (None, "no such file or directory"),
     ],
 )
 def test_mlops_run_on_a_bad_source_says_one_line(tmp_path, content, message):
-    """The same one clear line `mlops ingest` prints, no Prefect traceback around it."""
+    """The same one clear line `mlops ingest` prints, no Prefect traceback around it, and
+    before Prefect's temporary server was started (it keeps its database in PREFECT_HOME)."""
     root = tmp_path / "demo"
     root.mkdir()
     shutil.copy(REPO / "params.yaml", root / "params.yaml")
     bad = tmp_path / "bad.csv"
-    bad.write_bytes(content)
-    done = _mlops(root, "run", "--rounds", "1", "--source", str(bad), timeout=300)
+    if content is not None:
+        bad.write_bytes(content)
+    home = tmp_path / "prefect-home"
+    done = _mlops(
+        root, "run", "--rounds", "1", "--source", str(bad), timeout=300,
+        env={"PREFECT_HOME": str(home)},
+    )  # fmt: skip
     output = output_of(done)
     assert done.returncode == 1, output
     errors = [line for line in output.splitlines() if "error" in line.lower()]
     assert len(errors) == 1 and errors[0].startswith("error: "), output
     assert message in errors[0]
     assert "Traceback" not in output
+    assert not list(home.rglob("*.db")), "Prefect's server was started before the check"
 
 
 def test_reproduce_and_lineage_of_unknown_things_say_one_line(tmp_path):

@@ -150,3 +150,25 @@ def test_compressed_sources_are_read_directly(settings, params, tmp_path):
                 str(path), settings.raw_dir, settings.quarantine_dir, params, name="bad", **kwargs
             )
         assert str(path) in str(err.value)
+
+
+def test_check_source_finds_what_ingest_refuses_and_reads_only_small_sources(tmp_path, monkeypatch):
+    from pipeline import ingest as ingest_module
+    from pipeline.ingest import DataFileError, check_source
+
+    check_source("digits")  # built in: nothing to look at
+    with pytest.raises(DataFileError, match="no such file or directory"):
+        check_source(str(tmp_path / "missing.csv"))
+    (tmp_path / "empty-dir").mkdir()
+    with pytest.raises(DataFileError, match="holds no .csv or .parquet"):
+        check_source(str(tmp_path / "empty-dir"))
+    cut = tmp_path / "cut.csv"
+    cut.write_bytes(b"label,pixel0,pixel1\n1,0,0\n2,0")
+    with pytest.raises(DataFileError, match="truncated"):
+        check_source(str(cut))
+    good = tmp_path / "good.csv"
+    good.write_bytes(b"label,pixel0,pixel1\n1,0,0\n2,0,1\n")
+    check_source(str(good))
+    # over CHECK_BYTES the files are left to the flow, which reads them once
+    monkeypatch.setattr(ingest_module, "CHECK_BYTES", cut.stat().st_size - 1)
+    check_source(str(cut))
