@@ -81,28 +81,26 @@ def rows_to_array(
 
     `booleans=False` skips the scan for true/false, for a caller that knows the body holds
     none (`may_hold_booleans`): the scan is half this function's time on a 64 x 64 body.
-    `numbers=True`, for a caller that knows every value is a number (`numbers_only`),
-    converts straight to float32: numpy's pass to find the values' type (a string or a
-    boolean would be converted silently by a cast) is a quarter of the conversion."""
+    `numbers=True`, for a caller that knows every value is a number (`numbers_only`), tries
+    a straight cast to float32 first (`_plain_numbers`): numpy's pass to find the values'
+    type, which keeps strings and booleans from being cast silently, is a quarter of the
+    conversion. Whatever that cast does not take, the general path decides and words."""
     if not isinstance(rows, list):
         raise BadRequest(422, f"{field} must be a list of rows, got {type(rows).__name__}")
     if not rows:
         raise BadRequest(422, f"{field} is empty: send at least one row")
     if len(rows) > max_rows:
         raise BadRequest(413, f"{len(rows)} rows in one request; the limit is {max_rows}")
+    if numbers:
+        array = _plain_numbers(rows, n_features)
+        if array is not None:
+            return array
+        booleans = False  # numbers_only saw none
     # true/false among numbers would become 1/0 silently; map(type) keeps the scan in C
-    if (
-        booleans
-        and not numbers
-        and any(isinstance(row, list) and bool in map(type, row) for row in rows)
-    ):
+    if booleans and any(isinstance(row, list) and bool in map(type, row) for row in rows):
         raise BadRequest(422, f"{field}: values must be numbers, found booleans")
     try:
-        if numbers:  # too large for float32: inf, refused with NaN below
-            with np.errstate(over="ignore"):
-                array = np.array(rows, dtype=np.float32)
-        else:
-            array = np.asarray(rows)
+        array = np.asarray(rows)
     except (ValueError, TypeError, OverflowError):
         raise BadRequest(
             422,
@@ -110,6 +108,28 @@ def rows_to_array(
             "(rows of different lengths or mixed types)",
         ) from None
     return checked_array(array, n_features, field)
+
+
+# Every integer up to this size is a float32. Beyond it a body of integers only would round
+# twice in the straight cast (int -> double -> float32) and once on the general path (int64
+# -> float32), so the last bit could differ.
+_EXACT = float(2**24)
+
+
+def _plain_numbers(rows: list, n_features: int) -> np.ndarray | None:
+    """Rows of numbers -> float32 in one cast, where that gives the general path's exact
+    bits: 2-D, `n_features` wide, every value within +-2^24 (so NaN and inf too are left
+    to the general path, with its words for them); else None."""
+    try:
+        with np.errstate(over="ignore", invalid="ignore"):
+            array = np.array(rows, dtype=np.float32)
+    except (ValueError, TypeError, OverflowError):
+        return None
+    if array.ndim != 2 or array.shape[1] != n_features or not array.size:
+        return None
+    if not np.abs(array).max() <= _EXACT:  # written so that NaN fails it too
+        return None
+    return array
 
 
 def checked_array(array: np.ndarray, n_features: int, field: str) -> np.ndarray:

@@ -145,22 +145,36 @@ def test_bad_predict_requests_get_a_clear_4xx_and_log_nothing(
 
 
 def test_the_numbers_only_body_converts_as_the_general_path_does():
-    """A body of numbers alone skips numpy's type pass (`numbers_only`): the same float32
-    values, bit for bit, as the path any other body takes; anything but numbers under the
-    one key keeps the general path and its checks."""
-    from serving.requests import numbers_only, rows_to_array
+    """A body of numbers alone is cast to float32 in one step (`numbers_only`): the same
+    bits as the path any other body takes, or it is left to that path; anything but numbers
+    under the one key keeps the general path and its checks."""
+    from serving.requests import BadRequest, _plain_numbers, numbers_only, rows_to_array
 
     rng = np.random.default_rng(3)
-    rows = rng.normal(0, 1e3, (64, 64)).tolist()
-    rows[0][:8] = [0, -1, 255, 16, 2**40, 1e-45, -3.4e38, 0.1]  # ints, subnormal, extremes
-    body = json.dumps({"instances": rows}).encode()
-    assert numbers_only(body, b"instances")
-    fast = rows_to_array(rows, 64, 100, numbers=True)
-    general = rows_to_array(rows, 64, 100)
-    assert fast.dtype == general.dtype == np.float32
-    assert fast.tobytes() == general.tobytes()
+    floats = rng.normal(0, 1e3, (64, 64)).tolist()
+    floats[0][:8] = [0, -1, 255, 16, 2**24, 1e-45, -0.0, 0.1]  # ints, subnormal, -0
+    ints = rng.integers(-(2**24), 2**24, (64, 64), endpoint=True).tolist()
+    # all integers beyond 2^24: a straight cast rounds 2^54 + 2^30 + 1 twice (to 2^54)
+    wide = [[2**54 + 2**30 + 1] * 64, [2**25 + 1] * 64]
+    for rows, straight in ((floats, True), (ints, True), (wide, False)):
+        body = json.dumps({"instances": rows}).encode()
+        assert numbers_only(body, b"instances")
+        assert (_plain_numbers(rows, 64) is not None) is straight
+        fast = rows_to_array(rows, 64, 100, numbers=True)
+        general = rows_to_array(rows, 64, 100)
+        assert fast.dtype == general.dtype == np.float32
+        assert fast.tobytes() == general.tobytes()
+    assert rows_to_array(wide, 64, 100)[0, 0] == np.float32(2**54 + 2**31)  # the nearest
+
+    def refusal(rows, **how):
+        with pytest.raises(BadRequest) as caught:
+            rows_to_array(rows, 64, 100, **how)
+        return caught.value.status, caught.value.detail
+
+    for bad in ([[1e39] * 64], [{}, [0] * 64], [[0] * 64, [0] * 63], [[[0] * 64]], [[0] * 3]):
+        assert refusal(bad, numbers=True) == refusal(bad)
     for other in (
-        {"instances": rows, "ids": [str(i) for i in range(64)]},
+        {"instances": floats, "ids": [str(i) for i in range(64)]},
         {"instances": [["1.5"] * 64]},
         {"instances": [[True] + [0] * 63]},
         {"instances": [[None] * 64]},
