@@ -6,13 +6,16 @@ with `torch.load(weights_only=True)`: no pickled code, rebuildable anywhere.
 
 from __future__ import annotations
 
+import copy
 import logging
+from collections import OrderedDict
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
 from torch import nn
+from torch.nn.utils.fusion import fuse_conv_bn_eval
 
 from pipeline.performance import Calibration
 from pipeline.preprocess import PREPROCESSOR_FILE, Preprocessor
@@ -201,6 +204,46 @@ def unwrap(model: nn.Module) -> nn.Module:
     return getattr(model, "module", model)
 
 
+def inference_copy(model: nn.Module) -> nn.Module:
+    """`model` (in eval mode) as it is best run for predictions: in every Sequential, a
+    BatchNorm2d after a Conv2d folded into that convolution (weights scaled by
+    gamma / sigma, the bias shifted: the same function to float rounding, 4e-7 on the
+    digits' probabilities), and Dropout, the identity in eval mode, left out. Two ops and
+    three module calls fewer per block of the default ConvNet, most of a small pass's time
+    (Python dispatch). `model` itself is untouched: it is what is saved, and trained on; a
+    model with nothing to fold comes back as it is."""
+    if not any(isinstance(m, (nn.BatchNorm2d, nn.Dropout)) for m in model.modules()):
+        return model
+    with torch.inference_mode(False), torch.no_grad():
+        folded = copy.deepcopy(model).eval()
+        for module in list(folded.modules()):
+            if isinstance(module, nn.Sequential):
+                module._modules = _folded(module._modules)
+    return folded
+
+
+def _folded(layers: OrderedDict) -> OrderedDict:
+    out: OrderedDict = OrderedDict()
+    items = list(layers.items())
+    i = 0
+    while i < len(items):
+        name, layer = items[i]
+        following = items[i + 1][1] if i + 1 < len(items) else None
+        if (
+            isinstance(layer, nn.Conv2d)
+            and isinstance(following, nn.BatchNorm2d)
+            and following.track_running_stats  # else eval mode uses the batch's statistics
+            and following.running_mean is not None
+        ):
+            out[name] = fuse_conv_bn_eval(layer, following)
+            i += 2
+            continue
+        if not isinstance(layer, nn.Dropout):
+            out[name] = layer
+        i += 1
+    return out
+
+
 class Predictor:
     """Raw feature rows -> class probabilities, applying the training-time preprocessor."""
 
@@ -212,6 +255,7 @@ class Predictor:
         device: torch.device | str = "cpu",
     ) -> None:
         self.model = model.to(device).eval()
+        self._forward = inference_copy(self.model)  # what predictions run
         self.cfg = cfg
         self.preprocessor = preprocessor
         self.device = torch.device(device)
@@ -242,7 +286,7 @@ class Predictor:
     def probabilities(self, transformed: np.ndarray) -> np.ndarray:
         """Probabilities of already preprocessed rows (the training splits)."""
         x = torch.from_numpy(np.ascontiguousarray(transformed, np.float32)).to(self.device)
-        return torch.softmax(self.model(x).float(), dim=1).cpu().numpy()
+        return torch.softmax(self._forward(x).float(), dim=1).cpu().numpy()
 
     @property
     def feature_names(self) -> tuple[str, ...]:
@@ -252,7 +296,7 @@ class Predictor:
     def predict_proba(self, features: np.ndarray) -> np.ndarray:
         """(n, F) raw features -> (n, classes) float32 probabilities."""
         x = torch.from_numpy(self.preprocessor.transform(features)).to(self.device)
-        return torch.softmax(self.model(x).float(), dim=1).cpu().numpy()
+        return torch.softmax(self._forward(x).float(), dim=1).cpu().numpy()
 
     def predict(self, features: np.ndarray) -> np.ndarray:
         return self.predict_proba(features).argmax(axis=1)

@@ -202,6 +202,51 @@ def test_the_inference_max_pool_equals_torchs_own():
         assert torch.equal(fast, model(rows))
 
 
+def test_predictions_run_a_folded_copy_that_answers_as_the_model_does():
+    """The Predictor folds each BatchNorm into its convolution and leaves Dropout out
+    (inference_copy): the same probabilities to float rounding, the same labels, while the
+    model that is saved and trained on keeps its layers and weights."""
+    from pipeline.model import inference_copy
+
+    gen = torch.Generator().manual_seed(1)
+    cfg = ModelConfig(
+        64, 10, 64, 0.3, image_side=8, conv_filters=16, conv_blocks=2, batch_norm=True
+    )
+    model = build_model(cfg)
+    with torch.no_grad():  # statistics and affine terms far from the fresh 0/1
+        for bn in (m for m in model.modules() if isinstance(m, torch.nn.BatchNorm2d)):
+            bn.running_mean.uniform_(-2, 2, generator=gen)
+            bn.running_var.uniform_(0.1, 4, generator=gen)
+            bn.weight.uniform_(0.5, 2, generator=gen)
+            bn.bias.uniform_(-1, 1, generator=gen)
+    model.eval()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    folded = inference_copy(model)
+    kinds = [type(m) for m in folded.modules()]
+    assert torch.nn.BatchNorm2d not in kinds and torch.nn.Dropout not in kinds
+    assert torch.nn.BatchNorm2d in map(type, model.modules())  # the model itself unchanged
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
+    rows = torch.randn(300, 64, generator=gen) * 3
+    with torch.inference_mode():
+        want, got = torch.softmax(model(rows), 1), torch.softmax(folded(rows), 1)
+    assert torch.equal(want.argmax(1), got.argmax(1))
+    assert (want - got).abs().max() < 1e-5
+    predictor = Predictor(model, cfg, None)  # the preprocessor plays no part here
+    assert predictor.model is model and predictor._forward is not model
+    # nothing to fold: the model itself; batch statistics in eval mode: not folded
+    plain = torch.nn.Sequential(torch.nn.Linear(64, 10), torch.nn.ReLU()).eval()
+    assert inference_copy(plain) is plain
+    mlp = build_model(ModelConfig(64, 10, 32, 0.5)).eval()
+    lean = inference_copy(mlp)
+    assert isinstance(mlp, MLP) and torch.nn.Dropout not in map(type, lean.modules())
+    with torch.inference_mode():
+        assert torch.equal(mlp(rows), lean(rows))
+    live = torch.nn.Sequential(
+        torch.nn.Conv2d(1, 4, 3), torch.nn.BatchNorm2d(4, track_running_stats=False)
+    ).eval()
+    assert torch.nn.BatchNorm2d in map(type, inference_copy(live).modules())
+
+
 def test_predictions_are_invariant_to_tiny_noise(prepared, settings, params):
     data = _data(settings)
     result = train_model(
