@@ -119,7 +119,7 @@ class CountingStore(PredictionStore):
         self.paths: list[tuple[int, str]] = []
         self.checkpoints = checkpoints
 
-    def start_checkpoints(self, interval_s: float = 0.1, check_s: float = 1.0):
+    def start_checkpoints(self, interval_s: float = 0.01, check_s: float = 1.0):
         return super().start_checkpoints(interval_s, check_s) if self.checkpoints else None
 
     def insert(self, rows, table="predictions", blocking=True):
