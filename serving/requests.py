@@ -9,12 +9,18 @@ from __future__ import annotations
 import csv
 import io
 import re
+import threading
 from typing import Any
 
 import numpy as np
 import orjson
 
 from pipeline.store import new_ids
+
+try:  # simdjson: a numbers-only body straight to an array, no Python float per value
+    import simdjson
+except ImportError:  # no wheel for this Python: the orjson path serves every body
+    simdjson = None
 
 MAX_ID_LENGTH = 128
 _ID = re.compile(r"^[\x21-\x7e]{1,128}$")  # printable ASCII, no spaces
@@ -55,6 +61,40 @@ def numbers_only(body: bytes, key: bytes) -> bool:
     """True when a JSON body holds nothing but numbers (in lists) under its one key `key`:
     one C pass over the bytes (half the time of the scan for true and false it replaces)."""
     return body.translate(None, _NUMERIC) == b'"' + key.translate(None, b"eE") + b'"'
+
+
+_parsers = threading.local()  # a simdjson parser is reused, so one per thread
+
+
+def numeric_rows(body: bytes, key: str, n_features: int, max_rows: int) -> np.ndarray | None:
+    """A body `numbers_only` passed for `key` -> its (n, n_features) float32 rows, parsed by
+    simdjson straight into one float64 buffer (a third of the time of orjson's Python
+    floats and numpy's walk over them, on the event loop's GIL), with the general path's
+    exact bits; None for anything that path must decide and word (invalid JSON, a row of
+    another width, nesting, too many rows, values beyond +-2^24, NaN)."""
+    if simdjson is None:
+        return None
+    parser = getattr(_parsers, "parser", None)
+    if parser is None:
+        parser = _parsers.parser = simdjson.Parser()
+    try:
+        doc = parser.parse(body)
+        try:
+            rows = doc[key]
+            n = len(rows)
+            # one "[" a row and one around them: rows of numbers, nothing nested deeper
+            if not 0 < n <= max_rows or body.count(b"[") != n + 1:
+                return None
+            if any(len(row) != n_features for row in rows):
+                return None
+            flat = np.frombuffer(rows.as_buffer(of_type="d"), np.float64)
+        finally:
+            rows = doc = None  # the parser is reused only once nothing refers to its document
+    except (ValueError, TypeError, KeyError, RuntimeError):
+        return None
+    if flat.size != n * n_features or not np.abs(flat).max() <= _EXACT:  # NaN fails it too
+        return None
+    return flat.astype(np.float32).reshape(n, n_features)
 
 
 def expect_object(payload: Any, allowed: set[str], required: set[str]) -> dict:

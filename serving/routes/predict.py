@@ -14,7 +14,7 @@ import numpy as np
 from fastapi import APIRouter, Request
 from fastapi.responses import Response
 
-from pipeline.store import encode_rows
+from pipeline.store import encode_rows, new_ids
 from serving import metrics
 from serving.deps import ApiKey, State, StateDep
 from serving.requests import (
@@ -24,6 +24,7 @@ from serving.requests import (
     may_hold_booleans,
     media_type,
     numbers_only,
+    numeric_rows,
     parse_csv,
     parse_ids,
     parse_invocations,
@@ -77,9 +78,13 @@ async def invocations(request: Request, state: StateDep) -> Response:
 def parse_instances(
     body: bytes, content_type: str | None, model: LoadedModel, max_rows: int
 ) -> tuple[np.ndarray, list[str]]:
-    payload = expect_object(parse_json(body, content_type), {"instances", "ids"}, {"instances"})
     n_features = model.predictor.cfg.n_features
     numbers = numbers_only(body, b"instances")  # no ids, no strings: the common body
+    if numbers and media_type(content_type) == "application/json":
+        rows = numeric_rows(body, "instances", n_features, max_rows)
+        if rows is not None:
+            return rows, new_ids(len(rows))
+    payload = expect_object(parse_json(body, content_type), {"instances", "ids"}, {"instances"})
     rows = rows_to_array(
         payload["instances"],
         n_features,

@@ -15,9 +15,12 @@ import referencing
 import referencing.jsonschema
 from fastapi import FastAPI
 from fastapi.testclient import TestClient
+from hypothesis import HealthCheck, example, given, settings
+from hypothesis import strategies as st
 
 from pipeline.config import Settings, get_settings
 from pipeline.store import PredictionStore
+from serving import requests
 from serving.app import create_app
 
 MAX_ROWS = Settings.model_fields["max_rows_per_request"].default
@@ -498,3 +501,80 @@ def test_docs_work_offline_with_examples_the_model_accepts(client):
     assert client.post("/invocations", json=example("/invocations")).status_code == 200
     res = client.post("/feedback", json=example("/feedback"))
     assert res.status_code == 200 and res.json()["results"][0]["status"] == "labelled"
+
+
+def _parse_outcome(body: bytes, n_features: int, fast: bool, monkeypatch) -> tuple:
+    """parse_instances' answer to a body, with simdjson's path on or off: the rows' float32
+    bits and count of ids, or the refusal's status and words."""
+    from types import SimpleNamespace
+
+    from serving import requests
+    from serving.routes.predict import parse_instances
+
+    model = SimpleNamespace(predictor=SimpleNamespace(cfg=SimpleNamespace(n_features=n_features)))
+    with monkeypatch.context() as patch:
+        if not fast:
+            patch.setattr(requests, "simdjson", None)
+        try:
+            rows, ids = parse_instances(body, "application/json", model, 8)
+        except requests.BadRequest as exc:
+            return "refused", exc.status, exc.detail
+    return rows.dtype.str, rows.shape, rows.tobytes(), len(ids), len(set(ids))
+
+
+VALID_NUMBERS = ["0", "-0", "-0.0", "1", "16", "0.1", "1e5", "1E+2", "2.5e-3", "-7", "16777216"]
+ODD_NUMBERS = ["16777217", "1e39", "1e400", "01", ".5", "1.", "+1", "--1", "1e", "1" + "0" * 20]
+# mostly numbers JSON allows, so that most bodies get as far as their shape
+number_texts = st.sampled_from(VALID_NUMBERS * 6 + ODD_NUMBERS)
+
+
+@pytest.mark.skipif(requests.simdjson is None, reason="no simdjson wheel for this Python")
+@settings(
+    max_examples=300, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
+@given(
+    width=st.integers(1, 4),
+    table=st.lists(st.lists(number_texts, min_size=0, max_size=5), min_size=0, max_size=10),
+    wrap=st.sampled_from(["plain", "nested", "deep", "scalar-row", "spaces", "cut"]),
+)
+@example(width=2, table=[["1", "2", "3"], ["4"]], wrap="plain")  # ragged, 2 x 2 values in all
+@example(width=2, table=[["1"], ["2", "3"]], wrap="nested")  # [[[1]],[2,3]]
+@example(width=1, table=[["1"], ["2"]], wrap="scalar-row")  # [[1],3]
+@example(width=1, table=[["1"]] * 9, wrap="plain")  # over the limit of 8
+@example(width=2, table=[["1", "2"], ["3", "4"]], wrap="deep")  # [[[1],[2]],[3,4]]
+@example(width=1, table=[["1e39"]], wrap="plain")  # beyond float32
+@example(width=1, table=[[str(2**54 + 2**30 + 1)]], wrap="plain")  # rounds twice as a double
+def test_simdjson_rows_are_the_general_paths(width, table, wrap, monkeypatch):
+    """A numbers-only body parsed by simdjson (`numeric_rows`) gives the very bits, shape
+    and refusals the orjson path gives: every number spelling JSON allows or refuses, rows of
+    other widths, nesting, too many rows (the limit here is 8), values beyond float32."""
+    rows = [f"[{','.join(row)}]" for row in table]
+    if wrap == "nested" and rows:
+        rows[0] = f"[{rows[0]}]"
+    if wrap == "deep" and table:  # each value of the first row an array of its own
+        rows[0] = "[" + ",".join(f"[{value}]" for value in table[0]) + "]"
+    if wrap == "scalar-row" and rows:
+        rows[-1] = "3"
+    sep = " , " if wrap == "spaces" else ","
+    body = ('{"instances": [' + sep.join(rows) + "]}").encode()
+    if wrap == "cut":
+        body = body[:-1]
+    assert _parse_outcome(body, width, True, monkeypatch) == _parse_outcome(
+        body, width, False, monkeypatch
+    )
+
+
+def test_simdjson_takes_the_common_body(monkeypatch):
+    """The body the demo and the bench send is parsed by simdjson, not handed back."""
+    from serving import requests
+
+    if requests.simdjson is None:
+        pytest.skip("no simdjson wheel for this Python")
+    rows = np.random.default_rng(0).integers(0, 17, (64, 64)).tolist()
+    rows[1][:3] = [0.5, -0.0, 1e-3]
+    body = json.dumps({"instances": rows}).encode()
+    array = requests.numeric_rows(body, "instances", 64, 1024)
+    assert array is not None and array.dtype == np.float32 and array.shape == (64, 64)
+    assert array.tobytes() == np.array(rows, dtype=np.float32).tobytes()
+    assert requests.numeric_rows(body, "instances", 64, 63) is None  # over the limit
+    assert requests.numeric_rows(body, "instances", 63, 1024) is None  # another width
