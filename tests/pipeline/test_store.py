@@ -224,14 +224,18 @@ def test_the_timer_notices_a_deleted_file_between_commits(tmp_path):
 def test_wal_checkpoints_follow_commits_and_an_idle_store_runs_none(tmp_path):
     from sqlalchemy import event
 
-    store = PredictionStore(f"sqlite:///{tmp_path / 'log.db'}").create()
+    store = PredictionStore(f"sqlite:///{tmp_path / 'log.db'}")
     checkpoints = []
 
-    @event.listens_for(store.engine, "before_cursor_execute")
-    def seen(_conn, _cursor, statement, *_args):
+    def seen(statement: str) -> None:  # on whichever thread runs it, the driver's own trace
         if "wal_checkpoint" in statement:
             checkpoints.append(time.monotonic())
 
+    @event.listens_for(store.engine, "connect")
+    def traced(dbapi_conn, _record):
+        dbapi_conn.set_trace_callback(seen)
+
+    store.create()
     stop = store.start_checkpoints(interval_s=0.05, check_s=0.2)
     try:
         time.sleep(0.6)
