@@ -19,7 +19,7 @@ import numpy as np
 from pipeline.model import Predictor
 from pipeline.redact import redact
 from pipeline.registry import alias_version, download_model
-from pipeline.store import PredictionStore, StoreUnavailable
+from pipeline.store import LoggedRequest, PredictionStore, StoreUnavailable
 from serving import metrics
 
 log = logging.getLogger(__name__)
@@ -297,8 +297,8 @@ class LogWriter:
         self._checkpoints = self.store.start_checkpoints()
         self._thread.start()
 
-    def submit(self, rows: list[tuple], wait: bool = True) -> asyncio.Future | None:
-        """Queue rows for the next commit; with `wait`, a future for that commit.
+    def submit(self, request: LoggedRequest, wait: bool = True) -> asyncio.Future | None:
+        """Queue a request's rows for the next commit; with `wait`, a future for that commit.
 
         Raises StoreUnavailable at once when too much is queued (the store is down or
         slower than the traffic): the request fails instead of being answered unlogged.
@@ -309,7 +309,7 @@ class LogWriter:
         future = self._loop.create_future() if wait else None
         if not self._pending:
             self._loop.call_soon(self._flush)  # after the handlers this iteration resumes
-        self._pending.append((rows, future, time.monotonic()))
+        self._pending.append((request, future, time.monotonic()))
         self._queued += 1
         return future
 
@@ -336,7 +336,7 @@ class LogWriter:
         does the first commit after a checkpoint emptied the WAL: it syncs the WAL's new
         header to disk, which stalled every request on the loop (0.2-5 ms here)."""
         try:
-            done = self.store.insert([r for batch, _, _ in items for r in batch], blocking=False)
+            done = self.store.insert_requests([request for request, _, _ in items], blocking=False)
         except Exception:  # noqa: BLE001 - the writer thread retries it and reports
             return False
         if done is None:  # the writer thread is committing: queue behind it
@@ -400,7 +400,7 @@ class LogWriter:
             if not self.schema_ready:  # the store may have been down at start-up
                 self.store.create()
                 self.schema_ready = True
-            self.store.insert([r for batch, _, _ in group for r in batch])
+            self.store.insert_requests([request for request, _, _ in group])
         except Exception as exc:  # noqa: BLE001 - the writer must outlive any one commit
             # Anything else (a driver bug, a value the database refuses) fails these
             # requests the same way: otherwise they would wait for a thread that died.

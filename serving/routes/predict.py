@@ -14,7 +14,7 @@ import numpy as np
 from fastapi import APIRouter, Request
 from fastapi.responses import Response
 
-from pipeline.store import encode_rows, new_ids
+from pipeline.store import LoggedRequest, new_ids
 from serving import metrics
 from serving.deps import ApiKey, State, StateDep
 from serving.requests import (
@@ -241,11 +241,9 @@ async def _log(
     if state.settings.log_mode == "off":
         return
     latency_ms = (time.perf_counter() - start) * 1000
-    now = time.time()
-    log_rows = [  # tuples in PredictionStore.COLUMNS order
-        (i, now, used.name, used.version, f, lbl, p, latency_ms)
-        for i, f, lbl, p in zip(ids, encode_rows(rows), labels, encode_rows(probs), strict=True)
-    ]
-    future = state.writer.submit(log_rows, wait=state.settings.log_mode == "durable")
+    logged = LoggedRequest(
+        ids, time.time(), used.name, used.version, rows, labels, probs, latency_ms
+    )
+    future = state.writer.submit(logged, wait=state.settings.log_mode == "durable")
     if future is not None:
         await future  # durable: answer only once the rows are committed

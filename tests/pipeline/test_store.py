@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 
 from pipeline.store import (
+    LoggedRequest,
     PredictionStore,
     StoreUnavailable,
     encode_rows,
@@ -39,6 +40,46 @@ def test_insert_is_idempotent_and_round_trips(store):
     assert row["features"] == list(map(float, range(64, 128)))
     assert row["probabilities"] == pytest.approx([0.1] * 10)
     assert row["model_version"] == "1" and row["latency_ms"] == 2.5
+
+
+def _request(ids, seed=0, version="1"):
+    rng = np.random.default_rng(seed)
+    x = rng.normal(size=(len(ids), 64)).astype(np.float32)
+    p = rng.random((len(ids), 10)).astype(np.float32)
+    labels = rng.integers(0, 300, len(ids)).tolist()  # beyond one byte, too
+    return LoggedRequest(list(ids), time.time(), "m", version, x, labels, p, 1.25 + seed)
+
+
+def test_whole_requests_log_the_rows_insert_logs(store, tmp_path):
+    """The server's per-request statement (`insert_requests`: SQLite cuts the rows out of
+    one blob and one JSON array each) stores exactly the rows `insert` stores from
+    `LoggedRequest.rows()`, skips known ids the same way and counts only new rows; several
+    requests are one commit. PostgreSQL takes the rows themselves."""
+    client = ['q"uote', "back\\slash", "x" * 128, "é-not-ascii-but-json", "{}[],:"]
+    first = _request(client + new_ids(59), seed=1)
+    others = [_request(new_ids(n), seed=s) for s, n in ((2, 1), (3, 7), (4, 300))]
+    assert store.insert_requests([first]) == 64
+    assert store.insert_requests(others + [first]) == 308  # first's rows already there
+    assert store.insert_requests([_request([client[0], "fresh"], seed=5)]) == 1
+    assert store.count() == 64 + 308 + 1
+
+    twin = PredictionStore(f"sqlite:///{tmp_path / 'rows.db'}").create()
+    for request in [first, *others]:
+        twin.insert(request.rows())
+    ids = [i for r in [first, *others] for i in r.ids]
+    got, expected = store.get(ids), twin.get(ids)
+    assert set(got) == set(ids)
+    for i in ids:
+        assert got[i] == expected[i]  # every column, the arrays to the float32 bit
+    row = got[client[1]]
+    assert row["label"] == first.labels[1] and row["latency_ms"] == 2.25
+    assert row["features"] == first.features[1].tolist()
+    assert row["probabilities"] == first.probabilities[1].tolist()
+    twin.dispose()
+    with pytest.raises(ValueError, match="one id, row, label"):
+        LoggedRequest(
+            ["a", "b"], 0.0, "m", "1", np.zeros((1, 4)), [0, 0], np.zeros((2, 2)), 0.0
+        ).parameters()
 
 
 @pytest.mark.parametrize("n", [1, 8, 9, 500])  # both ways of making them (up to 8, more)

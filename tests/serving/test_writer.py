@@ -9,7 +9,7 @@ import time
 import numpy as np
 import pytest
 
-from pipeline.store import PredictionStore, StoreUnavailable, encode_rows
+from pipeline.store import LoggedRequest, PredictionStore, StoreUnavailable
 from serving.runtime import LogWriter
 
 
@@ -23,21 +23,21 @@ class RecordingStore(PredictionStore):
         self.gate.set()
         self.fail: Exception | None = None
 
-    def insert(self, rows, table="predictions", blocking=True):
+    def insert_requests(self, requests, blocking=True):
         if not blocking:  # never the event loop's inline commit: these tests are the thread's
             return None
         self.gate.wait(10)
-        self.calls.append(len(rows))
+        self.calls.append(sum(map(len, requests)))
         if self.fail:
             raise self.fail
-        return super().insert(rows)
+        return super().insert_requests(requests)
 
 
-def _rows(prefix: str, n: int = 1) -> list[tuple]:
+def _rows(prefix: str, n: int = 1) -> LoggedRequest:
     x = np.ones((n, 4), np.float32)
-    return [
-        (f"{prefix}-{i}", time.time(), "m", "1", f, 0, f, 1.0) for i, f in enumerate(encode_rows(x))
-    ]
+    return LoggedRequest(
+        [f"{prefix}-{i}" for i in range(n)], time.time(), "m", "1", x, [0] * n, x, 1.0
+    )
 
 
 @pytest.fixture
@@ -122,10 +122,10 @@ class CountingStore(PredictionStore):
     def start_checkpoints(self, interval_s: float = 0.01, check_s: float = 1.0):
         return super().start_checkpoints(interval_s, check_s) if self.checkpoints else None
 
-    def insert(self, rows, table="predictions", blocking=True):
-        done = super().insert(rows, table, blocking)
+    def insert_requests(self, requests, blocking=True):
+        done = super().insert_requests(requests, blocking)
         if done is not None:
-            self.paths.append((len(rows), "loop" if not blocking else "thread"))
+            self.paths.append((sum(map(len, requests)), "loop" if not blocking else "thread"))
         return done
 
 
