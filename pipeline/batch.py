@@ -23,7 +23,7 @@ import pyarrow.csv as pa_csv
 import pyarrow.parquet as pq
 
 from pipeline.model import Predictor
-from pipeline.store import PredictionStore, encode_rows, new_ids
+from pipeline.store import LoggedRequest, PredictionStore, new_ids
 
 DEFAULT_CHUNK_ROWS = 8192
 # Files are read (and outputs written) in blocks of at least this many rows, whatever the
@@ -87,11 +87,17 @@ def predict_file(
             if store is not None:
                 latency_ms = (time.perf_counter() - started) * 1000 / max(len(rows), 1)
                 now = time.time()
-                logged += store.insert(
+                logged += store.insert_requests(
                     [
-                        (i, now, model_name, model_version, f, int(lbl), p, latency_ms)
-                        for i, f, lbl, p in zip(
-                            ids, encode_rows(rows), labels, encode_rows(probs), strict=True
+                        LoggedRequest(
+                            list(ids),
+                            now,
+                            model_name,
+                            model_version,
+                            rows,
+                            labels.tolist(),
+                            probs,
+                            latency_ms,
                         )
                     ]
                 )
