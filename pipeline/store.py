@@ -13,6 +13,7 @@ import itertools
 import json
 import logging
 import os
+import sqlite3
 import threading
 import time
 import uuid
@@ -199,6 +200,24 @@ class LoggedRequest:
             )
         ]
 
+    def parts(self, rows: int) -> list[LoggedRequest]:
+        """This request cut into requests of at most `rows` rows."""
+        if len(self.ids) <= rows:
+            return [self]
+        return [
+            LoggedRequest(
+                self.ids[i : i + rows],
+                self.created_at,
+                self.model_name,
+                self.model_version,
+                self.features[i : i + rows],
+                self.labels[i : i + rows],
+                self.probabilities[i : i + rows],
+                self.latency_ms,
+            )
+            for i in range(0, len(self.ids), rows)
+        ]
+
     def parameters(self) -> tuple:
         """`_REQUEST_SQL`'s parameters: ten values, whatever the number of rows."""
         features = np.ascontiguousarray(self.features, dtype="<f4")
@@ -219,6 +238,9 @@ class LoggedRequest:
         )
 
 
+# SQLite 3.38 made JSON functions and `->>` part of every build: an older library (Ubuntu
+# 22.04 ships 3.37) logs the rows themselves
+REQUEST_STATEMENTS = sqlite3.sqlite_version_info >= (3, 38)
 # One request's rows in one statement (SQLite): json_each walks the ids, and each row's
 # features and probabilities are cut from the request's blobs at the row's index (`substr`
 # counts bytes in a blob). Rows equal to `insert`'s, skipped the same way on a known id.
@@ -318,10 +340,11 @@ class PredictionStore:
         row (17 against 1 us of GIL for 64 rows), and the statement binds 10 values instead
         of 512 (a 64-row request 204-214 against 247-255 us in all). Several requests are
         one transaction. The same rows as `insert` makes of `LoggedRequest.rows()`, which
-        PostgreSQL takes."""
+        PostgreSQL and an SQLite older than 3.38 take; a request over _ROWS_PER_STATEMENT
+        rows is cut into several statements, and one whose ids hold a NUL goes in as rows."""
         if not requests:
             return 0
-        if self.dialect != "sqlite":
+        if self.dialect != "sqlite" or not REQUEST_STATEMENTS:
             return self.insert(
                 [r for request in requests for r in request.rows()], "predictions", blocking
             )
@@ -349,6 +372,12 @@ class PredictionStore:
                         raise StoreUnavailable(
                             f"prediction store {self.safe_url}: {_short(exc)}"
                         ) from exc
+                except BaseException:
+                    # Anything else (a value that cannot be bound, memory) may have struck
+                    # inside a BEGIN: the connection goes, and its transaction with it, so
+                    # no later commit is made into a transaction that never commits.
+                    self._drop_insert_conn()
+                    raise
         finally:
             self._insert_lock.release()
         raise AssertionError("unreachable")
@@ -406,15 +435,28 @@ class PredictionStore:
         return self._insert_conn.driver_connection
 
     def _insert_requests_once(self, requests: Sequence[LoggedRequest]) -> int:
+        # everything that can fail outside the database is done before any BEGIN
+        params: list[tuple] = []
+        rows: list[tuple] = []  # rows of the requests the statement cannot take
+        for request in requests:
+            for part in request.parts(_ROWS_PER_STATEMENT):  # no blob near SQLite's limit
+                values = part.parameters()
+                if "\\u0000" in values[0]:  # json_each would end such an id at the NUL
+                    rows += part.rows()
+                else:
+                    params.append(values)
         conn = self._connection()
         cursor = conn.cursor()
         try:
-            if len(requests) == 1:  # one statement in autocommit mode: its own transaction
-                cursor.execute(_REQUEST_SQL, requests[0].parameters())
+            if len(params) == 1 and not rows:  # one statement in autocommit: atomic
+                cursor.execute(_REQUEST_SQL, params[0])
                 return max(cursor.rowcount, 0)
             cursor.execute("BEGIN")
-            cursor.executemany(_REQUEST_SQL, [r.parameters() for r in requests])
-            new = max(cursor.rowcount, 0)
+            new = 0
+            if params:
+                cursor.executemany(_REQUEST_SQL, params)
+                new += max(cursor.rowcount, 0)
+            new += self._execute_rows(cursor, rows, "predictions")
             cursor.execute("COMMIT")
             return new
         finally:
@@ -422,25 +464,29 @@ class PredictionStore:
 
     def _insert_once(self, rows: Sequence[tuple], table: str = "predictions") -> int:
         conn = self._connection()
-        step = _ROWS_PER_STATEMENT
-        chunks = [rows[i : i + step] for i in range(0, len(rows), step)]
         cursor = conn.cursor()
         try:
-            if len(chunks) == 1:
+            if len(rows) <= _ROWS_PER_STATEMENT:
                 # One statement in autocommit mode is its own atomic transaction: no BEGIN
                 # and COMMIT round trips, and the writer thread gives up the GIL once per
                 # group instead of three times (each time it must wait to get it back).
-                cursor.execute(self._insert_sql(len(rows), table), _flat(rows))
-                return max(cursor.rowcount, 0)
-            new = 0
+                return self._execute_rows(cursor, rows, table)
             cursor.execute("BEGIN")
-            for chunk in chunks:
-                cursor.execute(self._insert_sql(len(chunk), table), _flat(chunk))
-                new += max(cursor.rowcount, 0)
+            new = self._execute_rows(cursor, rows, table)
             cursor.execute("COMMIT")
             return new
         finally:
             cursor.close()
+
+    def _execute_rows(self, cursor, rows: Sequence[tuple], table: str) -> int:
+        """Rows as multi-row statements of at most _ROWS_PER_STATEMENT rows; the caller
+        holds the transaction."""
+        new, step = 0, _ROWS_PER_STATEMENT
+        for i in range(0, len(rows), step):
+            chunk = rows[i : i + step]
+            cursor.execute(self._insert_sql(len(chunk), table), _flat(chunk))
+            new += max(cursor.rowcount, 0)
+        return new
 
     def _drop_insert_conn(self) -> None:
         conn, self._insert_conn = self._insert_conn, None

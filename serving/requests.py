@@ -90,7 +90,10 @@ def numeric_rows(body: bytes, key: str, n_features: int, max_rows: int) -> np.nd
             flat = np.frombuffer(rows.as_buffer(of_type="d"), np.float64)
         finally:
             rows = doc = None  # the parser is reused only once nothing refers to its document
-    except (ValueError, TypeError, KeyError, RuntimeError):
+    except RuntimeError:  # the parser still held a document: a new one for this thread
+        _parsers.parser = None
+        return None
+    except (ValueError, TypeError, KeyError):
         return None
     if flat.size != n * n_features or not np.abs(flat).max() <= _EXACT:  # NaN fails it too
         return None

@@ -82,6 +82,45 @@ def test_whole_requests_log_the_rows_insert_logs(store, tmp_path):
         ).parameters()
 
 
+def test_a_group_that_fails_leaves_no_open_transaction(tmp_path, monkeypatch):
+    """A request that cannot be bound fails its group before anything is written, and the
+    next commits are committed (seen from another connection); a request of more rows
+    than one statement takes is cut into several; an id with a NUL (which json_each would
+    cut short) goes in as a row; an SQLite older than 3.38 gets the rows themselves."""
+    import sqlite3
+
+    import pipeline.store as store_module
+
+    path = tmp_path / "log.db"
+    store = PredictionStore(f"sqlite:///{path}").create()
+    broken = _request(new_ids(3), seed=1)
+    broken.labels = broken.labels[:2]  # one label short
+    with pytest.raises(ValueError, match="one id, row, label"):
+        store.insert_requests([_request(new_ids(2), seed=2), broken])
+    assert store.insert_requests([_request(new_ids(3), seed=3)]) == 3
+
+    def seen() -> int:
+        with sqlite3.connect(path) as other:
+            return other.execute("SELECT count(*) FROM predictions").fetchone()[0]
+
+    assert seen() == 3
+
+    monkeypatch.setattr(store_module, "_ROWS_PER_STATEMENT", 10)
+    long = _request(new_ids(35), seed=4)
+    nul = _request(["a\x00b", "a\x00c", "plain"], seed=5)
+    assert store.insert_requests([long, nul]) == 38
+    assert seen() == 41
+    got = store.get(["a\x00b", "a\x00c", long.ids[34]])
+    assert len(got) == 3 and got["a\x00c"]["label"] == nul.labels[1]
+    assert got[long.ids[34]]["features"] == long.features[34].tolist()
+
+    monkeypatch.setattr(store_module, "REQUEST_STATEMENTS", False)
+    old = _request(new_ids(4), seed=6)
+    assert store.insert_requests([old, old]) == 4
+    assert store.get([old.ids[3]])[old.ids[3]]["label"] == old.labels[3]
+    store.dispose()
+
+
 @pytest.mark.parametrize("n", [1, 8, 9, 500])  # both ways of making them (up to 8, more)
 def test_new_ids_are_unique_rfc_uuid7_in_time_order(n):
     first = new_ids(n)
