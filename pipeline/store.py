@@ -13,6 +13,7 @@ import itertools
 import json
 import logging
 import os
+import re
 import sqlite3
 import threading
 import time
@@ -25,6 +26,7 @@ import numpy as np
 import orjson
 import sqlalchemy as sa
 from sqlalchemy import event
+from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 
 from pipeline.config import DataParams
 
@@ -57,6 +59,53 @@ predictions = sa.Table(
     ),
 )
 _OLD_INDEXES = ("ix_predictions_labelled_at",)  # replaced above; dropped from older logs
+
+# The server's requests whose ids it made itself (SQLite): one record a request, not one a
+# row. Row k's id is `prefix` + k in four hex digits (`new_ids`), so an id still finds its
+# row (one lookup in the prefix index), and a commit writes three B-tree entries a request
+# instead of three a row (a 64-row request 45 against 200 us of SQLite's CPU). A row gets a
+# record of its own in `predictions` when its label arrives (`add_labels`), so everything
+# that reads labelled rows reads that table alone; `prediction_rows` shows both as rows.
+prediction_requests = sa.Table(
+    "prediction_requests",
+    metadata,
+    sa.Column("seq", sa.Integer, primary_key=True, autoincrement=True),
+    sa.Column("prefix", sa.String(28), nullable=False, unique=True),
+    sa.Column("created_at", sa.Float(precision=53), nullable=False, index=True),
+    sa.Column("model_name", sa.String(200), nullable=False),
+    sa.Column("model_version", sa.String(32), nullable=False),
+    sa.Column("n_rows", sa.Integer, nullable=False),
+    sa.Column("features", sa.LargeBinary, nullable=False),  # (n_rows, k) float32, by row
+    sa.Column("feature_bytes", sa.Integer, nullable=False),  # one row's share of it
+    sa.Column("labels", sa.Text, nullable=False),  # JSON array, one label a row
+    sa.Column("probabilities", sa.LargeBinary, nullable=False),  # (n_rows, c) float32
+    sa.Column("probability_bytes", sa.Integer, nullable=False),
+    sa.Column("latency_ms", sa.Float, nullable=False),
+)
+ROW_DIGITS = 4  # hex digits of a row's index at the end of a generated id
+# Every row of the log as a row, whatever its storage (a view: not made by create_all). A
+# request's row that has a record of its own (it was labelled) is shown once, from there.
+prediction_rows = sa.Table(
+    "prediction_rows", sa.MetaData(), *(sa.Column(c.name, c.type) for c in predictions.columns)
+)
+_ROW_ID = "r.prefix || printf('%04x', j.key)"
+_VIEW_SQL = (
+    "CREATE VIEW IF NOT EXISTS prediction_rows AS "
+    "SELECT id, created_at, model_name, model_version, features, label, probabilities, "
+    "latency_ms, true_label, labelled_at FROM predictions "
+    "UNION ALL "
+    f"SELECT {_ROW_ID}, r.created_at, r.model_name, r.model_version, "
+    "substr(r.features, j.key * r.feature_bytes + 1, r.feature_bytes), j.value, "
+    "substr(r.probabilities, j.key * r.probability_bytes + 1, r.probability_bytes), "
+    "r.latency_ms, NULL, NULL "
+    "FROM prediction_requests AS r, json_each(r.labels) AS j "
+    f"WHERE NOT EXISTS (SELECT 1 FROM predictions AS p WHERE p.id = {_ROW_ID})"
+)
+_UNIT_SQL = (
+    "INSERT INTO prediction_requests (prefix, created_at, model_name, model_version, n_rows, "
+    "features, feature_bytes, labels, probabilities, probability_bytes, latency_ms) "
+    "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT (prefix) DO NOTHING"
+)
 
 
 drift_reports = sa.Table(
@@ -169,6 +218,18 @@ _INSERTS = {
 _ROWS_PER_STATEMENT = 4000  # 8 parameters a row: under the 32,766 variables SQLite allows
 
 
+class GeneratedIds(list):
+    """The ids `new_ids` made for one request: row k's is `prefix` + k in ROW_DIGITS hex
+    digits. The store keeps such a request as one record (`prediction_requests`); a list
+    of ids from anywhere else (a client's, a file's) is logged row by row."""
+
+    __slots__ = ("prefix",)
+
+    def __init__(self, prefix: str, n: int) -> None:
+        super().__init__([f"{prefix}{k:04x}" for k in range(n)])
+        self.prefix = prefix
+
+
 @dataclass(slots=True)
 class LoggedRequest:
     """One request's rows as the server logs them: every row shares the request's time,
@@ -218,12 +279,38 @@ class LoggedRequest:
             for i in range(0, len(self.ids), rows)
         ]
 
-    def parameters(self) -> tuple:
-        """`_REQUEST_SQL`'s parameters: ten values, whatever the number of rows."""
+    def unit_parameters(self) -> tuple | None:
+        """`_UNIT_SQL`'s parameters, where the request is kept as one record (its ids are
+        the `GeneratedIds` of one request, and it is no larger than one statement's rows);
+        else None."""
+        prefix = getattr(self.ids, "prefix", None)
+        if prefix is None or len(self.ids) > _ROWS_PER_STATEMENT:
+            return None
+        features, probabilities = self._arrays()
+        return (
+            prefix,
+            self.created_at,
+            self.model_name,
+            self.model_version,
+            len(self.ids),
+            features.tobytes(),
+            features.shape[1] * 4,
+            orjson.dumps(self.labels).decode(),
+            probabilities.tobytes(),
+            probabilities.shape[1] * 4,
+            self.latency_ms,
+        )
+
+    def _arrays(self) -> tuple[np.ndarray, np.ndarray]:
         features = np.ascontiguousarray(self.features, dtype="<f4")
         probabilities = np.ascontiguousarray(self.probabilities, dtype="<f4")
         if not len(features) == len(probabilities) == len(self.labels) == len(self.ids):
             raise ValueError("a logged request needs one id, row, label and output per row")
+        return features, probabilities
+
+    def parameters(self) -> tuple:
+        """`_REQUEST_SQL`'s parameters: ten values, whatever the number of rows."""
+        features, probabilities = self._arrays()
         return (
             orjson.dumps(self.ids).decode(),
             self.created_at,
@@ -283,6 +370,10 @@ class PredictionStore:
         # commit is better made off the event loop (serving.runtime.LogWriter)
         self.wal_restart_pending = False
         self._dbapi_error = self.engine.dialect.loaded_dbapi.Error
+        # requests kept as one record each (SQLite with JSON functions), and the rows that
+        # readers of every logged row then read: the view over both kinds of record
+        self.units = self.dialect == "sqlite" and REQUEST_STATEMENTS
+        self._rows = prediction_rows if self.units else predictions
         self._path: str | None = None  # SQLite: the file every reader of the URL opens
         self._identity: tuple[int, int] | None = None  # (device, inode) of the file we write
         if self.dialect == "sqlite":
@@ -301,6 +392,8 @@ class PredictionStore:
                         index.create(conn, checkfirst=True)
                     for name in _OLD_INDEXES:
                         conn.exec_driver_sql(f"DROP INDEX IF EXISTS {name}")
+                    if self.units:
+                        conn.exec_driver_sql(_VIEW_SQL)
                 return self
             except sa.exc.IntegrityError:  # another worker created it at the same moment
                 time.sleep(0.2 * (attempt + 1))
@@ -436,9 +529,14 @@ class PredictionStore:
 
     def _insert_requests_once(self, requests: Sequence[LoggedRequest]) -> int:
         # everything that can fail outside the database is done before any BEGIN
+        units: list[tuple[tuple, int]] = []  # (parameters, rows) of requests kept whole
         params: list[tuple] = []
         rows: list[tuple] = []  # rows of the requests the statement cannot take
         for request in requests:
+            unit = request.unit_parameters()
+            if unit is not None:
+                units.append((unit, len(request)))
+                continue
             for part in request.parts(_ROWS_PER_STATEMENT):  # no blob near SQLite's limit
                 values = part.parameters()
                 if "\\u0000" in values[0]:  # json_each would end such an id at the NUL
@@ -448,11 +546,17 @@ class PredictionStore:
         conn = self._connection()
         cursor = conn.cursor()
         try:
-            if len(params) == 1 and not rows:  # one statement in autocommit: atomic
+            if len(units) == 1 and not params and not rows:  # one statement: atomic
+                cursor.execute(_UNIT_SQL, units[0][0])
+                return max(cursor.rowcount, 0) * units[0][1]
+            if len(params) == 1 and not rows and not units:
                 cursor.execute(_REQUEST_SQL, params[0])
                 return max(cursor.rowcount, 0)
             cursor.execute("BEGIN")
             new = 0
+            for unit, n in units:  # a known prefix (a retried commit) adds nothing
+                cursor.execute(_UNIT_SQL, unit)
+                new += max(cursor.rowcount, 0) * n
             if params:
                 cursor.executemany(_REQUEST_SQL, params)
                 new += max(cursor.rowcount, 0)
@@ -512,7 +616,48 @@ class PredictionStore:
         ids = list(ids)
         with self._read() as conn:
             rows = conn.execute(sa.select(predictions).where(predictions.c.id.in_(ids)))
-            return {r.id: _decoded(r) for r in rows}
+            found = {r.id: _decoded(r) for r in rows}
+            missing = [i for i in ids if i not in found]
+            for pid, row in self._request_rows(conn, missing).items():
+                found[pid] = {
+                    **row,
+                    **{c: decode_array(row[c]).tolist() for c in ARRAY_COLUMNS},
+                }
+            return found
+
+    def _request_rows(self, conn, ids: Sequence[str]) -> dict[str, dict]:
+        """The rows of `ids` kept in `prediction_requests`, as `predictions` rows (arrays
+        still encoded, unlabelled); ids not made by `new_ids` are not looked for."""
+        if not self.units:
+            return {}
+        wanted: dict[str, list[tuple[str, int]]] = {}
+        for pid in ids:
+            if _GENERATED.fullmatch(pid):
+                wanted.setdefault(pid[:-ROW_DIGITS], []).append((pid, int(pid[-ROW_DIGITS:], 16)))
+        out: dict[str, dict] = {}
+        r = prediction_requests
+        prefixes = list(wanted)
+        for i in range(0, len(prefixes), 500):  # well under SQLite's bound on parameters
+            stmt = sa.select(r).where(r.c.prefix.in_(prefixes[i : i + 500]))
+            for req in conn.execute(stmt):
+                labels = orjson.loads(req.labels)
+                fb, pb = req.feature_bytes, req.probability_bytes
+                for pid, k in wanted[req.prefix]:
+                    if k >= req.n_rows:
+                        continue
+                    out[pid] = {
+                        "id": pid,
+                        "created_at": req.created_at,
+                        "model_name": req.model_name,
+                        "model_version": req.model_version,
+                        "features": req.features[k * fb : (k + 1) * fb],
+                        "label": labels[k],
+                        "probabilities": req.probabilities[k * pb : (k + 1) * pb],
+                        "latency_ms": req.latency_ms,
+                        "true_label": None,
+                        "labelled_at": None,
+                    }
+        return out
 
     def add_labels(
         self, labels: Sequence[tuple[str, int]], overwrite: bool = False
@@ -554,6 +699,20 @@ class PredictionStore:
             ):
                 existing[r.id] = r.true_label
                 classes[r.id] = len(r.probabilities) // 4  # float32 per class it predicted
+            # a row kept in its request gets a record of its own, which the label joins
+            # (ON CONFLICT: another request may be doing the same; the compare-and-set
+            # below still decides between them)
+            kept = self._request_rows(conn, [i for i in dict.fromkeys(ids) if i not in existing])
+            records = list(kept.values())
+            for i in range(0, len(records), 1000):  # 10 parameters a row, under SQLite's bound
+                conn.execute(
+                    sqlite_insert(predictions)
+                    .values(records[i : i + 1000])
+                    .on_conflict_do_nothing(index_elements=["id"])
+                )
+                for pid, row in kept.items():
+                    existing[pid] = None
+                    classes[pid] = len(row["probabilities"]) // 4
             outcomes, updates = _label_outcomes(labels, existing, overwrite, classes)
             if any(o.status == "conflict" for o in outcomes):
                 return outcomes  # nothing applied
@@ -636,9 +795,9 @@ class PredictionStore:
 
     def recent(self, since: float = 0.0, limit: int = 100_000) -> list[dict]:
         stmt = (
-            sa.select(predictions)
-            .where(predictions.c.created_at > since)
-            .order_by(predictions.c.created_at)
+            sa.select(self._rows)
+            .where(self._rows.c.created_at > since)
+            .order_by(self._rows.c.created_at)
             .limit(limit)
         )
         with self._read() as conn:
@@ -650,7 +809,7 @@ class PredictionStore:
         """(features, probabilities) of the rows `recent` returns, as float32 arrays (n, k)
         and (n, c): the drift check's read. Decoded `chunk_rows` at a time, so the only
         copy held whole is the arrays themselves (4 bytes a value, not a Python float)."""
-        p = predictions
+        p = self._rows
         stmt = (
             sa.select(p.c.features, p.c.probabilities)
             .where(p.c.created_at > since)
@@ -681,8 +840,9 @@ class PredictionStore:
                 del rows
 
     def count(self, labelled: bool | None = None) -> int:
-        stmt = sa.select(sa.func.count()).select_from(predictions)
-        if labelled is True:
+        stmt = sa.select(sa.func.count()).select_from(self._rows)
+        if labelled is True:  # a labelled row always has a record of its own
+            stmt = sa.select(sa.func.count()).select_from(predictions)
             stmt = stmt.where(predictions.c.true_label.is_not(None))
         with self._read() as conn:
             return int(conn.execute(stmt).scalar_one())
@@ -779,7 +939,7 @@ class PredictionStore:
         """Per model version, for rows served since `since`: rows, p99 latency (ms) of the
         newest `limit` rows, labelled rows and accuracy on them, and failed rows counted in
         serving_events (answered by the champion instead)."""
-        p = predictions
+        p = self._rows
         stmt = (
             sa.select(p.c.model_version, p.c.latency_ms, p.c.label, p.c.true_label)
             .where(p.c.model_name == name, p.c.created_at >= since)
@@ -817,7 +977,7 @@ class PredictionStore:
     ) -> list[tuple]:
         """(version, created_at, labelled_at, label, true_label, probabilities) of rows
         served since `since`, oldest first: what pipeline/performance.py windows."""
-        p = predictions
+        p = self._rows
         stmt = (
             sa.select(
                 p.c.model_version, p.c.created_at, p.c.labelled_at, p.c.label, p.c.true_label,
@@ -835,7 +995,7 @@ class PredictionStore:
     def unlabelled(self, name: str, since: float = 0.0, limit: int = 100_000) -> list[dict]:
         """Logged predictions still waiting for a label (for the label queue), newest first,
         with the shadow's label where a shadow scored them."""
-        p, sh = predictions, shadow_predictions
+        p, sh = self._rows, shadow_predictions
         stmt = (
             sa.select(
                 p.c.id, p.c.created_at, p.c.model_version, p.c.label, p.c.probabilities,
@@ -1086,24 +1246,27 @@ def _label_outcomes(labels, existing, overwrite, classes=None):
     return outcomes, updates
 
 
+_GENERATED = re.compile(r"[0-9a-f]{32}")
+
+
 def new_ids(n: int) -> list[str]:
-    """`n` fresh prediction ids: UUIDv7 (RFC 9562) as 32 hex characters.
+    """`n` fresh prediction ids for one request: UUIDv7 (RFC 9562) as 32 hex characters.
 
     They begin with the millisecond they were made, so each insert lands at the right-hand
-    edge of the id index instead of on a random page: random ids (uuid4) made SQLite write
+    edge of an index instead of on a random page: random ids (uuid4) made SQLite write
     ~3.5x fewer rows per second once the index outgrows the page cache, since every row of a
-    commit dirtied a different page. 74 random bits per id keep them unique across workers.
+    commit dirtied a different page. Up to 16^ROW_DIGITS rows, the ids share 58 random bits
+    (unique across requests and workers) and end in the row's index (`GeneratedIds`): the
+    log keeps such a request as one record; more rows get 74 random bits each.
     """
     ms = time.time_ns() // 1_000_000
-    if n > 8:
+    if n > 16**ROW_DIGITS:
         return _many_ids(ms, n)
-    head = f"{ms:012x}7"  # 48-bit unix ms, version 7
-    rand = os.urandom(10 * n).hex()
-    out = []
-    for i in range(0, 20 * n, 20):
-        # 12 random bits, the RFC variant (binary 10xx) with 2 random bits, 60 random bits
-        out.append(head + rand[i : i + 3] + "89ab"[int(rand[i + 3], 16) & 3] + rand[i + 4 : i + 19])
-    return out
+    raw = bytearray(os.urandom(14))
+    raw[:6] = ms.to_bytes(6, "big")  # unix ms
+    raw[6] = 0x70 | raw[6] & 0x0F  # version 7, then 12 random bits (with byte 7)
+    raw[8] = 0x80 | raw[8] & 0x3F  # the RFC variant (binary 10), then 46 random bits
+    return GeneratedIds(raw.hex(), n)
 
 
 def _many_ids(ms: int, n: int) -> list[str]:

@@ -241,6 +241,8 @@ async def _log(
     if state.settings.log_mode == "off":
         return
     latency_ms = (time.perf_counter() - start) * 1000
+    if state.shadow is not None:  # its comparisons join the log's rows by id: log rows
+        ids = list(ids)
     logged = LoggedRequest(
         ids, time.time(), used.name, used.version, rows, labels, probs, latency_ms
     )

@@ -75,7 +75,7 @@ def test_the_loop_closes_and_reproduces_on_the_users_own_28x28_csv(tmp_path):
     # the logged versions: v1 served round 1 and round 2's shadow half; v2 only answered
     # if its canary started
     log = sqlite3.connect(clone / "predictions.db")
-    versions = {v for (v,) in log.execute("SELECT DISTINCT model_version FROM predictions")}
+    versions = {v for (v,) in log.execute("SELECT DISTINCT model_version FROM prediction_rows")}
     canary = table[1]["decision"] in ("canary ok", "rollback")
     assert versions == ({"1", "2"} if canary else {"1"}), (versions, table[1])
     assert table[1]["serves"] == ("2" if table[1]["decision"] == "canary ok" else "1")

@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 
 from pipeline.store import (
+    GeneratedIds,
     LoggedRequest,
     PredictionStore,
     StoreUnavailable,
@@ -121,23 +122,33 @@ def test_a_group_that_fails_leaves_no_open_transaction(tmp_path, monkeypatch):
     store.dispose()
 
 
-@pytest.mark.parametrize("n", [1, 8, 9, 500])  # both ways of making them (up to 8, more)
+@pytest.mark.parametrize("n", [1, 8, 64, 65537])  # one request's ids; past 16^4, random each
 def test_new_ids_are_unique_rfc_uuid7_in_time_order(n):
     first = new_ids(n)
     time.sleep(0.002)  # the next millisecond
     later = new_ids(n)
     assert len(first) == len(later) == n and len(set(first + later)) == 2 * n
-    for value in first + later:
+    for value in (first + later)[:2000]:
         parsed = uuid.UUID(hex=value)
         assert parsed.version == 7 and parsed.variant == uuid.RFC_4122 and parsed.hex == value
     assert max(first) < min(later)  # inserts append at the index's right-hand edge
     stamp = int(later[0][:12], 16) / 1000
     assert abs(stamp - time.time()) < 5
-    # the 74 bits after the version (12) and the variant (62) are random: each one varies
-    bits = np.array([list(f"{uuid.UUID(hex=v).int:0128b}") for v in first + later])
-    bits = np.concatenate([bits[:, 52:64], bits[:, 66:]], axis=1)
-    if 2 * n >= 500:
-        assert (bits == "1").any(axis=0).all() and (bits == "0").any(axis=0).all()
+    if n <= 16**4:  # one prefix for the request, and each row's index after it
+        assert isinstance(first, GeneratedIds)
+        assert first == [f"{first.prefix}{k:04x}" for k in range(n)]
+    else:
+        assert not isinstance(first, GeneratedIds)
+
+
+def test_new_ids_random_bits_vary_between_requests():
+    # the 58 bits after the version (12) and the variant (46) are random: each one varies
+    ids = [new_ids(1)[0] for _ in range(500)]
+    assert len(set(ids)) == 500
+    bits = np.array([list(f"{uuid.UUID(hex=v).int:0128b}") for v in ids])
+    bits = np.concatenate([bits[:, 52:64], bits[:, 66:112]], axis=1)
+    assert (bits == "1").any(axis=0).all() and (bits == "0").any(axis=0).all()
+    assert {v[-4:] for v in ids} == {"0000"}
 
 
 def test_many_rows_in_one_group(store):
@@ -390,3 +401,78 @@ def test_shadow_answers_rollouts_and_version_figures_on_both_backends(store):
     assert store.end_rollout(seq, "promoted", "late") is False  # decided once
     assert store.running_rollout("m") is None
     assert store.latest_rollout("m")["state"] == "aborted"
+
+
+def _generated(n, seed=0, version="1"):
+    """A request as the server logs it: ids made by new_ids (one prefix, rows indexed)."""
+    request = _request(range(n), seed=seed, version=version)
+    request.ids = new_ids(n)
+    return request
+
+
+def _view_rows(store):
+    return {r["id"]: r for r in store.recent(limit=10**6)}
+
+
+def test_a_request_with_generated_ids_is_one_record_read_as_its_rows(store, tmp_path):
+    """Requests whose ids new_ids made are kept as one record each on SQLite (the rows on
+    PostgreSQL); every reader sees exactly the rows that logging them row by row gives."""
+    requests = [_generated(n, seed=s) for s, n in ((1, 64), (2, 1), (3, 7))]
+    client = _request(["client-a", "client-b"], seed=4)
+    assert store.insert_requests([*requests, client]) == 74
+    assert store.insert_requests(requests[:1]) == 0  # a retried commit adds nothing
+    rows_store = PredictionStore(f"sqlite:///{tmp_path / 'rows.db'}").create()
+    flat = [r for request in [*requests, client] for r in request.rows()]
+    assert rows_store.insert(flat) == 74
+    if store.units:
+        with store.engine.connect() as conn:
+            assert conn.exec_driver_sql("SELECT count(*) FROM prediction_requests").scalar() == 3
+            assert conn.exec_driver_sql("SELECT count(*) FROM predictions").scalar() == 2
+    assert _view_rows(store) == _view_rows(rows_store)
+    assert store.count() == 74 and store.count(labelled=True) == 0
+    past_the_end = requests[0].ids[0][:-4] + "0040"  # row 64 of a 64-row request
+    ids = [i for request in requests for i in request.ids] + ["client-a", "nope", past_the_end]
+    assert store.get(ids) == rows_store.get(ids)
+    assert len(store.get(ids)) == 73
+    f, p = store.recent_arrays()
+    f2, p2 = rows_store.recent_arrays()
+    order, order2 = np.lexsort(f.T), np.lexsort(f2.T)
+    assert np.array_equal(f[order], f2[order2]) and np.array_equal(p[order], p2[order2])
+    assert store.version_stats("m", 0) == rows_store.version_stats("m", 0)
+
+    def performance(s):
+        return sorted((*r[:5], r[5].tolist()) for r in s.performance_rows("m", 0))
+
+    assert performance(store) == performance(rows_store)
+    rows_store.dispose()
+
+
+def test_a_label_gives_a_kept_row_its_own_record(store):
+    request = _generated(64, seed=5)
+    store.insert_requests([request])
+    target, other = request.ids[10], request.ids[11]
+    before = store.get([target])[target]
+    outcomes = store.add_labels([(target, 4), (other, 9), (request.ids[0][:-4] + "ffff", 1)])
+    assert [o.status for o in outcomes] == ["labelled", "labelled", "unknown_id"]
+    assert store.count() == 64 and store.count(labelled=True) == 2  # shown once, labelled
+    pulled = {r["id"]: r for r in store.labelled_since(0)}
+    assert set(pulled) == {target, other}
+    assert pulled[target]["features"] == before["features"]
+    assert pulled[target]["true_label"] == 4 and pulled[target]["label"] == before["label"]
+    assert store.add_labels([(target, 4)])[0].status == "unchanged"
+    assert store.add_labels([(target, 5)])[0].status == "conflict"
+    waiting = {r["id"] for r in store.unlabelled("m")}
+    assert len(waiting) == 62 and target not in waiting
+    assert _view_rows(store)[target]["true_label"] == 4
+    # a label outside the classes of the model that made the prediction (10 outputs)
+    assert store.add_labels([(request.ids[12], 10)])[0].status == "invalid_label"
+
+
+def test_a_failed_label_request_keeps_the_kept_rows_readable(store):
+    request = _generated(3, seed=6)
+    store.insert_requests([request])
+    assert store.add_labels([(request.ids[0], 1)])[0].status == "labelled"
+    outcomes = store.add_labels([(request.ids[0], 2), (request.ids[1], 3)])  # one conflict
+    assert {o.status for o in outcomes} >= {"conflict"}
+    assert store.count() == 3 and store.count(labelled=True) == 1
+    assert store.get([request.ids[1]])[request.ids[1]]["true_label"] is None

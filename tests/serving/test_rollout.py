@@ -120,6 +120,26 @@ def test_shadow_leaves_answers_alone_logs_its_own_and_compares_on_labels(
         assert len(y_s) == 120 and (champ_s == champion_labels).all()
 
 
+def test_a_shadow_joins_the_rows_of_requests_the_server_named(served, monkeypatch, stream):
+    """With a shadow on, requests without client ids are logged row by row (the shadow's
+    figures join rows by id), so every shadowed row counts."""
+    x, y = stream
+    candidate = _register(weak=True)
+    with _app(monkeypatch, MLOPS_SHADOW_MODEL=candidate) as c:
+        state = c.app.state.mlops
+        _wait(lambda: state.shadow.manager.current is not None)
+        answers = [c.post("/predict", json={"instances": x[k : k + 8].tolist()}).json()
+                   for k in range(0, 40, 8)]  # fmt: skip
+        ids = [p["id"] for a in answers for p in a["predictions"]]
+        _wait(lambda: state.shadow.counts["scored"] >= 40)
+        store = _store()
+        _wait(lambda: (store.shadow_summary(get_settings().model_name) or [{}])[0].get("rows"))
+        labels = [{"id": i, "label": int(t)} for i, t in zip(ids, y[:40], strict=True)]
+        assert c.post("/feedback", json={"labels": labels}).status_code == 200
+        (whole,) = store.shadow_summary(get_settings().model_name)
+        assert whole["rows"] == 40 and whole["labelled"] == 40
+
+
 def test_a_shadow_that_cannot_load_costs_nothing_but_its_rows(served, monkeypatch, stream):
     x, _ = stream
     with _app(monkeypatch, MLOPS_SHADOW_MODEL="99") as c:

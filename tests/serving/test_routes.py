@@ -263,6 +263,36 @@ def test_invocations_speaks_mlflow_scoring_protocol(client, digits_rows):
     assert both.status_code == 422 and "exactly one" in both.json()["detail"]
 
 
+def test_a_request_with_server_ids_is_one_log_record_its_rows_labelled_by_id(client, digits_rows):
+    """Rows the server names are kept as one record a request; each id still answers
+    /feedback and lineage's lookup, and the labelled row is what the feedback pull reads."""
+    import sqlite3
+
+    first = _predict(client, digits_rows[:5]).json()["predictions"]
+    second = _predict(client, digits_rows[5:6]).json()["predictions"]
+    store = _store()
+    path = store.engine.url.database
+    with sqlite3.connect(path) as log:
+        assert log.execute("SELECT count(*), sum(n_rows) FROM prediction_requests").fetchone() == (
+            2,
+            6,
+        )
+        assert log.execute("SELECT count(*) FROM predictions").fetchone() == (0,)
+    assert store.count() == 6
+    row = store.get([first[3]["id"]])[first[3]["id"]]
+    assert row["label"] == first[3]["label"] and row["model_version"] == "1"
+    assert row["features"] == pytest.approx(digits_rows[3].tolist())
+    labels = [{"id": first[3]["id"], "label": 7}, {"id": second[0]["id"], "label": 2}]
+    res = client.post("/feedback", json={"labels": labels})
+    assert [r["status"] for r in res.json()["results"]] == ["labelled", "labelled"]
+    pulled = {r["id"]: r["true_label"] for r in store.labelled_since(0)}
+    assert pulled == {first[3]["id"]: 7, second[0]["id"]: 2}
+    assert store.count() == 6 and len(store.unlabelled(get_settings().model_name)) == 4
+    gone = first[0]["id"][:-4] + "0009"  # the id of a row that request did not have
+    res = client.post("/feedback", json={"labels": [{"id": gone, "label": 1}]})
+    assert res.json()["results"][0]["status"] == "unknown_id"
+
+
 def test_feedback_outcomes(client, digits_rows):
     _predict(client, digits_rows[:3], ids=["f-1", "f-2", "f-3"])
     res = client.post(
@@ -480,7 +510,7 @@ def test_a_deleted_log_file_is_noticed_and_nothing_acknowledged_is_lost(client, 
     assert statuses[-1] == 200, statuses
     for status, body in zip(statuses, bodies, strict=True):
         assert status == 200 or (status == 503 and "was deleted while open" in body), body
-    found = {r[0] for r in sqlite3.connect(path).execute("SELECT id FROM predictions")}
+    found = {r[0] for r in sqlite3.connect(path).execute("SELECT id FROM prediction_rows")}
     assert set(acknowledged) <= found and len(acknowledged) >= 18
 
 
