@@ -18,7 +18,7 @@ import sqlite3
 import threading
 import time
 import uuid
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 
@@ -65,7 +65,7 @@ _OLD_INDEXES = ("ix_predictions_labelled_at",)  # replaced above; dropped from o
 # row (one lookup in the prefix index), and a commit writes three B-tree entries a request
 # instead of three a row (a 64-row request 45 against 200 us of SQLite's CPU). A row gets a
 # record of its own in `predictions` when its label arrives (`add_labels`), so everything
-# that reads labelled rows reads that table alone; `prediction_rows` shows both as rows.
+# that reads labelled rows reads that table alone; the view `prediction_rows` shows both.
 prediction_requests = sa.Table(
     "prediction_requests",
     metadata,
@@ -83,23 +83,29 @@ prediction_requests = sa.Table(
     sa.Column("latency_ms", sa.Float, nullable=False),
 )
 ROW_DIGITS = 4  # hex digits of a row's index at the end of a generated id
-# Every row of the log as a row, whatever its storage (a view: not made by create_all). A
-# request's row that has a record of its own (it was labelled) is shown once, from there.
-prediction_rows = sa.Table(
-    "prediction_rows", sa.MetaData(), *(sa.Column(c.name, c.type) for c in predictions.columns)
+# The rows kept in requests alone (the readers query it and `predictions` apart, each in
+# its created_at index's order up to the limit, and merge: a view of the two together
+# would be sorted whole for every ORDER BY ... LIMIT).
+request_rows = sa.Table(
+    "prediction_request_rows",
+    sa.MetaData(),
+    *(sa.Column(c.name, c.type) for c in predictions.columns),
 )
 _ROW_ID = "r.prefix || printf('%04x', j.key)"
 _VIEW_SQL = (
+    "CREATE VIEW IF NOT EXISTS prediction_request_rows AS "
+    f"SELECT {_ROW_ID} AS id, r.created_at AS created_at, r.model_name AS model_name, "
+    "r.model_version AS model_version, "
+    "substr(r.features, j.key * r.feature_bytes + 1, r.feature_bytes) AS features, "
+    "j.value AS label, "
+    "substr(r.probabilities, j.key * r.probability_bytes + 1, r.probability_bytes) "
+    "AS probabilities, r.latency_ms AS latency_ms, NULL AS true_label, NULL AS labelled_at "
+    "FROM prediction_requests AS r, json_each(r.labels) AS j "
+    f"WHERE NOT EXISTS (SELECT 1 FROM predictions AS p WHERE p.id = {_ROW_ID})",
     "CREATE VIEW IF NOT EXISTS prediction_rows AS "
     "SELECT id, created_at, model_name, model_version, features, label, probabilities, "
     "latency_ms, true_label, labelled_at FROM predictions "
-    "UNION ALL "
-    f"SELECT {_ROW_ID}, r.created_at, r.model_name, r.model_version, "
-    "substr(r.features, j.key * r.feature_bytes + 1, r.feature_bytes), j.value, "
-    "substr(r.probabilities, j.key * r.probability_bytes + 1, r.probability_bytes), "
-    "r.latency_ms, NULL, NULL "
-    "FROM prediction_requests AS r, json_each(r.labels) AS j "
-    f"WHERE NOT EXISTS (SELECT 1 FROM predictions AS p WHERE p.id = {_ROW_ID})"
+    "UNION ALL SELECT * FROM prediction_request_rows",
 )
 _UNIT_SQL = (
     "INSERT INTO prediction_requests (prefix, created_at, model_name, model_version, n_rows, "
@@ -243,6 +249,8 @@ class LoggedRequest:
     labels: list[int]
     probabilities: np.ndarray
     latency_ms: float
+    # False: logged as rows even with ids new_ids made (a shadow's figures join rows by id)
+    whole: bool = True
 
     def __len__(self) -> int:
         return len(self.ids)
@@ -279,12 +287,26 @@ class LoggedRequest:
             for i in range(0, len(self.ids), rows)
         ]
 
+    def without(self, ids: set[str]) -> LoggedRequest:
+        """This request less the rows of `ids`."""
+        keep = [k for k, pid in enumerate(self.ids) if pid not in ids]
+        return LoggedRequest(
+            [self.ids[k] for k in keep],
+            self.created_at,
+            self.model_name,
+            self.model_version,
+            self.features[keep],
+            [self.labels[k] for k in keep],
+            self.probabilities[keep],
+            self.latency_ms,
+        )
+
     def unit_parameters(self) -> tuple | None:
         """`_UNIT_SQL`'s parameters, where the request is kept as one record (its ids are
         the `GeneratedIds` of one request, and it is no larger than one statement's rows);
         else None."""
         prefix = getattr(self.ids, "prefix", None)
-        if prefix is None or len(self.ids) > _ROWS_PER_STATEMENT:
+        if prefix is None or not self.whole or len(self.ids) > _ROWS_PER_STATEMENT:
             return None
         features, probabilities = self._arrays()
         return (
@@ -325,6 +347,18 @@ class LoggedRequest:
         )
 
 
+def _has_json_each() -> bool:
+    try:
+        return (
+            sqlite3.connect(":memory:").execute("SELECT count(*) FROM json_each('[1]')") is not None
+        )
+    except sqlite3.Error:
+        return False
+
+
+# the request records' rows are read through json_each (JSON1: built in since SQLite 3.38,
+# and in nearly every build before); without it every request is logged as rows
+_JSON_EACH = _has_json_each()
 # SQLite 3.38 made JSON functions and `->>` part of every build: an older library (Ubuntu
 # 22.04 ships 3.37) logs the rows themselves
 REQUEST_STATEMENTS = sqlite3.sqlite_version_info >= (3, 38)
@@ -372,8 +406,7 @@ class PredictionStore:
         self._dbapi_error = self.engine.dialect.loaded_dbapi.Error
         # requests kept as one record each (SQLite with JSON functions), and the rows that
         # readers of every logged row then read: the view over both kinds of record
-        self.units = self.dialect == "sqlite" and REQUEST_STATEMENTS
-        self._rows = prediction_rows if self.units else predictions
+        self.units = self.dialect == "sqlite" and _JSON_EACH
         self._path: str | None = None  # SQLite: the file every reader of the URL opens
         self._identity: tuple[int, int] | None = None  # (device, inode) of the file we write
         if self.dialect == "sqlite":
@@ -393,7 +426,8 @@ class PredictionStore:
                     for name in _OLD_INDEXES:
                         conn.exec_driver_sql(f"DROP INDEX IF EXISTS {name}")
                     if self.units:
-                        conn.exec_driver_sql(_VIEW_SQL)
+                        for view in _VIEW_SQL:
+                            conn.exec_driver_sql(view)
                 return self
             except sa.exc.IntegrityError:  # another worker created it at the same moment
                 time.sleep(0.2 * (attempt + 1))
@@ -426,18 +460,19 @@ class PredictionStore:
     def insert_requests(
         self, requests: Sequence[LoggedRequest], blocking: bool = True
     ) -> int | None:
-        """`insert` for the server's log: whole requests, not rows. On SQLite each request
-        is one statement that SQLite itself cuts into rows (`_REQUEST_SQL`): its features
-        and probabilities are bound as one blob each and its ids and labels as one JSON
-        array each, so the event loop no longer slices blobs and builds an 8-value tuple a
-        row (17 against 1 us of GIL for 64 rows), and the statement binds 10 values instead
-        of 512 (a 64-row request 204-214 against 247-255 us in all). Several requests are
-        one transaction. The same rows as `insert` makes of `LoggedRequest.rows()`, which
-        PostgreSQL and an SQLite older than 3.38 take; a request over _ROWS_PER_STATEMENT
-        rows is cut into several statements, and one whose ids hold a NUL goes in as rows."""
+        """`insert` for the server's log: whole requests, not rows. On SQLite a request
+        whose ids `new_ids` made is one record (`prediction_requests`, `_UNIT_SQL`), and
+        any other is one statement that SQLite itself cuts into rows (`_REQUEST_SQL`): its
+        features and probabilities bound as one blob each and its ids and labels as one
+        JSON array each (a 64-row request 204-214 against 247-255 us as 512 bound values).
+        Several requests are one transaction. The same rows as `insert` makes of
+        `LoggedRequest.rows()`, which PostgreSQL takes, and an SQLite older than 3.38 for
+        the requests it does not keep whole; a request over _ROWS_PER_STATEMENT rows is
+        cut into several statements, one whose ids hold a NUL goes in as rows, and a
+        client's id that names a row already kept in a request record is skipped."""
         if not requests:
             return 0
-        if self.dialect != "sqlite" or not REQUEST_STATEMENTS:
+        if not self.units:
             return self.insert(
                 [r for request in requests for r in request.rows()], "predictions", blocking
             )
@@ -530,26 +565,27 @@ class PredictionStore:
     def _insert_requests_once(self, requests: Sequence[LoggedRequest]) -> int:
         # everything that can fail outside the database is done before any BEGIN
         units: list[tuple[tuple, int]] = []  # (parameters, rows) of requests kept whole
-        params: list[tuple] = []
-        rows: list[tuple] = []  # rows of the requests the statement cannot take
+        others: list[LoggedRequest] = []
         for request in requests:
             unit = request.unit_parameters()
-            if unit is not None:
+            if unit is None:
+                others.append(request)
+            else:
                 units.append((unit, len(request)))
-                continue
-            for part in request.parts(_ROWS_PER_STATEMENT):  # no blob near SQLite's limit
-                values = part.parameters()
-                if "\\u0000" in values[0]:  # json_each would end such an id at the NUL
-                    rows += part.rows()
-                else:
-                    params.append(values)
+        params, rows = _row_statements(others)
+        # a client's ids that have the shape of the server's may name rows kept in a
+        # request (a client that sends back the ids it was given): such rows are known
+        suspects = [
+            pid for r in others if not isinstance(r.ids, GeneratedIds) for pid in r.ids
+            if len(pid) == 32
+        ]  # fmt: skip
         conn = self._connection()
         cursor = conn.cursor()
         try:
-            if len(units) == 1 and not params and not rows:  # one statement: atomic
+            if not suspects and len(units) == 1 and not params and not rows:  # atomic
                 cursor.execute(_UNIT_SQL, units[0][0])
                 return max(cursor.rowcount, 0) * units[0][1]
-            if len(params) == 1 and not rows and not units:
+            if not suspects and len(params) == 1 and not rows and not units:
                 cursor.execute(_REQUEST_SQL, params[0])
                 return max(cursor.rowcount, 0)
             cursor.execute("BEGIN")
@@ -557,6 +593,9 @@ class PredictionStore:
             for unit, n in units:  # a known prefix (a retried commit) adds nothing
                 cursor.execute(_UNIT_SQL, unit)
                 new += max(cursor.rowcount, 0) * n
+            known = _kept_ids(cursor, suspects) if suspects else set()
+            if known:
+                params, rows = _row_statements([r.without(known) for r in others])
             if params:
                 cursor.executemany(_REQUEST_SQL, params)
                 new += max(cursor.rowcount, 0)
@@ -630,10 +669,7 @@ class PredictionStore:
         still encoded, unlabelled); ids not made by `new_ids` are not looked for."""
         if not self.units:
             return {}
-        wanted: dict[str, list[tuple[str, int]]] = {}
-        for pid in ids:
-            if _GENERATED.fullmatch(pid):
-                wanted.setdefault(pid[:-ROW_DIGITS], []).append((pid, int(pid[-ROW_DIGITS:], 16)))
+        wanted = _by_prefix(ids)
         out: dict[str, dict] = {}
         r = prediction_requests
         prefixes = list(wanted)
@@ -699,23 +735,24 @@ class PredictionStore:
             ):
                 existing[r.id] = r.true_label
                 classes[r.id] = len(r.probabilities) // 4  # float32 per class it predicted
-            # a row kept in its request gets a record of its own, which the label joins
-            # (ON CONFLICT: another request may be doing the same; the compare-and-set
-            # below still decides between them)
+            # a row kept in its request is decided on like any other (unlabelled), and
+            # gets a record of its own only when a label is written to it
             kept = self._request_rows(conn, [i for i in dict.fromkeys(ids) if i not in existing])
-            records = list(kept.values())
+            for pid, row in kept.items():
+                existing[pid] = None
+                classes[pid] = len(row["probabilities"]) // 4
+            outcomes, updates = _label_outcomes(labels, existing, overwrite, classes)
+            if any(o.status == "conflict" for o in outcomes):
+                return outcomes  # nothing applied
+            # ON CONFLICT: another request may be copying the same row; the compare-and-
+            # set below still decides between them
+            records = [kept[pid] for pid in dict.fromkeys(pid for pid, _ in updates) if pid in kept]
             for i in range(0, len(records), 1000):  # 10 parameters a row, under SQLite's bound
                 conn.execute(
                     sqlite_insert(predictions)
                     .values(records[i : i + 1000])
                     .on_conflict_do_nothing(index_elements=["id"])
                 )
-                for pid, row in kept.items():
-                    existing[pid] = None
-                    classes[pid] = len(row["probabilities"]) // 4
-            outcomes, updates = _label_outcomes(labels, existing, overwrite, classes)
-            if any(o.status == "conflict" for o in outcomes):
-                return outcomes  # nothing applied
             status = {o.id: o.status for o in outcomes}
             for pid, label in updates:
                 stmt = (
@@ -794,35 +831,55 @@ class PredictionStore:
             return int(conn.execute(stmt).scalar_one())
 
     def recent(self, since: float = 0.0, limit: int = 100_000) -> list[dict]:
-        stmt = (
-            sa.select(self._rows)
-            .where(self._rows.c.created_at > since)
-            .order_by(self._rows.c.created_at)
-            .limit(limit)
-        )
-        with self._read() as conn:
-            return [_decoded(r) for r in conn.execute(stmt)]
+        def build(t: sa.Table) -> sa.Select:
+            return sa.select(t).where(t.c.created_at > since).order_by(t.c.created_at).limit(limit)
+
+        return [_decoded(r) for r in self._both(build, limit)]
 
     def recent_arrays(
         self, since: float = 0.0, limit: int = 100_000, chunk_rows: int = CHUNK_ROWS
     ) -> tuple[np.ndarray, np.ndarray]:
         """(features, probabilities) of the rows `recent` returns, as float32 arrays (n, k)
         and (n, c): the drift check's read. Decoded `chunk_rows` at a time, so the only
-        copy held whole is the arrays themselves (4 bytes a value, not a Python float)."""
-        p = self._rows
-        stmt = (
-            sa.select(p.c.features, p.c.probabilities)
-            .where(p.c.created_at > since)
-            .order_by(p.c.created_at)
-            .limit(limit)
-        )
-        features, probabilities = [], []
-        for part in self._chunks(stmt, chunk_rows):
-            features.append(decode_rows([r.features for r in part]))
-            probabilities.append(decode_rows([r.probabilities for r in part]))
+        copies held whole are the arrays themselves (4 bytes a value, not a Python float):
+        those of the log's rows and of its requests' rows, merged by time."""
+        times, features, probabilities = [], [], []
+        for t in self._tables():
+            stmt = (
+                sa.select(t.c.created_at, t.c.features, t.c.probabilities)
+                .where(t.c.created_at > since)
+                .order_by(t.c.created_at)
+                .limit(limit)
+            )
+            for part in self._chunks(stmt, chunk_rows):
+                times.append(np.array([r.created_at for r in part], np.float64))
+                features.append(decode_rows([r.features for r in part]))
+                probabilities.append(decode_rows([r.probabilities for r in part]))
         if not features:
             return np.empty((0, 0), np.float32), np.empty((0, 0), np.float32)
-        return np.concatenate(features), np.concatenate(probabilities)
+        order = np.argsort(np.concatenate(times), kind="stable")[:limit]
+        return np.concatenate(features)[order], np.concatenate(probabilities)[order]
+
+    def _tables(self) -> tuple[sa.Table, ...]:
+        """Where every logged row is: the rows, and (SQLite) the requests' rows."""
+        return (predictions, request_rows) if self.units else (predictions,)
+
+    def _both(
+        self,
+        build: Callable[[sa.Table], sa.Select],
+        limit: int | None = None,
+        descending: bool = False,
+    ) -> list[sa.Row]:
+        """`build(table)` on each of `_tables()`, each in its own created_at order up to
+        the limit, merged by created_at and cut to the limit: the rows the same query on
+        all the log's rows gives. Two statements: a row copied into `predictions` between
+        them (its label arrived) is left out of that one read."""
+        with self._read() as conn:
+            parts = [conn.execute(build(t)).all() for t in self._tables()]
+        if len(parts) == 1 or not parts[1]:
+            return parts[0]
+        merged = sorted(parts[0] + parts[1], key=lambda r: r.created_at, reverse=descending)
+        return merged[:limit] if limit is not None else merged
 
     def _chunks(self, stmt: sa.Select, chunk_rows: int) -> Iterator[Sequence[sa.Row]]:
         """The rows of `stmt` in lists of at most `chunk_rows`. PostgreSQL streams them
@@ -840,12 +897,24 @@ class PredictionStore:
                 del rows
 
     def count(self, labelled: bool | None = None) -> int:
-        stmt = sa.select(sa.func.count()).select_from(self._rows)
+        """Logged rows (labelled ones only, with `labelled=True`). A row kept in its request
+        that has a record of its own (it was labelled) counts once."""
+        p = predictions
+        stmt = sa.select(sa.func.count()).select_from(p)
         if labelled is True:  # a labelled row always has a record of its own
-            stmt = sa.select(sa.func.count()).select_from(predictions)
-            stmt = stmt.where(predictions.c.true_label.is_not(None))
+            stmt = stmt.where(p.c.true_label.is_not(None))
         with self._read() as conn:
-            return int(conn.execute(stmt).scalar_one())
+            n = int(conn.execute(stmt).scalar_one())
+            if labelled is True or not self.units:
+                return n
+            r = prediction_requests
+            n += int(conn.execute(sa.select(sa.func.sum(r.c.n_rows))).scalar_one() or 0)
+            copies = conn.execute(  # labelled rows whose id is a request's row
+                sa.select(p.c.id, r.c.n_rows)
+                .join(r, r.c.prefix == sa.func.substr(p.c.id, 1, 32 - ROW_DIGITS))
+                .where(p.c.labelled_at.is_not(None), sa.func.length(p.c.id) == 32)
+            )
+            return n - sum(1 for pid, rows in copies if _row_index(pid) < rows)
 
     def insert_shadow(self, rows: Sequence[tuple]) -> int:
         """Shadow answers (tuples in SHADOW_COLUMNS order), idempotent on (id, version)."""
@@ -939,13 +1008,18 @@ class PredictionStore:
         """Per model version, for rows served since `since`: rows, p99 latency (ms) of the
         newest `limit` rows, labelled rows and accuracy on them, and failed rows counted in
         serving_events (answered by the champion instead)."""
-        p = self._rows
-        stmt = (
-            sa.select(p.c.model_version, p.c.latency_ms, p.c.label, p.c.true_label)
-            .where(p.c.model_name == name, p.c.created_at >= since)
-            .order_by(p.c.created_at.desc())
-            .limit(limit)
-        )
+
+        def build(p: sa.Table) -> sa.Select:
+            return (
+                sa.select(
+                    p.c.model_version, p.c.latency_ms, p.c.label, p.c.true_label, p.c.created_at
+                )
+                .where(p.c.model_name == name, p.c.created_at >= since)
+                .order_by(p.c.created_at.desc())
+                .limit(limit)
+            )
+
+        rows = self._both(build, limit, descending=True)
         ev = serving_events
         errors = (
             sa.select(ev.c.model_version, sa.func.sum(ev.c.rows))
@@ -953,11 +1027,10 @@ class PredictionStore:
             .group_by(ev.c.model_version)
         )
         with self._read() as conn:
-            rows = conn.execute(stmt).all()
             failed = {v: int(n or 0) for v, n in conn.execute(errors).all()}
         out: dict[str, dict] = {}
         by_version: dict[str, list] = {}
-        for version, latency, label, truth in rows:
+        for version, latency, label, truth, _ in rows:
             by_version.setdefault(version, []).append((latency, label, truth))
         for version in set(by_version) | set(failed):
             got = by_version.get(version, [])
@@ -977,38 +1050,42 @@ class PredictionStore:
     ) -> list[tuple]:
         """(version, created_at, labelled_at, label, true_label, probabilities) of rows
         served since `since`, oldest first: what pipeline/performance.py windows."""
-        p = self._rows
-        stmt = (
-            sa.select(
-                p.c.model_version, p.c.created_at, p.c.labelled_at, p.c.label, p.c.true_label,
-                p.c.probabilities,
-            )
-            .where(p.c.model_name == name, p.c.created_at >= since)
-            .order_by(p.c.created_at)
-            .limit(limit)
-        )  # fmt: skip
-        if until is not None:
-            stmt = stmt.where(p.c.created_at < until)
-        with self._read() as conn:
-            return [(*r[:5], decode_array(r[5])) for r in conn.execute(stmt)]
+
+        def build(p: sa.Table) -> sa.Select:
+            stmt = (
+                sa.select(
+                    p.c.model_version, p.c.created_at, p.c.labelled_at, p.c.label,
+                    p.c.true_label, p.c.probabilities,
+                )
+                .where(p.c.model_name == name, p.c.created_at >= since)
+                .order_by(p.c.created_at)
+                .limit(limit)
+            )  # fmt: skip
+            return stmt if until is None else stmt.where(p.c.created_at < until)
+
+        return [(*r[:5], decode_array(r[5])) for r in self._both(build, limit)]
 
     def unlabelled(self, name: str, since: float = 0.0, limit: int = 100_000) -> list[dict]:
         """Logged predictions still waiting for a label (for the label queue), newest first,
         with the shadow's label where a shadow scored them."""
-        p, sh = self._rows, shadow_predictions
-        stmt = (
-            sa.select(
-                p.c.id, p.c.created_at, p.c.model_version, p.c.label, p.c.probabilities,
-                sh.c.label.label("shadow_label"),
-            )
-            .outerjoin(sh, sh.c.id == p.c.id)
-            .where(p.c.model_name == name, p.c.true_label.is_(None), p.c.created_at >= since)
-            .order_by(p.c.created_at.desc())
-            .limit(limit)
-        )  # fmt: skip
-        with self._read() as conn:
-            found = conn.execute(stmt).mappings().all()
-        return [{**r, "probabilities": decode_array(r["probabilities"])} for r in found]
+        sh = shadow_predictions
+
+        def build(p: sa.Table) -> sa.Select:
+            return (
+                sa.select(
+                    p.c.id, p.c.created_at, p.c.model_version, p.c.label, p.c.probabilities,
+                    sh.c.label.label("shadow_label"),
+                )
+                .outerjoin(sh, sh.c.id == p.c.id)
+                .where(
+                    p.c.model_name == name, p.c.true_label.is_(None), p.c.created_at >= since
+                )
+                .order_by(p.c.created_at.desc())
+                .limit(limit)
+            )  # fmt: skip
+
+        found = self._both(build, limit, descending=True)
+        return [{**r._mapping, "probabilities": decode_array(r.probabilities)} for r in found]
 
     def add_performance(self, report: str) -> None:
         self._write(performance_reports.insert().values(created_at=time.time(), report=report))
@@ -1187,6 +1264,35 @@ class PredictionStore:
         self.engine.dispose()
 
 
+def _row_statements(requests: Sequence[LoggedRequest]) -> tuple[list[tuple], list[tuple]]:
+    """`_REQUEST_SQL`'s parameters for `requests`, and the rows of those it cannot take."""
+    params: list[tuple] = []
+    rows: list[tuple] = []
+    for request in requests:
+        for part in request.parts(_ROWS_PER_STATEMENT):  # no blob near SQLite's limit
+            values = part.parameters()
+            # json_each would end an id at a NUL; an SQLite before 3.38 has no `->>`
+            if not REQUEST_STATEMENTS or "\\u0000" in values[0]:
+                rows += part.rows()
+            else:
+                params.append(values)
+    return params, rows
+
+
+def _kept_ids(cursor, ids: Sequence[str]) -> set[str]:
+    """Of `ids`, those that name a row kept in a request record (DBAPI cursor, SQLite)."""
+    wanted = _by_prefix(ids)
+    prefixes = list(wanted)
+    known: set[str] = set()
+    for i in range(0, len(prefixes), 500):
+        chunk = prefixes[i : i + 500]
+        marks = ", ".join("?" * len(chunk))
+        sql = f"SELECT prefix, n_rows FROM prediction_requests WHERE prefix IN ({marks})"
+        for prefix, n_rows in cursor.execute(sql, chunk).fetchall():
+            known.update(pid for pid, k in wanted[prefix] if k < n_rows)
+    return known
+
+
 def _flat(rows: Sequence[tuple]) -> tuple:
     """Rows -> the parameters of one multi-row INSERT (the driver steps once, not per row);
     chained in C: half the time of a generator, on the GIL the event loop needs."""
@@ -1246,7 +1352,22 @@ def _label_outcomes(labels, existing, overwrite, classes=None):
     return outcomes, updates
 
 
-_GENERATED = re.compile(r"[0-9a-f]{32}")
+_GENERATED = re.compile(r"[0-9a-f]{32}")  # the shape of an id new_ids makes
+
+
+def _row_index(pid: str) -> int:
+    """The row a generated id names in its request (past any request's rows if it names
+    none: a client's id that only looks like one)."""
+    return int(pid[-ROW_DIGITS:], 16) if _GENERATED.fullmatch(pid) else 16**ROW_DIGITS
+
+
+def _by_prefix(ids: Iterable[str]) -> dict[str, list[tuple[str, int]]]:
+    """Ids shaped like new_ids' grouped by the request prefix they name, with their row."""
+    out: dict[str, list[tuple[str, int]]] = {}
+    for pid in ids:
+        if _GENERATED.fullmatch(pid):
+            out.setdefault(pid[:-ROW_DIGITS], []).append((pid, int(pid[-ROW_DIGITS:], 16)))
+    return out
 
 
 def new_ids(n: int) -> list[str]:

@@ -241,11 +241,10 @@ async def _log(
     if state.settings.log_mode == "off":
         return
     latency_ms = (time.perf_counter() - start) * 1000
-    if state.shadow is not None:  # its comparisons join the log's rows by id: log rows
-        ids = list(ids)
     logged = LoggedRequest(
-        ids, time.time(), used.name, used.version, rows, labels, probs, latency_ms
-    )
+        ids, time.time(), used.name, used.version, rows, labels, probs, latency_ms,
+        whole=state.shadow is None,  # a shadow's figures join the log's rows by id
+    )  # fmt: skip
     future = state.writer.submit(logged, wait=state.settings.log_mode == "durable")
     if future is not None:
         await future  # durable: answer only once the rows are committed

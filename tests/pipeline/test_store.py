@@ -476,3 +476,83 @@ def test_a_failed_label_request_keeps_the_kept_rows_readable(store):
     assert {o.status for o in outcomes} >= {"conflict"}
     assert store.count() == 3 and store.count(labelled=True) == 1
     assert store.get([request.ids[1]])[request.ids[1]]["true_label"] is None
+
+
+def test_a_client_sending_back_server_ids_logs_nothing_twice(store):
+    """Ids the server made, sent back as a client's own (a retry by a client that kept
+    them), name rows already logged: those rows are skipped, the first ones stay."""
+    first = _generated(3, seed=7, version="1")
+    assert store.insert_requests([first]) == 3
+    retry = _request([*first.ids, "client-new"], seed=8, version="2")
+    assert store.insert_requests([retry]) == 1  # only the id never seen before
+    assert store.count() == 4
+    assert {r["model_version"] for r in store.get(first.ids).values()} == {"1"}
+    # both in one commit group: the request's record goes in first, the retry's rows
+    # that name it are skipped
+    again, echo = _generated(2, seed=9), None
+    echo = _request([again.ids[1], "client-other"], seed=10, version="3")
+    assert store.insert_requests([again, echo]) == 3
+    assert store.get([again.ids[1]])[again.ids[1]]["model_version"] == "1"
+    assert store.count() == 7
+
+
+def test_a_label_request_that_applies_nothing_writes_nothing(store):
+    request = _generated(6, seed=11)
+    store.insert_requests([request])
+
+    def records() -> int:
+        with store.engine.connect() as conn:
+            return conn.exec_driver_sql("SELECT count(*) FROM predictions").scalar()
+
+    copied = records() + (1 if store.units else 0)  # PostgreSQL keeps rows all along
+    assert store.add_labels([(request.ids[0], 1)])[0].status == "labelled"
+    assert records() == copied
+    refused = store.add_labels([(request.ids[0], 2), (request.ids[1], 3)])  # a conflict
+    assert "conflict" in {o.status for o in refused}
+    assert store.add_labels([(request.ids[2], 99)])[0].status == "invalid_label"
+    assert records() == copied and store.count() == 6
+
+
+def test_readers_walk_the_request_index_in_order_up_to_the_limit(store):
+    """The newest rows come from both kinds of record, merged by time, and the request
+    rows' query stops at the limit (no sort of everything since `since`)."""
+    import sqlalchemy as sa
+
+    from pipeline.store import request_rows
+
+    older = _request(["c-0", "c-1"], seed=12)
+    older.created_at -= 10
+    newer = _generated(3, seed=13)
+    newest = _request(["c-2"], seed=14)
+    newest.created_at += 10
+    store.insert_requests([older, newer, newest])
+    assert [r["id"] for r in store.recent(limit=4)] == ["c-0", "c-1", *newer.ids[:2]]
+    waiting = store.unlabelled("m", limit=2)
+    assert [r["id"] for r in waiting] == ["c-2", newer.ids[0]]  # newest first, ties by store
+    assert store.version_stats("m", 0, limit=3)["1"]["rows"] == 3
+    f, _ = store.recent_arrays(limit=3)
+    assert np.array_equal(f, np.vstack([older.features, newer.features[:1]]))
+    if store.units:
+        t = request_rows
+        stmt = sa.select(t).where(t.c.created_at > 0).order_by(t.c.created_at).limit(10)
+        sql = str(stmt.compile(store.engine, compile_kwargs={"literal_binds": True}))
+        with store.engine.connect() as conn:
+            plan = " ".join(r[3] for r in conn.exec_driver_sql("EXPLAIN QUERY PLAN " + sql))
+        assert "ix_prediction_requests_created_at" in plan and "TEMP B-TREE" not in plan
+
+
+def test_requests_are_kept_whole_without_sqlite_338_statements(tmp_path, monkeypatch):
+    """An SQLite older than 3.38 (no `->>`) logs client-id requests as rows, and still
+    keeps and reads the server's requests as records (json_each is older)."""
+    import pipeline.store as store_module
+
+    monkeypatch.setattr(store_module, "REQUEST_STATEMENTS", False)
+    store = PredictionStore(f"sqlite:///{tmp_path / 'old.db'}").create()
+    request = _generated(4, seed=15)
+    assert store.insert_requests([request, _request(["c-9"], seed=16)]) == 5
+    assert store.count() == 5 and len(store.get(request.ids)) == 4
+    with store.engine.connect() as conn:
+        assert conn.exec_driver_sql("SELECT count(*) FROM prediction_requests").scalar() == 1
+    assert store.add_labels([(request.ids[2], 1)])[0].status == "labelled"
+    assert [r["id"] for r in store.labelled_since(0)] == [request.ids[2]]
+    store.dispose()
