@@ -308,36 +308,16 @@ class LoggedRequest:
         prefix = getattr(self.ids, "prefix", None)
         if prefix is None or not self.whole or len(self.ids) > _ROWS_PER_STATEMENT:
             return None
-        features, probabilities = self._arrays()
-        return (
-            prefix,
-            self.created_at,
-            self.model_name,
-            self.model_version,
-            len(self.ids),
-            features.tobytes(),
-            features.shape[1] * 4,
-            orjson.dumps(self.labels).decode(),
-            probabilities.tobytes(),
-            probabilities.shape[1] * 4,
-            self.latency_ms,
-        )
+        head = (prefix, self.created_at, self.model_name, self.model_version, len(self.ids))
+        return head + self._payload()
 
-    def _arrays(self) -> tuple[np.ndarray, np.ndarray]:
+    def _payload(self) -> tuple:
+        """The values both statements end with: the blobs, row widths, labels, latency."""
         features = np.ascontiguousarray(self.features, dtype="<f4")
         probabilities = np.ascontiguousarray(self.probabilities, dtype="<f4")
         if not len(features) == len(probabilities) == len(self.labels) == len(self.ids):
             raise ValueError("a logged request needs one id, row, label and output per row")
-        return features, probabilities
-
-    def parameters(self) -> tuple:
-        """`_REQUEST_SQL`'s parameters: ten values, whatever the number of rows."""
-        features, probabilities = self._arrays()
         return (
-            orjson.dumps(self.ids).decode(),
-            self.created_at,
-            self.model_name,
-            self.model_version,
             features.tobytes(),
             features.shape[1] * 4,
             orjson.dumps(self.labels).decode(),
@@ -345,6 +325,11 @@ class LoggedRequest:
             probabilities.shape[1] * 4,
             self.latency_ms,
         )
+
+    def parameters(self) -> tuple:
+        """`_REQUEST_SQL`'s parameters: ten values, whatever the number of rows."""
+        ids = orjson.dumps(self.ids).decode()
+        return (ids, self.created_at, self.model_name, self.model_version) + self._payload()
 
 
 def _has_json_each() -> bool:
