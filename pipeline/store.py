@@ -573,7 +573,10 @@ class PredictionStore:
             if not suspects and len(params) == 1 and not rows and not units:
                 cursor.execute(_REQUEST_SQL, params[0])
                 return max(cursor.rowcount, 0)
-            cursor.execute("BEGIN")
+            # IMMEDIATE: the write lock first (waiting out busy_timeout for another
+            # worker's commit), since `_kept_ids` may read before anything is written, and
+            # a read snapshot that another commit overtook cannot become a write
+            cursor.execute("BEGIN IMMEDIATE")
             new = 0
             for unit, n in units:  # a known prefix (a retried commit) adds nothing
                 cursor.execute(_UNIT_SQL, unit)
@@ -829,6 +832,7 @@ class PredictionStore:
         copies held whole are the arrays themselves (4 bytes a value, not a Python float):
         those of the log's rows and of its requests' rows, merged by time."""
         times, features, probabilities = [], [], []
+        sources = 0  # tables that had rows
         for t in self._tables():
             stmt = (
                 sa.select(t.c.created_at, t.c.features, t.c.probabilities)
@@ -836,14 +840,20 @@ class PredictionStore:
                 .order_by(t.c.created_at)
                 .limit(limit)
             )
+            before = len(features)
             for part in self._chunks(stmt, chunk_rows):
                 times.append(np.array([r.created_at for r in part], np.float64))
                 features.append(decode_rows([r.features for r in part]))
                 probabilities.append(decode_rows([r.probabilities for r in part]))
+            sources += len(features) > before
         if not features:
             return np.empty((0, 0), np.float32), np.empty((0, 0), np.float32)
+        if sources == 1:  # in order already, and within the limit
+            return np.concatenate(features), np.concatenate(probabilities)
+        # both: the first `limit` by time, each chunk copied to its places and let go, so
+        # the chunks and the output are all that is held (as for one table)
         order = np.argsort(np.concatenate(times), kind="stable")[:limit]
-        return np.concatenate(features)[order], np.concatenate(probabilities)[order]
+        return _gather(features, order), _gather(probabilities, order)
 
     def _tables(self) -> tuple[sa.Table, ...]:
         """Where every logged row is: the rows, and (SQLite) the requests' rows."""
@@ -894,10 +904,12 @@ class PredictionStore:
                 return n
             r = prediction_requests
             n += int(conn.execute(sa.select(sa.func.sum(r.c.n_rows))).scalar_one() or 0)
-            copies = conn.execute(  # labelled rows whose id is a request's row
+            # records whose id is a request's row (copies made for a label, and a client's
+            # row that came first), which the readers show in its place
+            copies = conn.execute(
                 sa.select(p.c.id, r.c.n_rows)
                 .join(r, r.c.prefix == sa.func.substr(p.c.id, 1, 32 - ROW_DIGITS))
-                .where(p.c.labelled_at.is_not(None), sa.func.length(p.c.id) == 32)
+                .where(sa.func.length(p.c.id) == 32)
             )
             return n - sum(1 for pid, rows in copies if _row_index(pid) < rows)
 
@@ -1247,6 +1259,24 @@ class PredictionStore:
                     self._insert_conn.close()
                 self._insert_conn = None
         self.engine.dispose()
+
+
+def _gather(parts: list[np.ndarray], order: np.ndarray) -> np.ndarray:
+    """Rows `order` of the parts stacked, without stacking them: each part's rows are
+    copied straight to their places in the output, and the part is let go (`parts` ends
+    empty)."""
+    out = np.empty((len(order), parts[0].shape[1]), parts[0].dtype)
+    place = np.full(sum(len(p) for p in parts), -1, np.int64)  # row -> its place, or none
+    place[order] = np.arange(len(order))
+    start = 0
+    while parts:
+        part = parts.pop(0)
+        places = place[start : start + len(part)]
+        keep = places >= 0
+        out[places[keep]] = part[keep]
+        start += len(part)
+        del part
+    return out
 
 
 def _row_statements(requests: Sequence[LoggedRequest]) -> tuple[list[tuple], list[tuple]]:

@@ -556,3 +556,36 @@ def test_requests_are_kept_whole_without_sqlite_338_statements(tmp_path, monkeyp
     assert store.add_labels([(request.ids[2], 1)])[0].status == "labelled"
     assert [r["id"] for r in store.labelled_since(0)] == [request.ids[2]]
     store.dispose()
+
+
+def test_client_ids_shaped_like_the_servers_commit_beside_another_writer(tmp_path):
+    """A group whose client ids look like the server's reads the request records before
+    it writes: beside another writer on the file (a second worker) it must take the write
+    lock first, or SQLite refuses to turn its read into a write (`database is locked`)."""
+    import threading
+
+    url = f"sqlite:///{tmp_path / 'two.db'}"
+    mine, theirs = PredictionStore(url).create(), PredictionStore(url)
+    stop, errors = threading.Event(), []
+
+    def other_worker() -> None:
+        k = 0
+        while not stop.is_set():
+            k += 1
+            theirs.insert_requests([_generated(2, seed=k)])
+
+    thread = threading.Thread(target=other_worker)
+    thread.start()
+    try:
+        for k in range(400):
+            try:
+                mine.insert_requests([_request([uuid.uuid4().hex for _ in range(4)], seed=k)])
+            except StoreUnavailable as exc:
+                errors.append(str(exc))
+    finally:
+        stop.set()
+        thread.join()
+    assert errors == []
+    assert mine.count() >= 1600
+    mine.dispose()
+    theirs.dispose()
