@@ -9,6 +9,7 @@ server worker receives the retry.
 from __future__ import annotations
 
 import contextlib
+import functools
 import itertools
 import json
 import logging
@@ -332,18 +333,18 @@ class LoggedRequest:
         return (ids, self.created_at, self.model_name, self.model_version) + self._payload()
 
 
+@functools.cache
 def _has_json_each() -> bool:
+    """The request records' rows are read through json_each (JSON1: built in since SQLite
+    3.38, and in nearly every build before); without it every request is logged as rows."""
     try:
-        return (
-            sqlite3.connect(":memory:").execute("SELECT count(*) FROM json_each('[1]')") is not None
-        )
+        with contextlib.closing(sqlite3.connect(":memory:")) as conn:
+            conn.execute("SELECT count(*) FROM json_each('[1]')")
+        return True
     except sqlite3.Error:
         return False
 
 
-# the request records' rows are read through json_each (JSON1: built in since SQLite 3.38,
-# and in nearly every build before); without it every request is logged as rows
-_JSON_EACH = _has_json_each()
 # SQLite 3.38 made JSON functions and `->>` part of every build: an older library (Ubuntu
 # 22.04 ships 3.37) logs the rows themselves
 REQUEST_STATEMENTS = sqlite3.sqlite_version_info >= (3, 38)
@@ -389,9 +390,9 @@ class PredictionStore:
         # commit is better made off the event loop (serving.runtime.LogWriter)
         self.wal_restart_pending = False
         self._dbapi_error = self.engine.dialect.loaded_dbapi.Error
-        # requests kept as one record each (SQLite with JSON functions), and the rows that
-        # readers of every logged row then read: the view over both kinds of record
-        self.units = self.dialect == "sqlite" and _JSON_EACH
+        # requests the server named kept as one record each (SQLite with json_each); the
+        # readers of every logged row then read those records' rows too (`_tables`)
+        self.units = self.dialect == "sqlite" and _has_json_each()
         self._path: str | None = None  # SQLite: the file every reader of the URL opens
         self._identity: tuple[int, int] | None = None  # (device, inode) of the file we write
         if self.dialect == "sqlite":
