@@ -447,6 +447,43 @@ def test_a_request_with_generated_ids_is_one_record_read_as_its_rows(store, tmp_
     rows_store.dispose()
 
 
+def test_request_records_of_one_size_are_one_statement(tmp_path, monkeypatch):
+    """A group's request records go in as one INSERT per size of request (cut every
+    _UNITS_PER_STATEMENT records), in one transaction; a retried group whose records are
+    partly kept already counts only the new rows, and a group of one size alone is one
+    statement with no BEGIN."""
+    import pipeline.store as store_module
+
+    store = PredictionStore(f"sqlite:///{tmp_path / 'log.db'}").create()
+    statements: list[str] = []
+    store._connection().set_trace_callback(statements.append)
+    monkeypatch.setattr(store_module, "_UNITS_PER_STATEMENT", 3)
+    ones = [_generated(1, seed=s) for s in range(7)]
+    sixty_fours = [_generated(64, seed=10 + s) for s in range(2)]
+    group = [ones[0], sixty_fours[0], *ones[1:5], sixty_fours[1]]
+    assert store.insert_requests(group) == 5 + 128
+    inserts = [s for s in statements if s.startswith("INSERT INTO prediction_requests")]
+    # the 1-row records as 3 + 2, the 64-row ones as one statement
+    assert sorted(s.count("), (") + 1 for s in inserts) == [2, 2, 3]
+    assert statements[0] == "BEGIN IMMEDIATE" and statements[-1] == "COMMIT"
+
+    statements.clear()
+    retried = [*ones[3:7], sixty_fours[1]]  # 2 of the 1-row records and one 64-row are kept
+    assert store.insert_requests(retried) == 2
+    statements.clear()
+    assert store.insert_requests([_generated(1, seed=20), _generated(1, seed=21)]) == 2
+    assert len(statements) == 1 and statements[0].startswith("INSERT")  # its own transaction
+
+    rows_store = PredictionStore(f"sqlite:///{tmp_path / 'rows.db'}").create()
+    everything = [*ones, *sixty_fours]
+    rows_store.insert([r for request in everything for r in request.rows()])
+    ids = [i for request in everything for i in request.ids]
+    assert store.get(ids) == rows_store.get(ids) and len(store.get(ids)) == 7 + 128
+    assert store.count() == 7 + 128 + 2
+    store.dispose()
+    rows_store.dispose()
+
+
 def test_a_label_gives_a_kept_row_its_own_record(store):
     request = _generated(64, seed=5)
     store.insert_requests([request])
