@@ -3,8 +3,9 @@
   (a) in-process torch inference (the limit, torch threads pinned as the server pins them),
   (b) `mlflow models serve --env-manager local -w 1`, (c) `mlops serve` with 1 worker and
   durable logging, and with 2 (one per core of the machine the bar was set on), (d) one
-  worker with logging off, (e) the peers (LitServe, MLServer, BentoML, bench/peers.py); and
-  `mlops predict`'s batch path on 64-row chunks, against (a).
+  worker with logging off (and two, `off-w2`, when named), (e) the peers (LitServe,
+  MLServer, BentoML, bench/peers.py); and `mlops predict`'s batch path on 64-row chunks,
+  against (a).
 
 Load comes from a keep-alive client (wrk when installed, else a Python asyncio client) at
 concurrency 1, 8 and 32, with 1-row and 64-row requests, after a warm-up. Prints req/s,
@@ -98,11 +99,11 @@ def _start(kind: str, root: Path, env: dict) -> tuple[Supervised, str]:
         env = {**env, "MLFLOW_TRACKING_URI": f"sqlite:///{root / 'mlflow.db'}"}
         health, path = "/ping", "/invocations"
     else:
-        workers = "2" if kind == "durable-w2" else "1"
+        workers = "2" if kind.endswith("-w2") else "1"
         cmd = [str(BIN / "mlops"), "serve", "--port", str(port), "--workers", workers]
         env = {
             **env,
-            "MLOPS_LOG_MODE": "off" if kind == "off" else "durable",
+            "MLOPS_LOG_MODE": "off" if kind.startswith("off") else "durable",
             "MLOPS_PREDICTION_DB_URL": f"sqlite:///{root / (kind + '.db')}",
         }
         if kind == "shadow":  # the champion in shadow of itself: every request scored twice
@@ -283,6 +284,7 @@ LABELS = {
     "off": "mlops serve (log off)",
     "v2": "mlops serve V2 (log on)",
     "durable-w2": "mlops serve -w 2 (log on)",
+    "off-w2": "mlops serve -w 2 (log off)",
     "shadow": "mlops serve + shadow (log on)",
 } | {name: peer.label for name, peer in peers.PEERS.items()}
 
@@ -296,7 +298,8 @@ def main() -> None:
         "--paths",
         default="mlflow,durable,durable-w2,off,v2,litserve,mlserver,bentoml",
         help="servers to measure (a subset, to iterate); v2 is mlops serve's /v2 route, "
-        "durable-w2 mlops serve --workers 2 (one per core here), shadow mlops serve with a "
+        "durable-w2 mlops serve --workers 2 (one per core here), off-w2 the same with the log "
+        "off (not measured unless named), shadow mlops serve with a "
         "shadow on every request (not measured unless named); the peers run in virtualenvs "
         "made on first use (bench/peers.py)",
     )
@@ -446,6 +449,9 @@ def _report(results: list[dict], loader: str, repeats: int) -> None:
     ratio("1-row p99 at c=8 vs MLflow (target <= 0.33)", on, 1, "p99_ms", ml)
     ratio("durable logging cost, 1-row c=8 (target <= 10%)", on, 1, "req_s", off, invert=True)
     ratio("durable logging cost, 64-row c=8 (target <= 10%)", on, 64, "rows_s", off, invert=True)
+    on2, off2 = LABELS["durable-w2"], LABELS["off-w2"]
+    ratio("durable logging cost with -w 2, 1-row c=8", on2, 1, "req_s", off2, invert=True)
+    ratio("durable logging cost with -w 2, 64-row c=8", on2, 64, "rows_s", off2, invert=True)
     shadow = LABELS["shadow"]
     ratio("shadow cost, 1-row c=8 (target <= 10%)", shadow, 1, "req_s", on, invert=True)
     ratio("shadow cost, 64-row c=8", shadow, 64, "rows_s", on, invert=True)
