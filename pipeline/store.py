@@ -872,8 +872,7 @@ class PredictionStore:
     ) -> list[sa.Row]:
         """`build(table)` on each of `_tables()`, each in its own created_at order up to
         the limit, merged by created_at and cut to the limit: the rows the same query on
-        all the log's rows gives. Two statements: a row copied into `predictions` between
-        them (its label arrived) is left out of that one read."""
+        all the log's rows gives. Two statements in one read transaction (`_read`)."""
         with self._read() as conn:
             parts = [conn.execute(build(t)).all() for t in self._tables()]
         if len(parts) == 1 or not parts[1]:
@@ -1246,11 +1245,17 @@ class PredictionStore:
 
     @contextmanager
     def _read(self):
+        """A connection for reads. Where the log has request records, one read transaction:
+        a reader's statements over the two tables see one snapshot, so a row whose label
+        (and so its own record) is written between them is neither missed nor seen twice.
+        The connection's close ends it (the pool rolls it back)."""
         try:
             conn = self.engine.connect()
         except sa.exc.SQLAlchemyError as exc:
             raise StoreUnavailable(f"prediction store {self.safe_url}: {_short(exc)}") from exc
         try:
+            if self.units:
+                conn.exec_driver_sql("BEGIN")  # pysqlite begins nothing before a SELECT
             yield conn
         except sa.exc.SQLAlchemyError as exc:
             raise StoreUnavailable(f"prediction store {self.safe_url}: {_short(exc)}") from exc

@@ -7,6 +7,7 @@ import uuid
 
 import numpy as np
 import pytest
+import sqlalchemy as sa
 
 from pipeline.store import (
     GeneratedIds,
@@ -482,6 +483,34 @@ def test_request_records_of_one_size_are_one_statement(tmp_path, monkeypatch):
     assert store.count() == 7 + 128 + 2
     store.dispose()
     rows_store.dispose()
+
+
+def test_a_label_written_between_a_readers_two_statements_is_seen_once(tmp_path):
+    """A reader of both tables (`recent`, `count`) sees one snapshot: a label written by
+    another process after it read `predictions` and before it read the request rows
+    (which copies the row from one to the other) neither hides the row nor shows it twice."""
+    path = tmp_path / "log.db"
+    store = PredictionStore(f"sqlite:///{path}").create()
+    other = PredictionStore(f"sqlite:///{path}")  # another process's store
+    request = _generated(8, seed=3)
+    store.insert_requests([request])
+    pending: list[str] = []
+
+    @sa.event.listens_for(store.engine, "before_cursor_execute")
+    def label_between(conn, cursor, statement, *args):
+        # each reader reads `predictions` first: the label lands after that statement
+        if "prediction_request" in statement and pending:
+            assert other.add_labels([(pending.pop(), 7)])[0].status == "labelled"
+
+    pending.append(request.ids[2])
+    rows = store.recent(limit=100)
+    assert sorted(r["id"] for r in rows) == sorted(request.ids) and not pending
+    pending.append(request.ids[5])
+    assert store.count() == 8 and not pending
+    sa.event.remove(store.engine, "before_cursor_execute", label_between)
+    assert store.count() == 8 and store.count(labelled=True) == 2
+    store.dispose()
+    other.dispose()
 
 
 def test_a_label_gives_a_kept_row_its_own_record(store):
