@@ -113,7 +113,7 @@ _UNIT_SQL = (
     "features, feature_bytes, labels, probabilities, probability_bytes, latency_ms) "
     "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT (prefix) DO NOTHING"
 )
-_UNITS_PER_STATEMENT = 256  # 11 parameters a record: far under SQLite's 32,766 variables
+_UNITS_PER_STATEMENT = 90  # 11 parameters a record: under the 999 of SQLite before 3.32
 
 
 @functools.lru_cache(maxsize=_UNITS_PER_STATEMENT)
@@ -838,19 +838,20 @@ class PredictionStore:
         those of the log's rows and of its requests' rows, merged by time."""
         times, features, probabilities = [], [], []
         sources = 0  # tables that had rows
-        for t in self._tables():
-            stmt = (
-                sa.select(t.c.created_at, t.c.features, t.c.probabilities)
-                .where(t.c.created_at > since)
-                .order_by(t.c.created_at)
-                .limit(limit)
-            )
-            before = len(features)
-            for part in self._chunks(stmt, chunk_rows):
-                times.append(np.array([r.created_at for r in part], np.float64))
-                features.append(decode_rows([r.features for r in part]))
-                probabilities.append(decode_rows([r.probabilities for r in part]))
-            sources += len(features) > before
+        with self._read() as conn:  # both tables in one snapshot
+            for t in self._tables():
+                stmt = (
+                    sa.select(t.c.created_at, t.c.features, t.c.probabilities)
+                    .where(t.c.created_at > since)
+                    .order_by(t.c.created_at)
+                    .limit(limit)
+                )
+                before = len(features)
+                for part in self._chunks(stmt, chunk_rows, conn):
+                    times.append(np.array([r.created_at for r in part], np.float64))
+                    features.append(decode_rows([r.features for r in part]))
+                    probabilities.append(decode_rows([r.probabilities for r in part]))
+                sources += len(features) > before
         if not features:
             return np.empty((0, 0), np.float32), np.empty((0, 0), np.float32)
         if sources == 1:  # in order already, and within the limit
@@ -880,20 +881,26 @@ class PredictionStore:
         merged = sorted(parts[0] + parts[1], key=lambda r: r.created_at, reverse=descending)
         return merged[:limit] if limit is not None else merged
 
-    def _chunks(self, stmt: sa.Select, chunk_rows: int) -> Iterator[Sequence[sa.Row]]:
+    def _chunks(
+        self, stmt: sa.Select, chunk_rows: int, conn: sa.Connection | None = None
+    ) -> Iterator[Sequence[sa.Row]]:
         """The rows of `stmt` in lists of at most `chunk_rows`. PostgreSQL streams them
         through a server-side cursor (`stream_results`), so neither the driver nor this
         process ever holds more than a chunk; SQLite's cursor steps through the table the
-        same way. One statement, so one consistent snapshot, however many chunks."""
-        with self._read() as conn:
-            streaming = conn.execution_options(stream_results=True, yield_per=chunk_rows)
-            result = streaming.execute(stmt)
-            # Result.partitions() would do, but its generator keeps the chunk it yielded
-            # while fetching the next one: two chunks at once (a caller that drops its own
-            # reference before asking for the next holds one).
-            while rows := result.fetchmany(chunk_rows):
-                yield rows
-                del rows
+        same way. One statement, so one consistent snapshot, however many chunks; on
+        `conn` (a `_read` connection), in that reader's snapshot."""
+        if conn is None:
+            with self._read() as own:
+                yield from self._chunks(stmt, chunk_rows, own)
+            return
+        streaming = conn.execution_options(stream_results=True, yield_per=chunk_rows)
+        result = streaming.execute(stmt)
+        # Result.partitions() would do, but its generator keeps the chunk it yielded while
+        # fetching the next one: two chunks at once (a caller that drops its own reference
+        # before asking for the next holds one).
+        while rows := result.fetchmany(chunk_rows):
+            yield rows
+            del rows
 
     def count(self, labelled: bool | None = None) -> int:
         """Logged rows (labelled ones only, with `labelled=True`). A row kept in its request
@@ -1254,7 +1261,10 @@ class PredictionStore:
         except sa.exc.SQLAlchemyError as exc:
             raise StoreUnavailable(f"prediction store {self.safe_url}: {_short(exc)}") from exc
         try:
-            if self.units:
+            # a file only: an in-memory database's pool hands this thread's one connection
+            # to every checkout, the insert connection's included, and a BEGIN here would
+            # take in (and roll back) an insert made while a reader is open
+            if self.units and self._path is not None:
                 conn.exec_driver_sql("BEGIN")  # pysqlite begins nothing before a SELECT
             yield conn
         except sa.exc.SQLAlchemyError as exc:

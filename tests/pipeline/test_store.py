@@ -507,10 +507,28 @@ def test_a_label_written_between_a_readers_two_statements_is_seen_once(tmp_path)
     assert sorted(r["id"] for r in rows) == sorted(request.ids) and not pending
     pending.append(request.ids[5])
     assert store.count() == 8 and not pending
+    pending.append(request.ids[6])
+    features, _ = store.recent_arrays()
+    assert len(features) == 8 and not pending
     sa.event.remove(store.engine, "before_cursor_execute", label_between)
-    assert store.count() == 8 and store.count(labelled=True) == 2
+    assert store.count() == 8 and store.count(labelled=True) == 3
     store.dispose()
     other.dispose()
+
+
+def test_an_in_memory_log_keeps_an_insert_made_while_a_reader_is_open():
+    """An in-memory database gives every checkout on a thread one connection: a reader's
+    transaction there would take in an insert made meanwhile and roll it back."""
+    store = PredictionStore("sqlite://").create()
+    store.insert(_rows(["a", "b", "c"]))
+    chunks = store.labelled_chunks(-1.0, 1)  # a reader left open part-way
+    store.add_labels([("a", 1)])
+    next(chunks)
+    assert store.insert_requests([_generated(4, seed=2)]) == 4
+    assert len(store.recent()) == 7  # a reader inside another, on the same thread
+    chunks.close()
+    assert store.count() == 7
+    store.dispose()
 
 
 def test_a_label_gives_a_kept_row_its_own_record(store):
