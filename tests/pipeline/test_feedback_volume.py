@@ -219,8 +219,8 @@ def test_the_drift_checks_read_is_chunked_and_equals_the_rows_read(store, monkey
     sizes: list[int] = []
     chunks = store._chunks
 
-    def spy(stmt, chunk_rows):
-        for part in chunks(stmt, chunk_rows):
+    def spy(stmt, chunk_rows, *conn):
+        for part in chunks(stmt, chunk_rows, *conn):
             sizes.append(len(part))
             yield part
 
