@@ -25,6 +25,10 @@ def _small_blocks(monkeypatch):
 
 @pytest.fixture
 def predictor(served):
+    import mlflow
+
+    # this project's registry, whatever an earlier test pointed MLflow's global at
+    mlflow.set_tracking_uri(get_settings().tracking_uri)
     return load_predictor(get_settings().model_name, "1")[0]
 
 
