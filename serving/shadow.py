@@ -31,6 +31,10 @@ SUMMARY_EVERY_S = 10.0  # how often the agreement and accuracy gauges are read f
 # Once rows wait, gather for this long before a pass: a pass per request would cost the
 # event loop a wake-up and the GIL per request (1-row traffic paid ~25% for that).
 GATHER_S = 0.01
+# A label's and a shadow answer's stamps are taken before their commits, and a label can
+# arrive before the shadow's answer is written: each read of the pairs starts this long
+# before the previous read did, so a half committed late is still counted (once).
+LATENESS_S = 60.0
 
 
 class Shadow:
@@ -50,7 +54,11 @@ class Shadow:
         self.counts = {"scored": 0, "agreed": 0, "skipped": 0, "failed": 0}
         self.summary: list[dict] = []
         self._pairs: dict[tuple[str, str], list[int]] = {}  # labelled, right each
-        self._mark = self.started_at  # labels after this are not counted yet
+        self._after = self.started_at  # pairs stamped after this are read again
+        # (id, shadow version) -> (seen at, champion version, right each) of the pairs
+        # counted whose stamps are after _after: what a read may return a second time
+        self._seen: dict[tuple[str, str], tuple[float, str, int, int]] = {}
+        self._summary_lock = threading.Lock()  # the thread's reads, and any caller's
 
     def start(self) -> None:
         self._thread.start()
@@ -145,19 +153,38 @@ class Shadow:
 
     def _summarise(self) -> None:
         """Agreement (this process's own counts) and both versions' accuracy on the same
-        labelled rows, kept up to date incrementally: each call reads only the rows
-        labelled since the last one (a full join every few seconds grew with the log)."""
+        labelled rows, kept up to date incrementally: each call reads only the pairs
+        stamped since a little before the last call (a full join every few seconds grew
+        with the log) and counts a pair once, whichever of its halves came last. A row
+        re-labelled within LATENESS_S of its first label is counted with its new label;
+        one re-labelled later is counted again."""
+        with self._summary_lock:
+            self._summarise_locked()
+
+    def _summarise_locked(self) -> None:
+        start = time.time()
         try:
-            found = self.store.shadow_labelled_since(self.settings.model_name, self._mark)
+            found = self.store.shadow_labelled_since(self.settings.model_name, self._after)
         except Exception as exc:  # noqa: BLE001 - a store hiccup must not stop the shadow
             log.debug("shadow summary: %s", exc)
             return
-        for champ, shadow, label, shadow_label, truth, labelled_at in found:
+        for pid, champ, shadow, label, shadow_label, truth, at in found:
+            right_c, right_s = int(label == truth), int(shadow_label == truth)
+            old = self._seen.get((pid, shadow))
+            if old is not None:
+                if old[1:] == (champ, right_c, right_s):
+                    continue  # counted already
+                earlier = self._pairs[(old[1], shadow)]  # re-labelled: the new label counts
+                earlier[0] -= 1
+                earlier[1] -= old[2]
+                earlier[2] -= old[3]
             pair = self._pairs.setdefault((champ, shadow), [0, 0, 0])
             pair[0] += 1
-            pair[1] += label == truth
-            pair[2] += shadow_label == truth
-            self._mark = max(self._mark, labelled_at)
+            pair[1] += right_c
+            pair[2] += right_s
+            self._seen[(pid, shadow)] = (at, champ, right_c, right_s)
+        self._after = max(self.started_at, start - LATENESS_S)
+        self._seen = {k: v for k, v in self._seen.items() if v[0] > self._after}
         self.summary = [
             {
                 "champion": champ,
@@ -167,6 +194,7 @@ class Shadow:
                 "shadow_accuracy": right_s / n,
             }
             for (champ, shadow), (n, right_c, right_s) in self._pairs.items()
+            if n
         ]
         if self.counts["scored"]:
             metrics.SHADOW.labels("agreement").set(self.counts["agreed"] / self.counts["scored"])

@@ -97,10 +97,15 @@ def test_shadow_leaves_answers_alone_logs_its_own_and_compares_on_labels(
         _wait(lambda: store.shadow_summary(get_settings().model_name))
         labels = [{"id": i, "label": int(t)} for i, t in zip(ids, y[:120], strict=True)]
         assert c.post("/feedback", json={"labels": labels}).status_code == 200
-        state.shadow._summarise()
+        # the last shadow answers may still be on their way to the log: each is counted
+        # once it lands, though its label came first
+        _wait(
+            lambda: (
+                state.shadow._summarise() or [s["labelled"] for s in state.shadow.summary] == [120]
+            )
+        )
         (summary,) = state.shadow.summary
         assert summary["champion"] == "1" and summary["shadow"] == candidate
-        assert summary["labelled"] == 120
         state.shadow._summarise()  # incremental: the same labels are not counted twice
         assert state.shadow.summary[0]["labelled"] == 120
         (whole,) = store.shadow_summary(get_settings().model_name)  # mlops status's figure
