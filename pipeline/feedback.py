@@ -8,7 +8,8 @@ The loop's data lives in one DVC-tracked directory, `data/loop/`:
 
 Only rows with a ground-truth label come back (never the model's own prediction); rows are
 de-duplicated by prediction id (a re-labelled id keeps its newest label); the watermark
-makes a second pull add nothing; a lock makes two concurrent pulls safe.
+makes a second pull add nothing (it reads again from a minute before it, for labels that
+were committed late); a lock makes two concurrent pulls safe.
 
 Training never sees one example twice: `training_frames` also drops feedback rows whose
 features equal a bootstrap row or a newer feedback row (a content hash of the feature
@@ -43,11 +44,16 @@ log = logging.getLogger(__name__)
 BOOTSTRAP, FEEDBACK, STATE = "bootstrap.parquet", "feedback.parquet", "feedback_state.json"
 SOURCE = "source.json"  # where the bootstrap pool came from: {"source", "source_hash"}
 ID = "id"
+# A label's labelled_at is stamped before its transaction commits, so a label can become
+# visible after a pull that read newer ones. Each pull reads again from this long before
+# the watermark (de-duplication by id makes the rows read twice add nothing), so a label
+# committed late is pulled by the next pull instead of never.
+LATENESS_S = 60.0
 
 
 @dataclass
 class PullReport:
-    pulled: int  # labelled rows read from the log since the watermark
+    pulled: int  # labelled rows read from the log since LATENESS_S before the watermark
     new: int  # rows added or re-labelled in feedback.parquet
     quarantined: int
     total_feedback: int
@@ -100,8 +106,10 @@ def pull_feedback(
         _staged(quarantine_dir / "feedback.csv") as bad_csv,
     ):
         state = read_state(loop_dir)
-        # >= and de-duplication by id: rows sharing the watermark's timestamp are not missed.
-        pull = _read_log(store, state["watermark"] - 1e-6, schema, chunk_rows, staged, bad_csv)
+        # from before the watermark, de-duplicated by id: rows that share its timestamp or
+        # were committed after the last pull read past their stamp are not missed
+        after = state["watermark"] - LATENESS_S
+        pull = _read_log(store, after, schema, chunk_rows, staged, bad_csv)
         if not pull.rows:
             total = pq.read_metadata(path).num_rows if path.exists() else 0
             return PullReport(0, 0, 0, total, state["watermark"])
@@ -119,10 +127,16 @@ def pull_feedback(
         elif new:
             write_atomic(path, lambda p: _rewrite(p, path, staged, pulled[ID], chunk_rows))
         write_json_atomic(
-            {"watermark": pull.watermark, "pulls": state["pulls"] + 1, "pulled_at": time.time()},
+            {
+                "watermark": max(pull.watermark, state["watermark"]),
+                "pulls": state["pulls"] + 1,
+                "pulled_at": time.time(),
+            },
             loop_dir / STATE,
         )
-    report = PullReport(pull.rows, new, pull.quarantined, total, pull.watermark)
+    report = PullReport(
+        pull.rows, new, pull.quarantined, total, max(pull.watermark, state["watermark"])
+    )
     log.info(
         "feedback pull: %d labelled rows read, %d new, %d in all",
         report.pulled,

@@ -10,7 +10,7 @@ import pandas as pd
 import pytest
 
 from pipeline.feedback import FEEDBACK, pull_feedback, read_state, training_frames
-from pipeline.store import PredictionStore, encode_rows
+from pipeline.store import PredictionStore, encode_rows, predictions
 from pipeline.validate import Schema
 
 SCHEMA = Schema(tuple(f"pixel{i}" for i in range(64)), 10)
@@ -61,6 +61,33 @@ def test_second_pull_adds_nothing_and_new_labels_are_added(store, tmp_path):
     store.add_labels([("b", 2)])
     third = pull_feedback(store, loop, SCHEMA, tmp_path / "q")
     assert third.new == 1 and third.total_feedback == 2
+
+
+def test_a_label_committed_after_a_pull_that_read_past_its_stamp_is_pulled_next(store, tmp_path):
+    """labelled_at is stamped before the commit: a slow transaction's label can become
+    visible only after a pull has read newer labels and moved the watermark past it."""
+    loop = tmp_path / "loop"
+    _log(store, ["a", "slow"])
+    stamped = time.time()  # the slow request stamps its label ...
+    time.sleep(0.01)
+    store.add_labels([("a", 1)])  # ... a quicker one commits a newer label
+    first = pull_feedback(store, loop, SCHEMA, tmp_path / "q")
+    assert first.new == 1 and first.watermark > stamped
+    with store.engine.begin() as conn:  # ... and the slow one commits now
+        conn.execute(
+            predictions.update()
+            .where(predictions.c.id == "slow")
+            .values(true_label=2, labelled_at=stamped)
+        )
+    second = pull_feedback(store, loop, SCHEMA, tmp_path / "q")
+    frame = pd.read_parquet(loop / FEEDBACK)
+    assert second.new == 1 and dict(zip(frame["id"], frame["label"], strict=True)) == {
+        "a": 1,
+        "slow": 2,
+    }
+    assert read_state(loop)["watermark"] == first.watermark  # it never goes back
+    third = pull_feedback(store, loop, SCHEMA, tmp_path / "q")
+    assert third.new == 0 and third.total_feedback == 2
 
 
 def test_relabelled_id_keeps_one_row_with_the_newest_label(store, tmp_path):

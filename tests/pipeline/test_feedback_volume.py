@@ -13,7 +13,7 @@ import pyarrow.parquet as pq
 import pytest
 import sqlalchemy as sa
 
-from pipeline.feedback import FEEDBACK, STATE, pull_feedback, read_state
+from pipeline.feedback import FEEDBACK, LATENESS_S, STATE, pull_feedback, read_state
 from pipeline.store import PredictionStore, decode_rows, encode_rows, labelled_query
 from pipeline.validate import Schema
 
@@ -94,7 +94,7 @@ def test_chunked_pull_equals_one_read_through_relabels_and_repeats(store, tmp_pa
 
     # each id once, with its newest label: the old rows that came again (re-labelled, or
     # sharing the watermark) make way for the rows of this pull, in the order of the log
-    pulled = _one_read(store, chunked.watermark - 1e-6)
+    pulled = _one_read(store, chunked.watermark - LATENESS_S)
     assert len(pulled) > len(relabelled) - len(was_9) + len(newcomers)  # some at the mark
     kept = expected[~expected["id"].isin(set(pulled["id"]))]
     expected = pd.concat([kept, pulled], ignore_index=True)
@@ -256,7 +256,7 @@ def test_a_feedback_file_written_before_is_merged_chunk_by_chunk(tmp_path):
     _label(store, [(i, 6) for i in ids[100:130]], overwrite=True)
     _label(store, [(i, 2) for i in ids[450:]])
     report = _pull(store, tmp_path, "a", CHUNK)
-    pulled = _one_read(store, mark - 1e-6)  # the re-labelled, the new, those at the mark
+    pulled = _one_read(store, mark - LATENESS_S)  # the re-labelled, the new, those read again
     store.dispose()
     assert (report.pulled, report.new, report.total_feedback) == (len(pulled), 30 + 150, 600)
     expected = pd.concat([old[~old["id"].isin(set(pulled["id"]))], pulled], ignore_index=True)
