@@ -998,39 +998,22 @@ class PredictionStore:
 
     def shadow_labelled_since(self, name: str, after: float) -> list[tuple]:
         """(id, champion version, shadow version, champion's label, shadow's label, truth,
-        seen at) of the labelled rows a shadow scored whose label or shadow answer is
-        stamped after `after`: what the server adds to its running accuracy figures.
-
-        Either half of a pair can be the later one (a shadow answer is written a moment
-        after it is scored, and a label can come in between), so both halves are looked
-        for, each by its own index, in one snapshot; `seen at` is the later stamp. A
-        caller reading again from a little before its last read (stamps are taken before
-        the commit) gets every pair, some twice: it keeps the ids it counted."""
+        labelled_at) of rows labelled after `after` that a shadow scored: what the server
+        adds to its running accuracy figures (the labelled-rows index keeps it cheap). A
+        pair shows once both halves are in: a shadow answer is written a moment after it
+        is scored, so a label can come first; the caller reads again from a little before
+        its last read and keeps the ids it counted."""
         p, sh = predictions, shadow_predictions
-        cols = (
-            sh.c.id, p.c.model_version, sh.c.model_version, p.c.label, sh.c.label,
-            p.c.true_label, p.c.labelled_at, sh.c.created_at,
-        )  # fmt: skip
-        by_label = (
-            sa.select(*cols)
+        stmt = (
+            sa.select(
+                p.c.id, p.c.model_version, sh.c.model_version, p.c.label, sh.c.label,
+                p.c.true_label, p.c.labelled_at,
+            )
             .join(sh, sh.c.id == p.c.id)
             .where(p.c.model_name == name, p.c.labelled_at > after)
-        )
-        by_answer = (
-            sa.select(*cols)
-            .join(p, p.c.id == sh.c.id)
-            .where(sh.c.created_at > after, p.c.model_name == name, p.c.true_label.is_not(None))
-        )
-        found: dict[tuple[str, str], tuple] = {}
+        )  # fmt: skip
         with self._read() as conn:
-            for stmt in (by_label, by_answer):
-                for pid, champ, shadow, label, shadow_label, truth, at, created in conn.execute(
-                    stmt
-                ):
-                    found[(pid, shadow)] = (
-                        pid, champ, shadow, label, shadow_label, truth, max(at, created),
-                    )  # fmt: skip
-        return list(found.values())
+            return [tuple(r) for r in conn.execute(stmt)]
 
     def version_stats(self, name: str, since: float, limit: int = 200_000) -> dict[str, dict]:
         """Per model version, for rows served since `since`: rows, p99 latency (ms) of the

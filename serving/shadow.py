@@ -31,9 +31,9 @@ SUMMARY_EVERY_S = 10.0  # how often the agreement and accuracy gauges are read f
 # Once rows wait, gather for this long before a pass: a pass per request would cost the
 # event loop a wake-up and the GIL per request (1-row traffic paid ~25% for that).
 GATHER_S = 0.01
-# A label's and a shadow answer's stamps are taken before their commits, and a label can
-# arrive before the shadow's answer is written: each read of the pairs starts this long
-# before the previous read did, so a half committed late is still counted (once).
+# A label can arrive before the shadow's answer is written, and its stamp is taken before
+# its commit: each read of the labelled pairs starts this long before the previous read
+# did, so a pair completed late is still counted (once).
 LATENESS_S = 60.0
 
 
@@ -54,9 +54,9 @@ class Shadow:
         self.counts = {"scored": 0, "agreed": 0, "skipped": 0, "failed": 0}
         self.summary: list[dict] = []
         self._pairs: dict[tuple[str, str], list[int]] = {}  # labelled, right each
-        self._after = self.started_at  # pairs stamped after this are read again
-        # (id, shadow version) -> (seen at, champion version, right each) of the pairs
-        # counted whose stamps are after _after: what a read may return a second time
+        self._after = self.started_at  # rows labelled after this are read again
+        # (id, shadow version) -> (labelled at, champion version, right each) of the pairs
+        # counted that were labelled after _after: what a read may return a second time
         self._seen: dict[tuple[str, str], tuple[float, str, int, int]] = {}
         self._summary_lock = threading.Lock()  # the thread's reads, and any caller's
 
@@ -153,11 +153,11 @@ class Shadow:
 
     def _summarise(self) -> None:
         """Agreement (this process's own counts) and both versions' accuracy on the same
-        labelled rows, kept up to date incrementally: each call reads only the pairs
-        stamped since a little before the last call (a full join every few seconds grew
-        with the log) and counts a pair once, whichever of its halves came last. A row
-        re-labelled within LATENESS_S of its first label is counted with its new label;
-        one re-labelled later is counted again."""
+        labelled rows, kept up to date incrementally: each call reads only the rows
+        labelled since LATENESS_S before the last call (a full join every few seconds grew
+        with the log) and counts each pair once, though it is read again and its shadow
+        answer may land after its label. A row re-labelled within LATENESS_S of its last
+        label is counted with its new label; one re-labelled later is counted again."""
         with self._summary_lock:
             self._summarise_locked()
 
@@ -173,6 +173,7 @@ class Shadow:
             old = self._seen.get((pid, shadow))
             if old is not None:
                 if old[1:] == (champ, right_c, right_s):
+                    self._seen[(pid, shadow)] = (max(old[0], at), *old[1:])  # a newer stamp
                     continue  # counted already
                 earlier = self._pairs[(old[1], shadow)]  # re-labelled: the new label counts
                 earlier[0] -= 1
