@@ -138,7 +138,10 @@ def test_a_shadow_joins_the_rows_of_requests_the_server_named(served, monkeypatc
         ids = [p["id"] for a in answers for p in a["predictions"]]
         _wait(lambda: state.shadow.counts["scored"] >= 40)
         store = _store()
-        _wait(lambda: (store.shadow_summary(get_settings().model_name) or [{}])[0].get("rows"))
+        # every answer written (the writer commits them a moment after they are scored)
+        _wait(
+            lambda: (store.shadow_summary(get_settings().model_name) or [{}])[0].get("rows") == 40
+        )
         labels = [{"id": i, "label": int(t)} for i, t in zip(ids, y[:40], strict=True)]
         assert c.post("/feedback", json={"labels": labels}).status_code == 200
         (whole,) = store.shadow_summary(get_settings().model_name)
