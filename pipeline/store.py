@@ -18,6 +18,7 @@ import re
 import sqlite3
 import threading
 import time
+import urllib.parse
 import uuid
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
@@ -343,6 +344,21 @@ class LoggedRequest:
 
 
 @functools.cache
+def _sqlite_file(url: sa.engine.URL) -> str | None:
+    """The file an SQLite URL opens, also when spelled as a URI (`sqlite:///file:log.db?
+    uri=true`); None for an in-memory database (`sqlite://`, `:memory:`, `mode=memory`)."""
+    database = url.database or ""
+    if database.startswith("file:") and url.query.get("uri") in ("true", "1"):  # else a name
+        if url.query.get("mode") == "memory":
+            return None
+        database = urllib.parse.unquote(database[len("file:") :].split("?", 1)[0])
+        if database.startswith("//"):  # file://host/path: the host is empty or localhost
+            database = "/" + database[2:].partition("/")[2]
+    if not database or database == ":memory:":
+        return None
+    return os.path.abspath(database)
+
+
 def _has_json_each() -> bool:
     """The request records' rows are read through json_each (JSON1: built in since SQLite
     3.38, and in nearly every build before); without it every request is logged as rows."""
@@ -406,9 +422,7 @@ class PredictionStore:
         self._identity: tuple[int, int] | None = None  # (device, inode) of the file we write
         if self.dialect == "sqlite":
             event.listen(self.engine, "connect", _sqlite_pragmas)
-            database = sa.engine.make_url(url).database
-            if database and database != ":memory:" and not database.startswith("file:"):
-                self._path = os.path.abspath(database)
+            self._path = _sqlite_file(sa.engine.make_url(url))
 
     def create(self) -> PredictionStore:
         """Create the tables if missing (safe to call from several processes at once)."""

@@ -485,12 +485,14 @@ def test_request_records_of_one_size_are_one_statement(tmp_path, monkeypatch):
     rows_store.dispose()
 
 
-def test_a_label_written_between_a_readers_two_statements_is_seen_once(tmp_path):
+@pytest.mark.parametrize("spelling", ["sqlite:///{}", "sqlite:///file:{}?uri=true"])
+def test_a_label_written_between_a_readers_two_statements_is_seen_once(tmp_path, spelling):
     """A reader of both tables (`recent`, `count`) sees one snapshot: a label written by
     another process after it read `predictions` and before it read the request rows
-    (which copies the row from one to the other) neither hides the row nor shows it twice."""
+    (which copies the row from one to the other) neither hides the row nor shows it twice.
+    A database file named as an SQLite URI is a file too."""
     path = tmp_path / "log.db"
-    store = PredictionStore(f"sqlite:///{path}").create()
+    store = PredictionStore(spelling.format(path)).create()
     other = PredictionStore(f"sqlite:///{path}")  # another process's store
     request = _generated(8, seed=3)
     store.insert_requests([request])
@@ -673,3 +675,26 @@ def test_client_ids_shaped_like_the_servers_commit_beside_another_writer(tmp_pat
     assert mine.count() >= 1600
     mine.dispose()
     theirs.dispose()
+
+
+@pytest.mark.parametrize(
+    "url, expected",
+    [
+        ("sqlite://", None),
+        ("sqlite:///:memory:", None),
+        ("sqlite:///file::memory:?cache=shared&uri=true", None),
+        ("sqlite:///file:x.db?mode=memory&uri=true", None),
+        ("sqlite:///log.db", "log.db"),
+        ("sqlite:///file:log.db", "file:log.db"),  # not a URI without uri=true: a name
+        ("sqlite:///file:my%20log.db?mode=rwc&uri=true", "my log.db"),
+        ("sqlite:///file:///abs/log.db?uri=true", "/abs/log.db"),
+    ],
+)
+def test_the_file_an_sqlite_url_opens(url, expected, tmp_path, monkeypatch):
+    """The file a store watches and reads in one transaction; none for memory (there a
+    reader's BEGIN would roll back an insert, see above)."""
+    from pipeline.store import _sqlite_file
+
+    monkeypatch.chdir(tmp_path)
+    found = _sqlite_file(sa.engine.make_url(url))
+    assert found == (None if expected is None else str(tmp_path / expected))
