@@ -201,7 +201,10 @@ def shadow_figures(settings: Settings, since: float) -> dict | None:
 
 def loop_guards(params: Params, expected_rows: int) -> RolloutParams:
     """The demo's canary sees one round's share of traffic in a few seconds, so its sample
-    sizes and window are scaled to that (params' rollout section caps them)."""
+    sizes and window are scaled to that (params' rollout section caps them). Its labels
+    always come (the loop posts them), so it promotes only once accuracy was judged: on a
+    slow machine the window could end before them, and an unjudged candidate, the faulty
+    one included, was promoted."""
     g = params.rollout
     enough = max(5, expected_rows // 3)
     return g.model_copy(
@@ -210,6 +213,7 @@ def loop_guards(params: Params, expected_rows: int) -> RolloutParams:
             "check_interval_s": min(g.check_interval_s, 0.5),
             "min_samples": min(g.min_samples, enough),
             "min_labels": min(g.min_labels, enough),
+            "require_labels": True,
         }
     )
 

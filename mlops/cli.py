@@ -763,7 +763,9 @@ def rollout_start(
     typer.echo(
         f"canary: v{started['candidate']} takes {started['fraction']:.0%} of clients beside "
         f"@champion v{started['champion']}; promoted after {started['window_s']:g} s within "
-        "the guard rails, rolled back at once on a breach (`mlops rollout status`)"
+        "the guard rails"
+        + (" and once accuracy was judged on labels" if guards.require_labels else "")
+        + ", rolled back at once on a breach (`mlops rollout status`)"
     )
 
 

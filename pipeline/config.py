@@ -181,6 +181,9 @@ class RolloutParams(_Section):
     p99_slack_ms: float = Field(default=5.0, ge=0)  # ... plus this, so noise at 1 ms cannot trip it
     min_labels: int = Field(default=50, ge=1)  # labelled rows of each before accuracy counts
     max_accuracy_drop: float = Field(default=0.02, ge=0, le=1)  # candidate vs champion
+    # promote only once accuracy was judged (both have min_labels labelled rows): where the
+    # labels are sure to come, a window that ends before they do must not promote unjudged
+    require_labels: bool = False
 
 
 class ScheduleParams(_Section):

@@ -8,7 +8,8 @@ of its id (sticky: a client sees one version) and log every answered row under t
 that answered; rows the candidate failed are answered by the champion and counted in
 `serving_events`. The guards compare the candidate with the champion over the rollout's own
 period: error rate, p99 latency and, once both have labelled rows, accuracy. A breach rolls
-back at once; passing for `window_s` with enough rows promotes. Every step is a ledger entry.
+back at once; passing for `window_s` with enough rows (and, with `require_labels`, accuracy
+judged) promotes. Every step is a ledger entry.
 """
 
 from __future__ import annotations
@@ -90,6 +91,7 @@ def start(
         candidate,
         f"canary: v{candidate} takes {guards.fraction:.0%} of clients beside champion "
         f"v{champion}; promoted after {guards.window_s:g} s within the guard rails"
+        + (" once accuracy was judged" if guards.require_labels else "")
         + (f" ({why})" if why else ""),
         {"fraction": guards.fraction, **(figures or {})},
         candidate=candidate,
@@ -138,6 +140,15 @@ def evaluate(store: PredictionStore, rollout: dict, now: float | None = None) ->
     if breaches:
         return Verdict("abort", breaches, figures)
     if now - rollout["started_at"] >= g.window_s:
+        if g.require_labels and "candidate_accuracy" not in figures:
+            return Verdict(
+                "wait",
+                [
+                    f"window over; accuracy not judged yet: {c.get('labelled', 0)} candidate "
+                    f"and {h.get('labelled', 0)} champion labelled rows of {g.min_labels} each"
+                ],
+                figures,
+            )
         return Verdict("promote", [f"within the guard rails for {g.window_s:g} s"], figures)
     left = g.window_s - (now - rollout["started_at"])
     return Verdict("wait", [f"within the guard rails; {left:.0f} s of the window left"], figures)

@@ -13,7 +13,7 @@ from pipeline import rollout
 from pipeline.config import RolloutParams, get_settings
 from pipeline.ledger import entries as ledger
 from pipeline.registry import CHAMPION, alias_version
-from pipeline.store import PredictionStore, encode_rows
+from pipeline.store import PredictionStore, encode_rows, rollouts
 from serving.app import create_app
 from tests.serving.helpers import digits_stream
 
@@ -181,9 +181,10 @@ def test_canary_splits_by_client_sticks_and_a_good_candidate_is_promoted(
     settings = get_settings()
     with _app(monkeypatch, MLOPS_ROLLOUT_POLL_S="0.1") as c:
         state = c.app.state.mlops
-        # a window long enough that the split and stickiness are seen while the canary runs,
-        # even on a loaded machine (400 requests took over 4 s in a full suite run)
-        started = rollout.start(settings, candidate, _guards(p99_slack_ms=1000, window_s=20))
+        # a window no machine ends while the split and stickiness are seen (400 requests
+        # took over 4 s in a full suite run); once they are, the start is moved back by it
+        window = 600
+        started = rollout.start(settings, candidate, _guards(p99_slack_ms=1000, window_s=window))
         assert started["champion"] == "1"
         _wait(lambda: state.canary.rollout is not None and state.canary.manager.current)
         seen: dict[str, str] = {}
@@ -198,6 +199,12 @@ def test_canary_splits_by_client_sticks_and_a_good_candidate_is_promoted(
             res = _as_client(c, x[:1], client)
             assert res.headers["X-Model-Version"] == seen[client]
         assert state.canary.rollout is not None  # all of that while the canary ran
+        with _store().engine.begin() as conn:  # the window is over: the servers promote
+            conn.execute(
+                rollouts.update()
+                .where(rollouts.c.seq == started["seq"])
+                .values(started_at=rollouts.c.started_at - window)
+            )
         _wait(lambda: alias_version(settings.model_name, CHAMPION) == candidate, timeout=60)
         _wait(lambda: state.manager.current.version == candidate)
     actions = [e["action"] for e in ledger(settings)]
@@ -272,6 +279,25 @@ def test_guard_rails_on_logged_rows_error_rate_latency_and_waiting(tmp_path):
     verdict = rollout.evaluate(slow_store, r2)
     assert verdict.decision == "abort" and "p99" in verdict.reasons[0]
     assert verdict.figures["candidate_p99_ms"] == pytest.approx(40.0)
+
+
+def test_with_require_labels_a_window_over_waits_until_accuracy_is_judged(tmp_path):
+    """Where the labels are sure to come (the loop posts them), a canary whose window ends
+    before they do is not promoted unjudged: it waits, then accuracy decides."""
+    store = PredictionStore(f"sqlite:///{tmp_path / 'p.db'}").create()
+    guards = _guards(min_samples=10, min_labels=10, require_labels=True)
+    r = _fake_rollout(store, guards)
+    _log(store, "1", 40, 2.0)
+    _log(store, "2", 40, 2.0)
+    later = r["started_at"] + guards.window_s + 1
+    verdict = rollout.evaluate(store, r, now=later)
+    assert verdict.decision == "wait" and "accuracy not judged" in verdict.reasons[0]
+    default = r | {"guards": guards.model_copy(update={"require_labels": False}).model_dump_json()}
+    assert rollout.evaluate(store, default, now=later).decision == "promote"
+    # champion right on all 20 labelled rows, the candidate on 10: rolled back
+    store.add_labels([(f"1-{k}", 0) for k in range(20)] + [(f"2-{k}", k % 2) for k in range(20)])
+    verdict = rollout.evaluate(store, r, now=later)
+    assert verdict.decision == "abort" and "accuracy" in verdict.reasons[0]
 
 
 def test_one_rollout_at_a_time_and_manual_abort(served, monkeypatch):
