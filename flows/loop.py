@@ -168,7 +168,11 @@ def _safe_rollout(
         "decision": "kept",
     }
     if gate["passed"] or faulty:
-        guards = loop_guards(params, expected_rows=int(second.size * params.rollout.fraction))
+        guards = loop_guards(
+            params,
+            expected_rows=int(second.size * params.rollout.fraction),
+            all_labelled=labels["budget"] is None,
+        )
         # the demo's canary takes at least a third of the clients, so its share is seen
         fraction = max(params.rollout.fraction, 0.34)
         start_canary(settings, server, guards, version, fraction, gate)

@@ -199,12 +199,12 @@ def shadow_figures(settings: Settings, since: float) -> dict | None:
     return found[0] if found else None
 
 
-def loop_guards(params: Params, expected_rows: int) -> RolloutParams:
+def loop_guards(params: Params, expected_rows: int, all_labelled: bool = True) -> RolloutParams:
     """The demo's canary sees one round's share of traffic in a few seconds, so its sample
-    sizes and window are scaled to that (params' rollout section caps them). Its labels
-    always come (the loop posts them), so it promotes only once accuracy was judged: on a
-    slow machine the window could end before them, and an unjudged candidate, the faulty
-    one included, was promoted."""
+    sizes and window are scaled to that (params' rollout section caps them). When the loop
+    labels every row it promotes only once accuracy was judged: on a slow machine the
+    window could end before the labels came, and an unjudged candidate, the faulty one
+    included, was promoted. Under a label budget, too few labels may come to judge it."""
     g = params.rollout
     enough = max(5, expected_rows // 3)
     return g.model_copy(
@@ -213,7 +213,7 @@ def loop_guards(params: Params, expected_rows: int) -> RolloutParams:
             "check_interval_s": min(g.check_interval_s, 0.5),
             "min_samples": min(g.min_samples, enough),
             "min_labels": min(g.min_labels, enough),
-            "require_labels": True,
+            "require_labels": all_labelled,
         }
     )
 
