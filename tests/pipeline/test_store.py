@@ -347,6 +347,38 @@ def test_wal_checkpoints_follow_commits_and_an_idle_store_runs_none(tmp_path):
         store.dispose()
 
 
+@pytest.mark.parametrize("rows, most, least", [(1, 13, 0), (256, None, 20)])
+def test_small_commits_gather_for_a_checkpoint_large_ones_do_not_wait(
+    tmp_path, rows, most, least
+):
+    """A commit every 5 ms for 1 s: of 1-row requests (296 bytes of arrays), a checkpoint
+    at most every max_interval_s (0.1 s); of 256-row ones (76 KiB, over batch_bytes),
+    one every interval_s (0.01 s) as before."""
+    store = PredictionStore(f"sqlite:///{tmp_path / 'log.db'}")
+    checkpoints = []
+
+    @sa.event.listens_for(store.engine, "connect")
+    def traced(dbapi_conn, _record):
+        dbapi_conn.set_trace_callback(
+            lambda sql: checkpoints.append(1) if "wal_checkpoint" in sql else None
+        )
+
+    store.create()
+    stop = store.start_checkpoints(
+        interval_s=0.01, check_s=5, max_interval_s=0.1, batch_bytes=32 * 1024
+    )
+    try:
+        end = time.monotonic() + 1.0
+        while time.monotonic() < end:
+            store.insert(_rows(new_ids(rows)))
+            time.sleep(0.005)
+    finally:
+        stop.set()
+        store.dispose()
+    assert len(checkpoints) >= max(least, 1)
+    assert most is None or len(checkpoints) <= most
+
+
 def test_a_checkpoint_that_empties_the_wal_marks_the_next_commit_as_a_restart(tmp_path):
     """The commit after a complete checkpoint starts the WAL over and syncs its header: the
     store says so (the log writer then makes that commit off the event loop)."""

@@ -167,3 +167,90 @@ def test_small_groups_commit_on_the_loop_but_not_the_one_that_restarts_the_wal(t
         assert store.count() == 12
     finally:
         store.dispose()
+
+
+class InlineStore(PredictionStore):
+    """A real store that records the size of each commit, the event loop's inline ones too."""
+
+    def __init__(self, url: str) -> None:
+        super().__init__(url)
+        self.commits: list[int] = []
+
+    def insert_requests(self, requests, blocking=True):
+        new = super().insert_requests(requests, blocking)
+        if new is not None:
+            self.commits.append(sum(map(len, requests)))
+        return new
+
+
+@pytest.mark.parametrize("coming", [True, False])
+def test_a_small_group_waits_for_the_next_when_it_is_on_its_way(tmp_path, coming):
+    """While more answers are on their way (the batcher is busy), a small group is not
+    answered on its own commit: it waits for the next group, and the two are one commit.
+    Nothing is answered before its rows are committed. With nothing coming, each group
+    commits at once."""
+    store = InlineStore(f"sqlite:///{tmp_path / 'log.db'}").create()
+
+    async def main():
+        writer = LogWriter(store, max_queue=100)
+        writer.more_coming = lambda: coming
+        writer.start()
+        writer.schema_ready = True
+        first = [writer.submit(_rows(f"a{i}")) for i in range(3)]
+        await asyncio.sleep(0)  # the iteration ends: its flush runs
+        await asyncio.sleep(0)
+        assert all(f.done() for f in first) is not coming  # held, unanswered
+        assert store.count() == (0 if coming else 3)
+        second = [writer.submit(_rows(f"b{i}")) for i in range(2)]
+        await asyncio.wait_for(asyncio.gather(*first, *second), 5)
+        await writer.close()
+
+    asyncio.run(main())
+    assert store.commits == ([5] if coming else [3, 2])
+    assert store.count() == 5
+    store.dispose()
+
+
+def test_a_held_group_that_no_group_follows_is_committed_after_the_hold(tmp_path):
+    from serving.runtime import HOLD_S
+
+    store = InlineStore(f"sqlite:///{tmp_path / 'log.db'}").create()
+
+    async def main():
+        writer = LogWriter(store, max_queue=100)
+        writer.more_coming = lambda: True  # it says so, but nothing comes
+        writer.start()
+        writer.schema_ready = True
+        started = time.monotonic()
+        await asyncio.wait_for(writer.submit(_rows("alone")), 5)
+        waited = time.monotonic() - started
+        await writer.close()
+        return waited
+
+    waited = asyncio.run(main())
+    assert HOLD_S * 0.9 <= waited < 1.0  # the hold's length, then its own commit
+    assert store.commits == [1] and store.count() == 1
+    store.dispose()
+
+
+def test_a_group_over_half_the_inline_bound_is_not_held(tmp_path):
+    """Two such groups would be too large to commit on the loop together: no gain in
+    holding one (64-row requests commit one a commit, as before)."""
+    from serving.runtime import INLINE_ROWS
+
+    store = InlineStore(f"sqlite:///{tmp_path / 'log.db'}").create()
+
+    async def main():
+        writer = LogWriter(store, max_queue=100)
+        writer.more_coming = lambda: True
+        writer.start()
+        writer.schema_ready = True
+        future = writer.submit(_rows("big", INLINE_ROWS // 2 + 1))
+        await asyncio.sleep(0)
+        await asyncio.sleep(0)
+        assert future.done()  # committed in its own iteration
+        await writer.close()
+
+    asyncio.run(main())
+    assert store.commits == [INLINE_ROWS // 2 + 1]
+    store.dispose()
