@@ -1198,10 +1198,11 @@ class PredictionStore:
         """SQLite: checkpoint the WAL from a background thread (PASSIVE: never blocks a
         writer), so commits on the request path do not pay for it. Returns a stop event.
 
-        A checkpoint follows new commits by `interval_s` at most, and an idle server runs
-        none. Its pages go to the database file and are synced, and while that sync runs
-        the commits made meanwhile wait on the disk (ext4 here: a WAL write waits for the
-        journal the sync commits), so the smaller each checkpoint, the shorter the wait.
+        A checkpoint follows new commits by `interval_s` (but see below for small ones),
+        and an idle server runs none. Its pages go to the database file and are synced,
+        and while that sync runs the commits made meanwhile wait on the disk (ext4 here: a
+        WAL write waits for the journal the sync commits), so the smaller each checkpoint,
+        the shorter the wait.
         `mlops serve` with 64-row requests from one client, p99 latency, servers side by
         side taking turns of 4 s: a checkpoint every 2 s 121-167 ms, every 0.5 s 23-36 ms,
         every 0.1 s 5.4-18.6 ms, every 0.03 s 3.7-4.5 ms, every 0.01 s 2.5-3.4 ms (the log
@@ -1217,7 +1218,8 @@ class PredictionStore:
         many commits changed it, and 1-row requests change the same few pages over and
         over: at 1 x 8, one every 0.05 s instead of 0.01 s gave 5.8% more requests a second
         (docs/benchmarks.md), while the p99 that small checkpoints keep short is a matter
-        of large requests, which still get one every 0.01 s (a 64-row request is 18.5 KiB).
+        of a server busy with large requests, which still gets one every 0.01 s (64-row
+        requests, 18.5 KiB each, come several to 0.01 s even from one client).
         """
         if self.dialect != "sqlite":
             return None
@@ -1242,6 +1244,8 @@ class PredictionStore:
                     if stop.wait(interval_s):
                         break
                     waited += interval_s
+                if stop.is_set():
+                    continue
                 self._written.clear()
                 self._unsynced = 0
                 try:

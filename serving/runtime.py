@@ -172,7 +172,6 @@ class MicroBatcher:
         self.inline_rows = inline_rows  # passes this small run on the event loop itself
         self._slow_inline: dict[str, int] = {}  # version -> slow inline passes in a row
         self.arriving = 0  # requests inside a handler that will call predict()
-        self._passing = False  # a pass is under way on the inference thread
         self._queue: asyncio.Queue | None = None
         self._task: asyncio.Task | None = None
         # one inference thread for the champion and a canary alike (passes never compete)
@@ -192,10 +191,9 @@ class MicroBatcher:
             self._executor.shutdown(wait=True)
 
     def busy(self) -> bool:
-        """Answers on their way: requests being parsed, queued, or in a pass."""
-        return (
-            self.arriving > 0 or self._passing or not (self._queue is None or self._queue.empty())
-        )
+        """Answers on their way: requests being parsed or queued for a pass. Not a pass on
+        the inference thread: that one may well take longer than a log group's hold."""
+        return self.arriving > 0 or not (self._queue is None or self._queue.empty())
 
     async def predict(self, rows: np.ndarray) -> tuple[np.ndarray, LoadedModel]:
         assert self._queue is not None
@@ -243,13 +241,9 @@ class MicroBatcher:
                     self._slow_inline.get(model.version, 0) + 1 if slow else 0
                 )
             else:
-                self._passing = True
-                try:
-                    probs = await asyncio.get_running_loop().run_in_executor(
-                        self._executor, model.predictor.predict_proba, batch
-                    )
-                finally:
-                    self._passing = False
+                probs = await asyncio.get_running_loop().run_in_executor(
+                    self._executor, model.predictor.predict_proba, batch
+                )
         except Exception as exc:  # noqa: BLE001 - handed to each waiting request
             for _, fut in items:
                 if not fut.done():
@@ -269,10 +263,13 @@ class MicroBatcher:
 
 
 INLINE_ROWS = 64
-# A small group whose next one is already on its way (parsed or in a pass) waits for it, at
-# most this long, so the two are one commit: 1-row requests at concurrency 8 made 3.9 a
-# commit, and a commit of a few rows costs the loop about the same whatever its size.
+# A small group whose next one is already on its way (being parsed or queued for a pass)
+# waits for it, at most this long, so the two are one commit: 1-row requests at
+# concurrency 8 made 3.9 a commit, and a commit of a few rows costs the loop about the same
+# whatever its size. A hold that nothing joined turns holding off for HOLD_PAUSE_S (a slow
+# upload, counted as on its way, would otherwise cost every group the whole hold).
 HOLD_S = 0.002
+HOLD_PAUSE_S = 0.1
 
 
 class LogWriter:
@@ -301,6 +298,7 @@ class LogWriter:
         self._shadow: queue.SimpleQueue = queue.SimpleQueue()
         self._pending: list[tuple] = []  # this iteration's submissions (event loop only)
         self._held: list[tuple] = []  # a small group waiting for the next (event loop only)
+        self._hold_after = 0.0  # loop time before which no group is held
         # whether more answers are on their way (the batcher's `busy`): a small group then
         # waits for them, up to HOLD_S; None: never
         self.more_coming: Callable[[], bool] | None = None
@@ -350,18 +348,22 @@ class LogWriter:
         # held only where two such groups still commit here (larger ones gain little)
         hold = small and not held and rows <= self.inline_rows // 2
         if hold and self.more_coming is not None and self.more_coming():
-            self._held = items  # the next group's flush takes these along, or the timer
             assert self._loop is not None
-            self._loop.call_later(HOLD_S, self._release)
-            return
+            if self._loop.time() >= self._hold_after:
+                self._held = items  # the next group's flush takes these along, or the timer
+                self._loop.call_later(HOLD_S, self._release)
+                return
         if small and self._commit_inline(items, rows):
             return
         metrics.LOG_QUEUE.inc(rows)
         self._queue.put(items)
 
     def _release(self) -> None:
-        """The held group, if no next group came for it (one that came has a flush due)."""
+        """The held group, if no next group came for it (one that came has a flush due);
+        holding then pauses."""
         if self._held and not self._pending:
+            assert self._loop is not None
+            self._hold_after = self._loop.time() + HOLD_PAUSE_S
             self._flush()
 
     def _commit_inline(self, items: list, rows: int) -> bool:
@@ -386,6 +388,7 @@ class LogWriter:
 
     async def close(self, timeout: float = 30.0) -> None:
         """Stop after draining everything already submitted (graceful shutdown)."""
+        self.more_coming = None  # nothing is held from here on
         self._flush()
         self._stop.set()
         await asyncio.to_thread(self._thread.join, timeout)

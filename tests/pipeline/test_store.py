@@ -348,9 +348,7 @@ def test_wal_checkpoints_follow_commits_and_an_idle_store_runs_none(tmp_path):
 
 
 @pytest.mark.parametrize("rows, most, least", [(1, 13, 0), (256, None, 20)])
-def test_small_commits_gather_for_a_checkpoint_large_ones_do_not_wait(
-    tmp_path, rows, most, least
-):
+def test_small_commits_gather_for_a_checkpoint_large_ones_do_not_wait(tmp_path, rows, most, least):
     """A commit every 5 ms for 1 s: of 1-row requests (296 bytes of arrays), a checkpoint
     at most every max_interval_s (0.1 s); of 256-row ones (76 KiB, over batch_bytes),
     one every interval_s (0.01 s) as before."""

@@ -233,6 +233,37 @@ def test_a_held_group_that_no_group_follows_is_committed_after_the_hold(tmp_path
     store.dispose()
 
 
+def test_a_hold_nothing_joined_pauses_holding_and_close_holds_nothing(tmp_path, monkeypatch):
+    """A slow upload counts as on its way for as long as it lasts: after one hold that
+    nothing joined, groups commit at once for a while. And close() commits what it drains
+    at once, however long a hold would be."""
+    import serving.runtime as runtime
+
+    store = InlineStore(f"sqlite:///{tmp_path / 'log.db'}").create()
+
+    async def main():
+        writer = LogWriter(store, max_queue=100)
+        writer.more_coming = lambda: True
+        writer.start()
+        writer.schema_ready = True
+        await asyncio.wait_for(writer.submit(_rows("alone")), 5)  # held, then released
+        following = writer.submit(_rows("next"))
+        await asyncio.sleep(0)  # the iteration ends: its flush runs
+        await asyncio.sleep(0)
+        assert following.done()  # committed at once, not held again
+        writer._hold_after = 0.0  # the pause over
+        monkeypatch.setattr(runtime, "HOLD_S", 30.0)
+        last = writer.submit(_rows("last"))  # and close() in the same iteration
+        started = time.monotonic()
+        await writer.close()
+        assert last.done() and last.exception() is None
+        assert time.monotonic() - started < 5
+
+    asyncio.run(main())
+    assert store.count() == 3 and store.commits == [1, 1, 1]
+    store.dispose()
+
+
 def test_a_group_over_half_the_inline_bound_is_not_held(tmp_path):
     """Two such groups would be too large to commit on the loop together: no gain in
     holding one (64-row requests commit one a commit, as before)."""
