@@ -298,6 +298,7 @@ class LogWriter:
         self._shadow: queue.SimpleQueue = queue.SimpleQueue()
         self._pending: list[tuple] = []  # this iteration's submissions (event loop only)
         self._held: list[tuple] = []  # a small group waiting for the next (event loop only)
+        self._hold_timer: asyncio.TimerHandle | None = None  # commits it if none comes
         self._hold_after = 0.0  # loop time before which no group is held
         # whether more answers are on their way (the batcher's `busy`): a small group then
         # waits for them, up to HOLD_S; None: never
@@ -336,6 +337,9 @@ class LogWriter:
         held = bool(self._held)
         if held:
             items, self._held = self._held + items, []
+            if self._hold_timer is not None:
+                self._hold_timer.cancel()  # a timer left over would cut a later hold short
+                self._hold_timer = None
         if not items:
             return
         rows = sum(len(batch) for batch, _, _ in items)
@@ -351,7 +355,7 @@ class LogWriter:
             assert self._loop is not None
             if self._loop.time() >= self._hold_after:
                 self._held = items  # the next group's flush takes these along, or the timer
-                self._loop.call_later(HOLD_S, self._release)
+                self._hold_timer = self._loop.call_later(HOLD_S, self._release)
                 return
         if small and self._commit_inline(items, rows):
             return
@@ -361,6 +365,7 @@ class LogWriter:
     def _release(self) -> None:
         """The held group, if no next group came for it (one that came has a flush due);
         holding then pauses."""
+        self._hold_timer = None
         if self._held and not self._pending:
             assert self._loop is not None
             self._hold_after = self._loop.time() + HOLD_PAUSE_S

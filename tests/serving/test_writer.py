@@ -285,3 +285,31 @@ def test_a_group_over_half_the_inline_bound_is_not_held(tmp_path):
     asyncio.run(main())
     assert store.commits == [INLINE_ROWS // 2 + 1]
     store.dispose()
+
+
+def test_a_hold_that_was_joined_leaves_no_timer_to_cut_the_next_one_short(tmp_path, monkeypatch):
+    import serving.runtime as runtime
+
+    monkeypatch.setattr(runtime, "HOLD_S", 0.05)
+    store = InlineStore(f"sqlite:///{tmp_path / 'log.db'}").create()
+
+    async def main():
+        writer = LogWriter(store, max_queue=100)
+        writer.more_coming = lambda: True
+        writer.start()
+        writer.schema_ready = True
+        first = writer.submit(_rows("a"))
+        await asyncio.sleep(0)
+        await asyncio.sleep(0)
+        assert not first.done()  # held
+        await asyncio.wait_for(asyncio.gather(first, writer.submit(_rows("b"))), 5)  # joined
+        await asyncio.sleep(0.03)
+        started = time.monotonic()
+        await asyncio.wait_for(writer.submit(_rows("c")), 5)  # its own hold, all of it
+        waited = time.monotonic() - started
+        await writer.close()
+        return waited
+
+    assert asyncio.run(main()) >= 0.04  # the first hold's timer would have ended it at 0.02
+    assert store.commits == [2, 1]
+    store.dispose()
