@@ -87,3 +87,18 @@ def pg_url():
     yield sqlalchemy_url(admin.rsplit("/", 1)[0] + f"/{name}")
     with psycopg.connect(admin, autocommit=True) as conn:
         conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def store_on_both(request, tmp_path):
+    """A fresh prediction store on SQLite, then on a fresh PostgreSQL database."""
+    from pipeline.store import PredictionStore
+
+    url = (
+        f"sqlite:///{tmp_path / 'log.db'}"
+        if request.param == "sqlite"
+        else request.getfixturevalue("pg_url")
+    )
+    s = PredictionStore(url).create()
+    yield s
+    s.dispose()

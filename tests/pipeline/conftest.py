@@ -30,18 +30,3 @@ def full_digits(settings, params, tmp_path):
     report = ingest(str(source), settings.raw_dir, settings.quarantine_dir, params)
     preprocess(settings.raw_dir / "dataset.parquet", settings.processed_dir, params)
     return report
-
-
-@pytest.fixture(params=["sqlite", "postgresql"])
-def store_on_both(request, tmp_path):
-    """A fresh prediction store on SQLite, then on a fresh PostgreSQL database."""
-    from pipeline.store import PredictionStore
-
-    url = (
-        f"sqlite:///{tmp_path / 'log.db'}"
-        if request.param == "sqlite"
-        else request.getfixturevalue("pg_url")
-    )
-    s = PredictionStore(url).create()
-    yield s
-    s.dispose()

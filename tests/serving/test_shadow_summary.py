@@ -13,20 +13,13 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 
-from pipeline.store import PredictionStore, encode_rows, predictions
+from pipeline.store import encode_rows, predictions
 from serving.shadow import Shadow
 
 
-@pytest.fixture(params=["sqlite", "postgresql"])
-def store(request, tmp_path):
-    url = (
-        f"sqlite:///{tmp_path / 'log.db'}"
-        if request.param == "sqlite"
-        else request.getfixturevalue("pg_url")
-    )
-    s = PredictionStore(url).create()
-    yield s
-    s.dispose()
+@pytest.fixture
+def store(store_on_both):
+    return store_on_both
 
 
 def _shadow(store) -> Shadow:

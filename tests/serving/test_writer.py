@@ -183,6 +183,15 @@ class InlineStore(PredictionStore):
         return new
 
 
+def _holding_writer(store: PredictionStore, coming: bool = True) -> LogWriter:
+    """A started writer (inside a running loop) whose batcher says more is `coming`."""
+    writer = LogWriter(store, max_queue=100)
+    writer.more_coming = lambda: coming
+    writer.start()
+    writer.schema_ready = True
+    return writer
+
+
 @pytest.mark.parametrize("coming", [True, False])
 def test_a_small_group_waits_for_the_next_when_it_is_on_its_way(tmp_path, coming):
     """While more answers are on their way (the batcher is busy), a small group is not
@@ -192,10 +201,7 @@ def test_a_small_group_waits_for_the_next_when_it_is_on_its_way(tmp_path, coming
     store = InlineStore(f"sqlite:///{tmp_path / 'log.db'}").create()
 
     async def main():
-        writer = LogWriter(store, max_queue=100)
-        writer.more_coming = lambda: coming
-        writer.start()
-        writer.schema_ready = True
+        writer = _holding_writer(store, coming)
         first = [writer.submit(_rows(f"a{i}")) for i in range(3)]
         await asyncio.sleep(0)  # the iteration ends: its flush runs
         await asyncio.sleep(0)
@@ -217,10 +223,7 @@ def test_a_held_group_that_no_group_follows_is_committed_after_the_hold(tmp_path
     store = InlineStore(f"sqlite:///{tmp_path / 'log.db'}").create()
 
     async def main():
-        writer = LogWriter(store, max_queue=100)
-        writer.more_coming = lambda: True  # it says so, but nothing comes
-        writer.start()
-        writer.schema_ready = True
+        writer = _holding_writer(store)  # it says more is coming, but nothing comes
         started = time.monotonic()
         await asyncio.wait_for(writer.submit(_rows("alone")), 5)
         waited = time.monotonic() - started
@@ -242,10 +245,7 @@ def test_a_hold_nothing_joined_pauses_holding_and_close_holds_nothing(tmp_path, 
     store = InlineStore(f"sqlite:///{tmp_path / 'log.db'}").create()
 
     async def main():
-        writer = LogWriter(store, max_queue=100)
-        writer.more_coming = lambda: True
-        writer.start()
-        writer.schema_ready = True
+        writer = _holding_writer(store)
         await asyncio.wait_for(writer.submit(_rows("alone")), 5)  # held, then released
         following = writer.submit(_rows("next"))
         await asyncio.sleep(0)  # the iteration ends: its flush runs
@@ -272,10 +272,7 @@ def test_a_group_over_half_the_inline_bound_is_not_held(tmp_path):
     store = InlineStore(f"sqlite:///{tmp_path / 'log.db'}").create()
 
     async def main():
-        writer = LogWriter(store, max_queue=100)
-        writer.more_coming = lambda: True
-        writer.start()
-        writer.schema_ready = True
+        writer = _holding_writer(store)
         future = writer.submit(_rows("big", INLINE_ROWS // 2 + 1))
         await asyncio.sleep(0)
         await asyncio.sleep(0)
@@ -294,10 +291,7 @@ def test_a_hold_that_was_joined_leaves_no_timer_to_cut_the_next_one_short(tmp_pa
     store = InlineStore(f"sqlite:///{tmp_path / 'log.db'}").create()
 
     async def main():
-        writer = LogWriter(store, max_queue=100)
-        writer.more_coming = lambda: True
-        writer.start()
-        writer.schema_ready = True
+        writer = _holding_writer(store)
         first = writer.submit(_rows("a"))
         await asyncio.sleep(0)
         await asyncio.sleep(0)
