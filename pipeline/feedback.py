@@ -126,17 +126,12 @@ def pull_feedback(
             write_atomic(path, lambda p: os.replace(staged, p))
         elif new:
             write_atomic(path, lambda p: _rewrite(p, path, staged, pulled[ID], chunk_rows))
+        # never back: the row at the watermark is read again (a label's stamp only grows)
         write_json_atomic(
-            {
-                "watermark": max(pull.watermark, state["watermark"]),
-                "pulls": state["pulls"] + 1,
-                "pulled_at": time.time(),
-            },
+            {"watermark": pull.watermark, "pulls": state["pulls"] + 1, "pulled_at": time.time()},
             loop_dir / STATE,
         )
-    report = PullReport(
-        pull.rows, new, pull.quarantined, total, max(pull.watermark, state["watermark"])
-    )
+    report = PullReport(pull.rows, new, pull.quarantined, total, pull.watermark)
     log.info(
         "feedback pull: %d labelled rows read, %d new, %d in all",
         report.pulled,

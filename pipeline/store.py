@@ -343,7 +343,6 @@ class LoggedRequest:
         return (ids, self.created_at, self.model_name, self.model_version) + self._payload()
 
 
-@functools.cache
 def _sqlite_file(url: sa.engine.URL) -> str | None:
     """The file an SQLite URL opens, also when spelled as a URI (`sqlite:///file:log.db?
     uri=true`); None for an in-memory database (`sqlite://`, `:memory:`, `mode=memory`)."""
@@ -359,6 +358,7 @@ def _sqlite_file(url: sa.engine.URL) -> str | None:
     return os.path.abspath(database)
 
 
+@functools.cache
 def _has_json_each() -> bool:
     """The request records' rows are read through json_each (JSON1: built in since SQLite
     3.38, and in nearly every build before); without it every request is logged as rows."""
