@@ -14,8 +14,9 @@ from fastapi import Depends, Request
 from pipeline.config import Settings
 from pipeline.store import PredictionStore
 from serving.canary import Canary
+from serving.protocol import requests_in_flight
 from serving.requests import BadRequest
-from serving.runtime import LogWriter, MicroBatcher, ModelManager, SideWriter
+from serving.runtime import LogWriter, MicroBatcher, ModelManager, SideWriter, answers_coming
 from serving.shadow import Shadow
 
 
@@ -33,10 +34,13 @@ class State:
         )
         self.store = PredictionStore(settings.prediction_db)
         self.writer = LogWriter(self.store, settings.log_queue_max)
-        self.writer.more_coming = self.batcher.busy  # a small group waits for the next
         self.side = SideWriter()  # shadow rows and canary events: off the response path
         self.shadow = Shadow(settings, self.store, self.writer) if settings.shadow_model else None
         self.canary = Canary(settings, self.store, self.side, self.manager, self.batcher)
+        # a small group waits for the next while more answers are on their way
+        self.writer.more_coming = lambda: answers_coming(
+            requests_in_flight(), self.writer, self.batcher, self.canary.batcher
+        )
 
 
 async def get_state(request: Request) -> State:

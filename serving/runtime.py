@@ -172,6 +172,7 @@ class MicroBatcher:
         self.inline_rows = inline_rows  # passes this small run on the event loop itself
         self._slow_inline: dict[str, int] = {}  # version -> slow inline passes in a row
         self.arriving = 0  # requests inside a handler that will call predict()
+        self.in_thread = 0  # requests in a pass on the inference thread
         self._queue: asyncio.Queue | None = None
         self._task: asyncio.Task | None = None
         # one inference thread for the champion and a canary alike (passes never compete)
@@ -241,9 +242,13 @@ class MicroBatcher:
                     self._slow_inline.get(model.version, 0) + 1 if slow else 0
                 )
             else:
-                probs = await asyncio.get_running_loop().run_in_executor(
-                    self._executor, model.predictor.predict_proba, batch
-                )
+                self.in_thread += len(items)
+                try:
+                    probs = await asyncio.get_running_loop().run_in_executor(
+                        self._executor, model.predictor.predict_proba, batch
+                    )
+                finally:
+                    self.in_thread -= len(items)
         except Exception as exc:  # noqa: BLE001 - handed to each waiting request
             for _, fut in items:
                 if not fut.done():
@@ -262,12 +267,23 @@ class MicroBatcher:
         return model.predictor.device.type == "cpu" and slow < INLINE_SLOW_PASSES
 
 
+def answers_coming(in_flight: int, writer: LogWriter, *batchers: MicroBatcher | None) -> bool:
+    """Whether answers other than those the writer already has are on their way: requests
+    being parsed or queued for a pass, or read by the server (`in_flight`, from
+    serving/protocol.py) and not yet answered, less those whose rows the writer has and
+    those in a pass on the inference thread (that pass may well take longer than a hold)."""
+    present = [b for b in batchers if b is not None]
+    if any(b.busy() for b in present):
+        return True
+    return in_flight - writer.unsettled - sum(b.in_thread for b in present) > 0
+
+
 INLINE_ROWS = 64
-# A small group whose next one is already on its way (being parsed or queued for a pass)
-# waits for it, at most this long, so the two are one commit: 1-row requests at
-# concurrency 8 made 3.9 a commit, and a commit of a few rows costs the loop about the same
-# whatever its size. A hold that nothing joined turns holding off for HOLD_PAUSE_S (a slow
-# upload, counted as on its way, would otherwise cost every group the whole hold).
+# A small group whose next one is already on its way (`answers_coming`) waits for it, at
+# most this long, so the two are one commit: 1-row requests at concurrency 8 made 4 a
+# commit, and a commit of a few rows costs the loop about the same whatever its size. A
+# hold that nothing joined turns holding off for HOLD_PAUSE_S (a slow upload, counted as on
+# its way, would otherwise cost every group the whole hold).
 HOLD_S = 0.002
 HOLD_PAUSE_S = 0.1
 
@@ -300,7 +316,7 @@ class LogWriter:
         self._held: list[tuple] = []  # a small group waiting for the next (event loop only)
         self._hold_timer: asyncio.TimerHandle | None = None  # commits it if none comes
         self._hold_after = 0.0  # loop time before which no group is held
-        # whether more answers are on their way (the batcher's `busy`): a small group then
+        # whether more answers are on their way (`answers_coming`): a small group then
         # waits for them, up to HOLD_S; None: never
         self.more_coming: Callable[[], bool] | None = None
         self._queued = 0  # submitted, not yet settled (event loop only)
@@ -315,6 +331,11 @@ class LogWriter:
         self._loop = asyncio.get_running_loop()
         self._checkpoints = self.store.start_checkpoints()
         self._thread.start()
+
+    @property
+    def unsettled(self) -> int:
+        """Requests submitted and not yet settled (committed or failed)."""
+        return self._queued
 
     def submit(self, request: LoggedRequest, wait: bool = True) -> asyncio.Future | None:
         """Queue a request's rows for the next commit; with `wait`, a future for that commit.
