@@ -267,15 +267,14 @@ class MicroBatcher:
         return model.predictor.device.type == "cpu" and slow < INLINE_SLOW_PASSES
 
 
-def answers_coming(in_flight: int, writer: LogWriter, *batchers: MicroBatcher | None) -> bool:
+def answers_coming(in_flight: int, writer: LogWriter, *batchers: MicroBatcher) -> bool:
     """Whether answers other than those the writer already has are on their way: requests
     being parsed or queued for a pass, or read by the server (`in_flight`, from
     serving/protocol.py) and not yet answered, less those whose rows the writer has and
     those in a pass on the inference thread (that pass may well take longer than a hold)."""
-    present = [b for b in batchers if b is not None]
-    if any(b.busy() for b in present):
+    if any(b.busy() for b in batchers):
         return True
-    return in_flight - writer.unsettled - sum(b.in_thread for b in present) > 0
+    return in_flight - writer.unsettled - sum(b.in_thread for b in batchers) > 0
 
 
 INLINE_ROWS = 64

@@ -93,7 +93,7 @@ def test_answers_are_coming_for_requests_in_flight_but_not_for_the_writers_own(t
         writer.start()
         writer.schema_ready = True
         batcher = MicroBatcher(None, max_rows=256, max_wait_s=0.002)  # type: ignore[arg-type]
-        seen = [answers_coming(0, writer, batcher, None), answers_coming(1, writer, batcher)]
+        seen = [answers_coming(0, writer, batcher), answers_coming(1, writer, batcher)]
         committed = writer.submit(_request())  # one request's rows are the writer's now
         seen += [answers_coming(1, writer, batcher), answers_coming(2, writer, batcher)]
         batcher.in_thread = 1  # the other one is in a pass on the inference thread
