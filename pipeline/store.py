@@ -501,7 +501,9 @@ class PredictionStore:
             for attempt in (1, 2):
                 reused = self._insert_conn is not None
                 try:
-                    new = write()
+                    new = self._write_when_free(write, blocking)
+                    if new is _BUSY:
+                        return None
                     self.wal_restart_pending = False
                     self._check_file()  # committed where a reader of the path finds it?
                     self._unsynced += size
@@ -524,6 +526,36 @@ class PredictionStore:
         finally:
             self._insert_lock.release()
         raise AssertionError("unreachable")
+
+    def _write_when_free(self, write, blocking: bool):
+        """`write()` once SQLite's write lock is free. The insert connection never waits
+        inside SQLite (its busy_timeout is 0, `_connection`): SQLite's own wait sleeps 1,
+        2, 5 ms and more between its tries, while another worker's commit holds the lock
+        for a fraction of a millisecond, and with `--workers 2` the event loop's inline
+        commits slept with it. Non-blocking (the server's event loop): `_BUSY` at once, and
+        the caller hands the rows to its writer thread. Blocking: tried again after 0.05
+        ms, the pause doubling up to 1 ms, for up to BUSY_TIMEOUT_MS, then the error."""
+        pause, deadline = 0.00005, None
+        while True:
+            try:
+                return write()
+            except (self._dbapi_error, sa.exc.DBAPIError) as exc:
+                if not _locked(exc):
+                    raise
+                self._leave_transaction()
+                if not blocking:
+                    return _BUSY
+                now = time.monotonic()
+                deadline = deadline or now + BUSY_TIMEOUT_MS / 1000
+                if now >= deadline:
+                    raise
+                time.sleep(pause)
+                pause = min(pause * 2, 0.001)
+
+    def _leave_transaction(self) -> None:
+        conn = self._insert_conn and self._insert_conn.driver_connection
+        if conn is not None and conn.in_transaction:
+            conn.rollback()
 
     def _file_identity(self) -> tuple[int, int] | None:
         try:
@@ -573,6 +605,8 @@ class PredictionStore:
         if self._insert_conn is None:
             self._insert_conn = self.engine.raw_connection()
             _autocommit(self._insert_conn.driver_connection, self.dialect)
+            if self.dialect == "sqlite":  # its waits for a lock are `_write_when_free`'s
+                self._insert_conn.driver_connection.execute("PRAGMA busy_timeout=0")
             if self._path is not None:
                 self._identity = self._file_identity()
         return self._insert_conn.driver_connection
@@ -1537,13 +1571,26 @@ def _decoded(row) -> dict:
     return out
 
 
+BUSY_TIMEOUT_MS = 10_000  # how long a blocking SQLite statement waits for a lock
+_BUSY = object()  # `_write_when_free`: the lock was taken and the caller would not wait
+
+
+def _locked(exc: BaseException) -> bool:
+    """An SQLite error that says another connection holds the lock (SQLITE_BUSY)."""
+    cause = getattr(exc, "orig", exc)
+    code = getattr(cause, "sqlite_errorcode", None)
+    if code is not None:
+        return code & 0xFF == 5  # SQLITE_BUSY and its extended codes
+    return "database is locked" in str(cause)
+
+
 def _sqlite_pragmas(dbapi_conn, _record) -> None:
     cursor = dbapi_conn.cursor()
     cursor.execute("PRAGMA journal_mode=WAL")
     # NORMAL in WAL mode: a committed transaction survives a crash of the process (kill -9);
     # only an OS crash or power loss can lose the last commits.
     cursor.execute("PRAGMA synchronous=NORMAL")
-    cursor.execute("PRAGMA busy_timeout=10000")
+    cursor.execute(f"PRAGMA busy_timeout={BUSY_TIMEOUT_MS}")
     # Checkpoints (WAL -> database, with fsync) normally run inside a commit every 1,000
     # pages; the server runs them in the background instead (start_checkpoints), and this
     # larger bound only caps the WAL should that thread ever stop.

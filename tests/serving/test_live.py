@@ -3,11 +3,13 @@ oversized body, graceful shutdown. (kill -9 under load: tests/reliability/test_f
 
 from __future__ import annotations
 
+import sqlite3
 import threading
 
 import httpx
 import mlflow
 import pytest
+import sqlalchemy as sa
 
 from pipeline.config import get_settings
 from pipeline.registry import CHAMPION
@@ -93,6 +95,51 @@ def test_two_workers_log_each_id_exactly_once(served, live_server, digits_rows, 
         metrics = http.get("/metrics").text
     assert PredictionStore(url).count() == 60
     assert "mlops_predictions_logged_total" in metrics
+
+
+def test_another_process_holding_the_write_lock_never_stalls_the_server(
+    served, live_server, digits_rows
+):
+    """Another process's commit (a second worker, a label import, `mlops feedback`) holds
+    the log's write lock: a prediction whose row must be committed first waits for it on
+    the writer thread, while the event loop goes on serving (it once waited inside SQLite,
+    which sleeps 1, 2, 5 ms and more between tries, for up to 10 s: /health hung too)."""
+    url = get_settings().prediction_db
+    server = live_server()
+    row = digits_rows[0].tolist()
+    answers: list[httpx.Response] = []
+    with httpx.Client(base_url=server.url, timeout=10) as http:
+        assert http.post("/predict", json={"instances": [row], "ids": ["before"]}).is_success
+        other = sqlite3.connect(sa.engine.make_url(url).database, isolation_level=None)
+        other.execute("BEGIN IMMEDIATE")  # the write lock, held until we let go
+        try:
+            waiting = threading.Thread(
+                target=lambda: answers.append(
+                    httpx.post(
+                        f"{server.url}/predict",
+                        json={"instances": [row], "ids": ["during"]},
+                        timeout=30,
+                    )
+                )
+            )
+            waiting.start()
+            wait_until(lambda: _passes(http) >= 2, timeout=10)  # scored: its commit is due
+            assert http.get("/health", timeout=3).status_code == 200  # the loop is free
+            assert waiting.is_alive() and not answers  # durable: no answer before its commit
+        finally:
+            other.rollback()
+            other.close()
+        waiting.join(15)
+    assert answers and answers[0].status_code == 200, answers
+    assert set(PredictionStore(url).get(["before", "during"])) == {"before", "during"}
+
+
+def _passes(http: httpx.Client) -> float:
+    """Forward passes the server has run, from its /metrics (a stalled loop answers none)."""
+    for line in http.get("/metrics", timeout=3).text.splitlines():
+        if line.startswith("mlops_batch_rows_count"):
+            return float(line.split()[-1])
+    return 0.0
 
 
 def test_graceful_shutdown_drains_the_async_log(served, live_server, digits_rows):

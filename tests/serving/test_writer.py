@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import sqlite3
 import threading
 import time
 
@@ -166,6 +167,63 @@ def test_small_groups_commit_on_the_loop_but_not_the_one_that_restarts_the_wal(t
         assert store.wal_restart_pending is False
         assert store.count() == 12
     finally:
+        store.dispose()
+
+
+def test_a_small_group_never_waits_on_the_loop_for_another_workers_commit(tmp_path):
+    """With `--workers N` every worker has its own store on the same file. While another
+    process's commit holds SQLite's write lock, the event loop's inline commit finds it
+    taken at once (SQLite's own wait sleeps 1, 2, 5 ms and more between its tries, and the
+    loop would sleep with it) and the writer thread commits the group once the lock is
+    free: nothing lost, the kept connection kept, the next small group on the loop again."""
+    path = tmp_path / "log.db"
+    store = CountingStore(f"sqlite:///{path}", checkpoints=False).create()
+    other = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
+
+    async def main():
+        writer = LogWriter(store, max_queue=100)
+        writer.schema_ready = True
+        writer.start()
+        await writer.submit(_rows("a"))  # opens the kept connection, on the loop
+        kept = store._insert_conn
+        other.execute("BEGIN IMMEDIATE")  # another worker's commit, under way
+        threading.Timer(0.5, other.rollback).start()
+        answered = writer.submit(_rows("b", 2))
+        await answered  # committed by the writer thread, which waits for the lock
+        await writer.submit(_rows("c"))
+        assert store._insert_conn is kept
+        await writer.close()
+
+    try:
+        asyncio.run(main())
+        assert store.paths == [(1, "loop"), (2, "thread"), (1, "loop")]
+        assert store.count() == 4
+    finally:
+        other.close()
+        store.dispose()
+
+
+def test_a_blocking_commit_waits_for_the_lock_up_to_the_timeout_then_fails(tmp_path, monkeypatch):
+    """The writer thread's commit tries again while another connection holds the write
+    lock (the insert connection's own SQLite wait is off), and fails as SQLite's timeout
+    would once BUSY_TIMEOUT_MS are up; the rows are then not in the log, and go in on the
+    next try once the lock is free."""
+    import pipeline.store as store_module
+
+    monkeypatch.setattr(store_module, "BUSY_TIMEOUT_MS", 200)
+    path = tmp_path / "log.db"
+    store = PredictionStore(f"sqlite:///{path}").create()
+    other = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
+    try:
+        other.execute("BEGIN IMMEDIATE")
+        with pytest.raises(StoreUnavailable, match="locked"):
+            store.insert_requests([_rows("late", 3)])
+        assert store.insert_requests([_rows("late", 3)], blocking=False) is None
+        threading.Timer(0.1, other.rollback).start()  # freed within the timeout
+        assert store.insert_requests([_rows("late", 3)]) == 3
+        assert store.count() == 3
+    finally:
+        other.close()
         store.dispose()
 
 
