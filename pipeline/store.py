@@ -510,6 +510,10 @@ class PredictionStore:
                     self._written.set()
                     return new
                 except (self._dbapi_error, sa.exc.SQLAlchemyError) as exc:
+                    if _locked(exc):  # waited out BUSY_TIMEOUT_MS: the connection is fine
+                        raise StoreUnavailable(
+                            f"prediction store {self.safe_url}: {_short(exc)}"
+                        ) from exc
                     self._drop_insert_conn()
                     # A kept connection may have died since its last use (a database
                     # restart): one retry on a new one, safe since inserts are idempotent.
@@ -534,7 +538,9 @@ class PredictionStore:
         for a fraction of a millisecond, and with `--workers 2` the event loop's inline
         commits slept with it. Non-blocking (the server's event loop): `_BUSY` at once, and
         the caller hands the rows to its writer thread. Blocking: tried again after 0.05
-        ms, the pause doubling up to 1 ms, for up to BUSY_TIMEOUT_MS, then the error."""
+        ms, the pause doubling up to 5 ms (a commit holds the lock for a fraction of a
+        millisecond; a long holder costs a try every 5 ms, each a rebuilt statement on the
+        GIL), for up to BUSY_TIMEOUT_MS, then the error (not retried on a new connection)."""
         pause, deadline = 0.00005, None
         while True:
             try:
@@ -550,7 +556,7 @@ class PredictionStore:
                 if now >= deadline:
                     raise
                 time.sleep(pause)
-                pause = min(pause * 2, 0.001)
+                pause = min(pause * 2, 0.005)
 
     def _leave_transaction(self) -> None:
         conn = self._insert_conn and self._insert_conn.driver_connection
@@ -1352,10 +1358,9 @@ class PredictionStore:
 
     def dispose(self) -> None:
         with self._insert_lock:
-            if self._insert_conn is not None:
-                with contextlib.suppress(Exception):
-                    self._insert_conn.close()
-                self._insert_conn = None
+            # invalidated, not returned to the pool: it is in autocommit mode and its
+            # busy timeout is 0, which no other checkout of the pool expects
+            self._drop_insert_conn()
         self.engine.dispose()
 
 

@@ -215,13 +215,16 @@ def test_a_blocking_commit_waits_for_the_lock_up_to_the_timeout_then_fails(tmp_p
     store = PredictionStore(f"sqlite:///{path}").create()
     other = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
     try:
+        assert store.insert_requests([_rows("first")]) == 1
+        kept = store._insert_conn
         other.execute("BEGIN IMMEDIATE")
         with pytest.raises(StoreUnavailable, match="locked"):
             store.insert_requests([_rows("late", 3)])
+        assert store._insert_conn is kept  # a lock is no broken connection: not reopened
         assert store.insert_requests([_rows("late", 3)], blocking=False) is None
         threading.Timer(0.1, other.rollback).start()  # freed within the timeout
         assert store.insert_requests([_rows("late", 3)]) == 3
-        assert store.count() == 3
+        assert store.count() == 4
     finally:
         other.close()
         store.dispose()
