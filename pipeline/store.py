@@ -538,9 +538,8 @@ class PredictionStore:
         for a fraction of a millisecond, and with `--workers 2` the event loop's inline
         commits slept with it. Non-blocking (the server's event loop): `_BUSY` at once, and
         the caller hands the rows to its writer thread. Blocking: tried again after 0.05
-        ms, the pause doubling up to 5 ms (a commit holds the lock for a fraction of a
-        millisecond; a long holder costs a try every 5 ms, each a rebuilt statement on the
-        GIL), for up to BUSY_TIMEOUT_MS, then the error (not retried on a new connection)."""
+        ms, the pause doubling up to 5 ms (a long holder then costs a try every 5 ms, each
+        a rebuilt statement on the GIL), for up to BUSY_TIMEOUT_MS, then the error."""
         pause, deadline = 0.00005, None
         while True:
             try:
