@@ -539,7 +539,8 @@ class PredictionStore:
         commits slept with it. Non-blocking (the server's event loop): `_BUSY` at once, and
         the caller hands the rows to its writer thread. Blocking: tried again after 0.05
         ms, the pause doubling up to 5 ms (a long holder then costs a try every 5 ms, each
-        a rebuilt statement on the GIL), for up to BUSY_TIMEOUT_MS, then the error."""
+        a rebuilt statement on the GIL), for up to BUSY_TIMEOUT_MS, then the error (not
+        retried on a new connection)."""
         pause, deadline = 0.00005, None
         while True:
             try:
