@@ -513,7 +513,9 @@ def predict(
 def serve(
     host: Annotated[str | None, typer.Option(help="default: MLOPS_HOST")] = None,
     port: Annotated[int | None, typer.Option(help="default: MLOPS_PORT")] = None,
-    workers: Annotated[int, typer.Option(min=1, help="uvicorn worker processes")] = 1,
+    workers: Annotated[
+        int | None, typer.Option(min=1, help="uvicorn worker processes (default: MLOPS_WORKERS, 1)")
+    ] = None,
     model: Annotated[str | None, typer.Option(help="alias or version (default champion)")] = None,
     access_log: Annotated[bool, typer.Option(help="uvicorn's per-request log lines")] = False,
 ) -> None:
@@ -526,6 +528,8 @@ def serve(
     if model:
         os.environ["MLOPS_MODEL_REF"] = model
     os.environ.setdefault("MLOPS_ROOT", str(settings.root))
+    workers = workers or settings.workers
+    os.environ["MLOPS_WORKERS"] = str(workers)  # each worker's Settings: how many share the log
     if workers > 1 and "PROMETHEUS_MULTIPROC_DIR" not in os.environ:
         os.environ["PROMETHEUS_MULTIPROC_DIR"] = tempfile.mkdtemp(prefix="mlops-metrics-")
     uvicorn.run(

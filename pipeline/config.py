@@ -299,6 +299,12 @@ class Settings(BaseSettings):
     body_timeout_s: float = Field(default=30.0, gt=0)
     linger_bytes: int = Field(default=64 * 1024 * 1024, ge=0)
     max_connections: int = Field(default=2048, ge=1)  # uvicorn's limit_concurrency: then 503
+    workers: int = Field(
+        default=1,
+        ge=1,
+        description="server worker processes (`mlops serve --workers` sets it for its "
+        "workers): each checkpoints a SQLite log this many times as seldom",
+    )
     # a pass of 512 rows cost 40% more per row than one of 256 (default ConvNet, 2 cores)
     batch_max_rows: int = 256
     batch_max_wait_ms: float = 2.0

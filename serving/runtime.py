@@ -300,8 +300,11 @@ class LogWriter:
     then spent more CPU per request than the event loop did on logging.
     """
 
-    def __init__(self, store: PredictionStore, max_queue: int, max_group: int = 2048) -> None:
+    def __init__(
+        self, store: PredictionStore, max_queue: int, max_group: int = 2048, sharers: int = 1
+    ) -> None:
         self.store = store
+        self.sharers = sharers  # processes writing the same log (their checkpoints spread)
         # groups this small commit on the event loop itself when the writer is idle (SQLite
         # only: a local file; a network round trip to PostgreSQL would stall the loop)
         self.inline_rows = INLINE_ROWS if store.dialect == "sqlite" else 0
@@ -328,7 +331,7 @@ class LogWriter:
 
     def start(self) -> None:
         self._loop = asyncio.get_running_loop()
-        self._checkpoints = self.store.start_checkpoints()
+        self._checkpoints = self.store.start_checkpoints(sharers=self.sharers)
         self._thread.start()
 
     @property

@@ -377,6 +377,46 @@ def test_small_commits_gather_for_a_checkpoint_large_ones_do_not_wait(tmp_path, 
     assert most is None or len(checkpoints) <= most
 
 
+def test_workers_sharing_a_file_each_checkpoint_as_seldom_as_they_are_many(tmp_path):
+    """`sharers=2` (each of two workers of one server): each waits twice as long between
+    checkpoints, so the file sees about one worker's rate. Both stores take the same
+    commits at the same moments (76 KiB each, over batch_bytes: one checkpoint a step)."""
+    counts = {1: [], 2: []}
+    stores, stops = {}, []
+    for sharers in counts:
+        s = PredictionStore(f"sqlite:///{tmp_path / f'log{sharers}.db'}")
+
+        @sa.event.listens_for(s.engine, "connect")
+        def traced(dbapi_conn, _record, seen=counts[sharers]):
+            dbapi_conn.set_trace_callback(
+                lambda sql: seen.append(1) if "wal_checkpoint" in sql else None
+            )
+
+        stores[sharers] = s.create()
+        stops.append(s.start_checkpoints(interval_s=0.01, check_s=5, sharers=sharers))
+    try:
+        end = time.monotonic() + 1.2
+        while time.monotonic() < end:
+            for s in stores.values():
+                s.insert(_rows(new_ids(256)))
+            time.sleep(0.005)
+    finally:
+        for stop in stops:
+            stop.set()
+        for s in stores.values():
+            s.dispose()
+    one, two = len(counts[1]), len(counts[2])
+    assert one >= 10, one  # one a step: the checkpoint, then a pause of interval_s
+    assert 0.3 * one <= two <= 0.75 * one, (one, two)  # about half as many
+
+
+def test_sharers_below_one_are_refused(tmp_path):
+    store = PredictionStore(f"sqlite:///{tmp_path / 'log.db'}").create()
+    with pytest.raises(ValueError, match="sharers"):
+        store.start_checkpoints(sharers=0)
+    store.dispose()
+
+
 def test_a_checkpoint_that_empties_the_wal_marks_the_next_commit_as_a_restart(tmp_path):
     """The commit after a complete checkpoint starts the WAL over and syncs its header: the
     store says so (the log writer then makes that commit off the event loop)."""

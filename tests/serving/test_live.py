@@ -3,8 +3,10 @@ oversized body, graceful shutdown. (kill -9 under load: tests/reliability/test_f
 
 from __future__ import annotations
 
+import os
 import sqlite3
 import threading
+from pathlib import Path
 
 import httpx
 import mlflow
@@ -95,6 +97,25 @@ def test_two_workers_log_each_id_exactly_once(served, live_server, digits_rows, 
         metrics = http.get("/metrics").text
     assert PredictionStore(url).count() == 60
     assert "mlops_predictions_logged_total" in metrics
+    # each worker was told how many share the log (it spreads its checkpoints by that)
+    assert _workers_told(server.process.pid) == 2
+
+
+def _workers_told(group: int) -> int:
+    """The server's workers (processes multiprocessing spawned in its process group) whose
+    environment says MLOPS_WORKERS=2."""
+    told = 0
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            if os.getpgid(int(pid)) != group:
+                continue
+            if b"spawn_main" not in Path(f"/proc/{pid}/cmdline").read_bytes():
+                continue  # the server itself, or multiprocessing's resource tracker
+            environ = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
+        except OSError:  # gone, or not ours to read
+            continue
+        told += b"MLOPS_WORKERS=2" in environ
+    return told
 
 
 def test_another_process_holding_the_write_lock_never_stalls_the_server(

@@ -120,8 +120,8 @@ class CountingStore(PredictionStore):
         self.paths: list[tuple[int, str]] = []
         self.checkpoints = checkpoints
 
-    def start_checkpoints(self, interval_s: float = 0.01, check_s: float = 1.0):
-        return super().start_checkpoints(interval_s, check_s) if self.checkpoints else None
+    def start_checkpoints(self, **kwargs):
+        return super().start_checkpoints(**kwargs) if self.checkpoints else None
 
     def insert_requests(self, requests, blocking=True):
         done = super().insert_requests(requests, blocking)
