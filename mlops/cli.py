@@ -514,7 +514,8 @@ def serve(
     host: Annotated[str | None, typer.Option(help="default: MLOPS_HOST")] = None,
     port: Annotated[int | None, typer.Option(help="default: MLOPS_PORT")] = None,
     workers: Annotated[
-        int | None, typer.Option(min=1, help="uvicorn worker processes (default: MLOPS_WORKERS, 1)")
+        int | None,
+        typer.Option(min=1, help="uvicorn worker processes (default: MLOPS_SERVE_WORKERS, 1)"),
     ] = None,
     model: Annotated[str | None, typer.Option(help="alias or version (default champion)")] = None,
     access_log: Annotated[bool, typer.Option(help="uvicorn's per-request log lines")] = False,
@@ -528,8 +529,9 @@ def serve(
     if model:
         os.environ["MLOPS_MODEL_REF"] = model
     os.environ.setdefault("MLOPS_ROOT", str(settings.root))
-    workers = workers or settings.workers
-    os.environ["MLOPS_WORKERS"] = str(workers)  # each worker's Settings: how many share the log
+    workers = workers or settings.serve_workers
+    # each worker's Settings: how many processes share the prediction log
+    os.environ["MLOPS_SERVE_WORKERS"] = str(workers)
     if workers > 1 and "PROMETHEUS_MULTIPROC_DIR" not in os.environ:
         os.environ["PROMETHEUS_MULTIPROC_DIR"] = tempfile.mkdtemp(prefix="mlops-metrics-")
     uvicorn.run(

@@ -299,7 +299,7 @@ class Settings(BaseSettings):
     body_timeout_s: float = Field(default=30.0, gt=0)
     linger_bytes: int = Field(default=64 * 1024 * 1024, ge=0)
     max_connections: int = Field(default=2048, ge=1)  # uvicorn's limit_concurrency: then 503
-    workers: int = Field(
+    serve_workers: int = Field(
         default=1,
         ge=1,
         description="server worker processes (`mlops serve --workers` sets it for its "

@@ -33,7 +33,7 @@ class State:
             inline_rows=settings.batch_inline_rows,
         )
         self.store = PredictionStore(settings.prediction_db)
-        self.writer = LogWriter(self.store, settings.log_queue_max, sharers=settings.workers)
+        self.writer = LogWriter(self.store, settings.log_queue_max, sharers=settings.serve_workers)
         self.side = SideWriter()  # shadow rows and canary events: off the response path
         self.shadow = Shadow(settings, self.store, self.writer) if settings.shadow_model else None
         self.canary = Canary(settings, self.store, self.side, self.manager, self.batcher)

@@ -123,10 +123,10 @@ def test_the_servers_log_holds_for_requests_in_flight(settings, monkeypatch):
 
 
 def test_the_servers_writer_knows_how_many_workers_share_its_log(settings):
-    """MLOPS_WORKERS (what `mlops serve --workers N` gives its workers) reaches the writer,
+    """MLOPS_SERVE_WORKERS (what `mlops serve --workers N` gives its workers) reaches the writer,
     whose checkpoints then spread over the workers (tests/pipeline/test_store.py)."""
     for workers in (1, 2):
-        state = State(settings.model_copy(update={"workers": workers}))
+        state = State(settings.model_copy(update={"serve_workers": workers}))
         assert state.writer.sharers == workers
         state.store.dispose()
-    assert settings.workers == 1  # the default: one process, checkpoints as measured
+    assert settings.serve_workers == 1  # the default: one process, checkpoints as measured

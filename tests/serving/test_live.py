@@ -103,7 +103,7 @@ def test_two_workers_log_each_id_exactly_once(served, live_server, digits_rows, 
 
 def _workers_told(group: int) -> int:
     """The server's workers (processes multiprocessing spawned in its process group) whose
-    environment says MLOPS_WORKERS=2."""
+    environment says MLOPS_SERVE_WORKERS=2."""
     told = 0
     for pid in filter(str.isdigit, os.listdir("/proc")):
         try:
@@ -114,7 +114,7 @@ def _workers_told(group: int) -> int:
             environ = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
         except OSError:  # gone, or not ours to read
             continue
-        told += b"MLOPS_WORKERS=2" in environ
+        told += b"MLOPS_SERVE_WORKERS=2" in environ
     return told
 
 
