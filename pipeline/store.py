@@ -1243,9 +1243,10 @@ class PredictionStore:
         workers of `mlops serve --workers N`). Each waits `sharers` times as long, so the
         file is checkpointed about as often as by one process, the rate the figures below
         were measured at. Two workers, 64-row requests at concurrency 8: each waiting
-        twice as long gave 8-12% more requests a second than each on one worker's interval
-        in four A/Bs (three times as long: 5%), and 8% less server CPU a request; 1 x 8 and
-        the 64 x 1 p99 stayed within the noise (docs/benchmarks.md).
+        twice as long gave 7.5-12% more requests a second than each on one worker's
+        interval in five A/Bs (three times as long: 5%), and 8% less server CPU a request;
+        1 x 8 stayed within the noise, and the 64 x 1 p99 within it or shorter
+        (docs/benchmarks.md).
 
         A checkpoint follows new commits by `interval_s` (but see below for small ones),
         and an idle server runs none. Its pages go to the database file and are synced,
