@@ -1248,8 +1248,10 @@ class PredictionStore:
         1 x 8 stayed within the noise, and the 64 x 1 p99 within it or shorter
         (docs/benchmarks.md).
 
-        A checkpoint follows new commits by `interval_s` (but see below for small ones),
-        and an idle server runs none. Its pages go to the database file and are synced,
+        Checkpoints run at most once per `interval_s`: once `batch_bytes` of arrays were
+        committed, the next one runs at once and the thread then pauses `interval_s` (so
+        under steady load, one every `interval_s`); smaller commits gather as below. An
+        idle server runs none. Its pages go to the database file and are synced,
         and while that sync runs the commits made meanwhile wait on the disk (ext4 here: a
         WAL write waits for the journal the sync commits), so the smaller each checkpoint,
         the shorter the wait.
