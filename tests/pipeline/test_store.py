@@ -9,15 +9,22 @@ import numpy as np
 import pytest
 import sqlalchemy as sa
 
+from pipeline.feedback import _rows_to_frame
 from pipeline.store import (
+    BYTE_ROWS_FROM,
     GeneratedIds,
     LoggedRequest,
     PredictionStore,
     StoreUnavailable,
+    decode_array,
+    decode_rows,
+    encode_feature_rows,
+    encode_features,
     encode_rows,
     labelled_query,
     new_ids,
 )
+from pipeline.validate import Schema
 
 
 @pytest.fixture
@@ -768,3 +775,85 @@ def test_the_file_an_sqlite_url_opens(url, expected, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     found = _sqlite_file(sa.engine.make_url(url))
     assert found == (None if expected is None else str(tmp_path / expected))
+
+
+@pytest.mark.parametrize("k", [1, 2, 3, 4, 7, 63, 64, 784])
+def test_whole_numbers_0_to_255_are_logged_one_byte_a_value_and_read_back_exactly(k):
+    """Pixels, counts and codes are kept one byte a value (with a 1-2 byte trailer that
+    makes the row's length no multiple of 4, as a float32 row's always is); every reader
+    gets the same float32 values as from float32 blobs."""
+    n = -(-BYTE_ROWS_FROM // k)  # rows enough for the array to be tried
+    x = np.random.default_rng(k).integers(0, 256, (n, k)).astype(np.float32)
+    x[0, 0], x[-1, -1] = 0, 255
+    blob, width = encode_features(x)
+    assert width % 4 != 0 and k < width <= k + 2 and len(blob) == n * width
+    rows = encode_feature_rows(x)
+    assert len(rows) == n and {len(r) for r in rows} == {width}
+    got = decode_rows(rows)
+    assert got.dtype == np.float32 and got.tobytes() == x.tobytes()
+    assert decode_array(rows[-1]).tobytes() == x[-1].tobytes()
+
+
+@pytest.mark.parametrize("odd", [0.5, -0.0, -1.0, 256.0, np.nan, np.inf, 1e-45])
+def test_any_other_value_keeps_the_request_in_float32_bit_for_bit(odd):
+    x = np.random.default_rng(1).integers(0, 256, (32, 64)).astype(np.float32)
+    x[7, 9] = odd
+    blob, width = encode_features(x)
+    assert width == 256 and blob == x.tobytes()
+    assert decode_rows(encode_feature_rows(x)).tobytes() == x.tobytes()  # NaN, -0.0 too
+
+
+def test_small_arrays_stay_float32_and_mixed_encodings_read_in_order():
+    small = np.arange(BYTE_ROWS_FROM - 1, dtype=np.float32).reshape(1, -1) % 256
+    assert encode_features(small)[1] == small.size * 4  # under a page: not worth the check
+    whole = np.full((20, 64), 7, np.float32)
+    floats = np.full((3, 64), 0.25, np.float32)
+    rows = encode_feature_rows(whole)[:2] + encode_rows(floats) + encode_feature_rows(whole)[2:]
+    got = decode_rows(rows)
+    assert np.array_equal(got, np.concatenate([whole[:2], floats, whole[2:]]))
+    assert decode_rows([]).shape == (0, 0)
+
+
+@pytest.mark.parametrize(
+    "blobs, match",
+    [
+        ([bytes(64) + b"\x03"], "neither float32 nor byte values"),  # a trailer of 3
+        ([bytes(65) + b"\x02"], "neither float32 nor byte values"),  # 2 where 1 is due
+        ([bytes(64) + b"\x01", bytes(63) + b"\x00\x02"], "different trailers"),
+        ([bytes(64) + b"\x01", bytes(4 * 63)], "different lengths"),
+    ],
+)
+def test_bytes_no_encoder_wrote_are_refused(blobs, match):
+    with pytest.raises(ValueError, match=match):
+        decode_rows(blobs)
+
+
+def test_a_logged_pixel_request_is_smaller_on_disk_and_every_reader_gets_its_values(store):
+    """The server's 64 x 64 pixel request through the log: its record (SQLite) or rows
+    (PostgreSQL) hold 65 bytes a row, and `get`, the view, the drift check's arrays, the
+    feedback pull and a label's own record all give back its float32 values exactly."""
+    pixels = np.random.default_rng(3).integers(0, 17, (64, 64)).astype(np.float32)
+    request = _generated(64, seed=3)
+    request.features = pixels
+    floats = _generated(64, seed=4)  # normal floats: float32 as before
+    assert store.insert_requests([request, floats]) == 128
+    table = "prediction_requests" if store.units else "predictions"
+    with store.engine.connect() as conn:
+        sizes = conn.exec_driver_sql(f"SELECT length(features) FROM {table}").scalars().all()
+    assert sorted(set(sizes)) == ([64 * 65, 64 * 256] if store.units else [65, 256])
+    got = store.get([*request.ids, *floats.ids])
+    assert [got[i]["features"] for i in request.ids] == pixels.tolist()
+    assert got[floats.ids[5]]["features"] == floats.features[5].tolist()
+    f, _ = store.recent_arrays()
+    assert f.dtype == np.float32 and f.shape == (128, 64)
+    assert {r.tobytes() for r in f} == {r.tobytes() for r in [*pixels, *floats.features]}
+    store.add_labels([(pid, 1) for pid in request.ids[:5]] + [(floats.ids[0], 2)])
+    pulled = sorted(store.labelled_since(0), key=lambda r: r["id"])
+    assert [r["features"] for r in pulled[:5]] == pixels[:5].tolist()
+    schema = Schema(tuple(f"pixel{i}" for i in range(64)), 10)
+    chunk = next(store.labelled_chunks(0, 100))
+    frame = _rows_to_frame(chunk, schema)
+    assert frame.shape == (6, 66)
+    by_id = dict(zip(frame["id"], frame.iloc[:, 2:].to_numpy(np.float32), strict=True))
+    assert by_id[request.ids[3]].tobytes() == pixels[3].tobytes()
+    assert by_id[floats.ids[0]].tobytes() == floats.features[0].tobytes()
