@@ -1584,8 +1584,9 @@ def encode_features(array: np.ndarray) -> tuple[bytes, int]:
     rows are), whose last byte is the trailer's length (`decode_array` tells the two
     apart by that). A 64-pixel row is 65 bytes instead of 256, so a 64-row request's
     features are 4,160 bytes instead of 16,384, written to the WAL and again by the
-    checkpoint: `mlops serve -w 2` at 64 x 8 served 14-16% more requests a second (medians
-    of 8 paired turns, twice; 1 x 8 the same within the noise; docs/benchmarks.md)."""
+    checkpoint: `mlops serve -w 2` at 64 x 8 served 5.4-13.9% more requests a second
+    (medians of 10 paired turns, three runs; 1 x 8 the same within the noise), and the
+    log file took 2.4x fewer bytes a row (docs/benchmarks.md)."""
     data = np.ascontiguousarray(array, dtype="<f4")
     n, k = data.shape
     # the check costs 4-7 us on the event loop; under a page of float32 it saves no page
@@ -1633,29 +1634,34 @@ def decode_rows(blobs: Sequence[bytes]) -> np.ndarray:
     per encoding, no Python floats); rows of both encodings may be mixed."""
     if not blobs:
         return np.empty((0, 0), np.float32)
-    by_width: dict[int, list[int]] = {}
+    widths = {len(b) for b in blobs}
+    if len(widths) == 1:  # one encoding (the usual case): one join, no index
+        return _decode_joined(b"".join(blobs), len(blobs), widths.pop())
+    by_width: dict[int, list[int]] = {w: [] for w in widths}
     for i, blob in enumerate(blobs):
-        by_width.setdefault(len(blob), []).append(i)
-    parts = {}
-    for width, rows in by_width.items():
-        joined = b"".join(blobs[i] for i in rows) if len(by_width) > 1 else b"".join(blobs)
-        if width % 4 == 0:
-            parts[width] = np.frombuffer(joined, dtype="<f4").reshape(len(rows), width // 4)
-            continue
-        raw = np.frombuffer(joined, np.uint8).reshape(len(rows), width)
-        k = _byte_width(width, int(raw[0, -1]))
-        if (raw[:, -1] != raw[0, -1]).any():
-            raise ValueError(f"logged arrays of {width} bytes with different trailers")
-        parts[width] = raw[:, :k].astype(np.float32)
+        by_width[len(blob)].append(i)
+    parts = {
+        w: _decode_joined(b"".join(blobs[i] for i in rows), len(rows), w)
+        for w, rows in by_width.items()
+    }
     sizes = {part.shape[1] for part in parts.values()}
     if len(sizes) > 1:
         raise ValueError(f"logged arrays of different lengths: {sorted(sizes)}")
-    if len(parts) == 1:
-        return next(iter(parts.values()))
     out = np.empty((len(blobs), sizes.pop()), np.float32)
-    for width, rows in by_width.items():
-        out[rows] = parts[width]
+    for w, rows in by_width.items():
+        out[rows] = parts[w]
     return out
+
+
+def _decode_joined(joined: bytes, n: int, width: int) -> np.ndarray:
+    """n rows of `width` bytes each, of one encoding, joined -> (n, k) float32."""
+    if width % 4 == 0:
+        return np.frombuffer(joined, dtype="<f4").reshape(n, width // 4)
+    raw = np.frombuffer(joined, np.uint8).reshape(n, width)
+    k = _byte_width(width, int(raw[0, -1]))
+    if (raw[:, -1] != raw[0, -1]).any():
+        raise ValueError(f"logged arrays of {width} bytes with different trailers")
+    return raw[:, :k].astype(np.float32)
 
 
 def _decoded(row) -> dict:
