@@ -44,8 +44,8 @@ predictions = sa.Table(
     sa.Column("model_version", sa.String(32), nullable=False),
     # The row as the model received it and its output: little-endian float32 arrays (compact,
     # and cheap to write on the request path), the row one byte a value where its request's
-    # values were all whole numbers 0-255 (`encode_features`); `decode_array` turns either
-    # back into float32 numbers.
+    # values were all whole numbers 0-255 (at least BYTE_ROWS_FROM of them;
+    # `encode_features`); `decode_array` turns either back into float32 numbers.
     sa.Column("features", sa.LargeBinary, nullable=False),
     sa.Column("label", sa.Integer, nullable=False),
     sa.Column("probabilities", sa.LargeBinary, nullable=False),
@@ -1271,7 +1271,10 @@ class PredictionStore:
         over: at 1 x 8, one every 0.05 s instead of 0.01 s gave 5.8% more requests a second
         (docs/benchmarks.md), while the p99 that small checkpoints keep short is a matter
         of a server busy with large requests, which still gets one every 0.01 s (64-row
-        requests, 18.5 KiB each, come several to 0.01 s even from one client).
+        requests, 18.5 KiB each, come several to 0.01 s even from one client). The bytes
+        are counted as the arrays' size in memory (4 a float32 value), also for features
+        logged one byte a value (`encode_features`): such requests are checkpointed as
+        often as before, as measured there.
         """
         if self.dialect != "sqlite":
             return None
@@ -1630,38 +1633,42 @@ def decode_array(blob: bytes) -> np.ndarray:
 
 
 def decode_rows(blobs: Sequence[bytes]) -> np.ndarray:
-    """n blobs of `encode_rows` or `encode_feature_rows` -> (n, k) float32 array (one copy
-    per encoding, no Python floats); rows of both encodings may be mixed."""
-    if not blobs:
+    """n blobs of `encode_rows` or `encode_feature_rows` -> (n, k) float32 array (no Python
+    floats); rows of both encodings, and of several widths of bytes, may be mixed."""
+    if len(blobs) == 0:
         return np.empty((0, 0), np.float32)
     widths = {len(b) for b in blobs}
     if len(widths) == 1:  # one encoding (the usual case): one join, no index
-        return _decode_joined(b"".join(blobs), len(blobs), widths.pop())
-    by_width: dict[int, list[int]] = {w: [] for w in widths}
+        out = _decode_joined(b"".join(blobs), len(blobs), widths.pop())
+        if out is not None:
+            return out
+    # byte rows of k and k + 1 values share a length where k + 1 is a multiple of 4: the
+    # last byte (the trailer's length) tells them apart
+    by_kind: dict[tuple[int, int], list[int]] = {}
     for i, blob in enumerate(blobs):
-        by_width[len(blob)].append(i)
+        by_kind.setdefault((len(blob), blob[-1] if len(blob) % 4 else 0), []).append(i)
     parts = {
-        w: _decode_joined(b"".join(blobs[i] for i in rows), len(rows), w)
-        for w, rows in by_width.items()
+        kind: _decode_joined(b"".join(blobs[i] for i in rows), len(rows), kind[0])
+        for kind, rows in by_kind.items()
     }
     sizes = {part.shape[1] for part in parts.values()}
     if len(sizes) > 1:
         raise ValueError(f"logged arrays of different lengths: {sorted(sizes)}")
     out = np.empty((len(blobs), sizes.pop()), np.float32)
-    for w, rows in by_width.items():
-        out[rows] = parts[w]
+    for kind, rows in by_kind.items():
+        out[rows] = parts[kind]
     return out
 
 
-def _decode_joined(joined: bytes, n: int, width: int) -> np.ndarray:
-    """n rows of `width` bytes each, of one encoding, joined -> (n, k) float32."""
+def _decode_joined(joined: bytes, n: int, width: int) -> np.ndarray | None:
+    """n rows of `width` bytes each, joined -> (n, k) float32; None for byte rows whose
+    trailers differ (rows of two widths of values)."""
     if width % 4 == 0:
         return np.frombuffer(joined, dtype="<f4").reshape(n, width // 4)
     raw = np.frombuffer(joined, np.uint8).reshape(n, width)
-    k = _byte_width(width, int(raw[0, -1]))
     if (raw[:, -1] != raw[0, -1]).any():
-        raise ValueError(f"logged arrays of {width} bytes with different trailers")
-    return raw[:, :k].astype(np.float32)
+        return None
+    return raw[:, : _byte_width(width, int(raw[0, -1]))].astype(np.float32)
 
 
 def _decoded(row) -> dict:

@@ -787,6 +787,9 @@ def test_whole_numbers_0_to_255_are_logged_one_byte_a_value_and_read_back_exactl
     x[0, 0], x[-1, -1] = 0, 255
     blob, width = encode_features(x)
     assert width % 4 != 0 and k < width <= k + 2 and len(blob) == n * width
+    table = np.frombuffer(blob, np.uint8).reshape(n, width)
+    assert np.array_equal(table[:, :k], x) and (table[:, -1] == width - k).all()
+    assert not table[:, k:-1].any()  # the trailer: zeros, then its own length
     rows = encode_feature_rows(x)
     assert len(rows) == n and {len(r) for r in rows} == {width}
     got = decode_rows(rows)
@@ -819,13 +822,17 @@ def test_small_arrays_stay_float32_and_mixed_encodings_read_in_order():
     [
         ([bytes(64) + b"\x03"], "neither float32 nor byte values"),  # a trailer of 3
         ([bytes(65) + b"\x02"], "neither float32 nor byte values"),  # 2 where 1 is due
-        ([bytes(64) + b"\x01", bytes(63) + b"\x00\x02"], "different trailers"),
         ([bytes(64) + b"\x01", bytes(4 * 63)], "different lengths"),
+        # rows of 64 and 63 values are both 65 bytes: told apart by the trailer
+        ([bytes(64) + b"\x01", bytes(63) + b"\x00\x02"], r"different lengths: \[63, 64\]"),
     ],
 )
 def test_bytes_no_encoder_wrote_are_refused(blobs, match):
     with pytest.raises(ValueError, match=match):
         decode_rows(blobs)
+    if len(blobs) == 1:
+        with pytest.raises(ValueError, match=match):
+            decode_array(blobs[0])
 
 
 def test_a_logged_pixel_request_is_smaller_on_disk_and_every_reader_gets_its_values(store):
@@ -841,6 +848,7 @@ def test_a_logged_pixel_request_is_smaller_on_disk_and_every_reader_gets_its_val
     with store.engine.connect() as conn:
         sizes = conn.exec_driver_sql(f"SELECT length(features) FROM {table}").scalars().all()
     assert sorted(set(sizes)) == ([64 * 65, 64 * 256] if store.units else [65, 256])
+    assert store.recent(limit=1)[0]["features"] in (pixels[0].tolist(), floats.features[0].tolist())
     got = store.get([*request.ids, *floats.ids])
     assert [got[i]["features"] for i in request.ids] == pixels.tolist()
     assert got[floats.ids[5]]["features"] == floats.features[5].tolist()
@@ -848,8 +856,9 @@ def test_a_logged_pixel_request_is_smaller_on_disk_and_every_reader_gets_its_val
     assert f.dtype == np.float32 and f.shape == (128, 64)
     assert {r.tobytes() for r in f} == {r.tobytes() for r in [*pixels, *floats.features]}
     store.add_labels([(pid, 1) for pid in request.ids[:5]] + [(floats.ids[0], 2)])
-    pulled = sorted(store.labelled_since(0), key=lambda r: r["id"])
-    assert [r["features"] for r in pulled[:5]] == pixels[:5].tolist()
+    pulled = {r["id"]: r for r in store.labelled_since(0)}
+    assert [pulled[i]["features"] for i in request.ids[:5]] == pixels[:5].tolist()
+    assert pulled[floats.ids[0]]["features"] == floats.features[0].tolist()
     schema = Schema(tuple(f"pixel{i}" for i in range(64)), 10)
     chunk = next(store.labelled_chunks(0, 100))
     frame = _rows_to_frame(chunk, schema)
@@ -857,3 +866,21 @@ def test_a_logged_pixel_request_is_smaller_on_disk_and_every_reader_gets_its_val
     by_id = dict(zip(frame["id"], frame.iloc[:, 2:].to_numpy(np.float32), strict=True))
     assert by_id[request.ids[3]].tobytes() == pixels[3].tobytes()
     assert by_id[floats.ids[0]].tobytes() == floats.features[0].tobytes()
+
+
+def test_byte_rows_with_a_two_byte_trailer_and_client_ids_through_the_log(store):
+    """63 values a row (a 2-byte trailer) through both SQLite statements (a request of the
+    server's ids, one of a client's that SQLite cuts into rows) and PostgreSQL's rows."""
+    counts = np.random.default_rng(5).integers(0, 256, (20, 63)).astype(np.float32)
+    server = _generated(20, seed=5)
+    server.features = counts
+    client = _request([f"client-{i}" for i in range(20)], seed=6)
+    client.features = counts[::-1].copy()
+    assert encode_features(counts)[1] == 65
+    assert store.insert_requests([server, client]) == 40
+    got = store.get([*server.ids, *client.ids])
+    assert [got[i]["features"] for i in server.ids] == counts.tolist()
+    assert [got[i]["features"] for i in client.ids] == counts[::-1].tolist()
+    f, _ = store.recent_arrays()
+    assert f.shape == (40, 63)
+    assert sorted(r.tobytes() for r in f) == sorted(r.tobytes() for r in [*counts, *counts])
