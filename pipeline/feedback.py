@@ -68,6 +68,22 @@ def read_state(loop_dir: Path) -> dict:
     return json.loads(path.read_text()) if path.exists() else {"watermark": 0.0, "pulls": 0}
 
 
+def unpulled_labels(store: PredictionStore, loop_dir: Path) -> int:
+    """Labels in the log that the next pull would add: those stamped after the watermark,
+    and those stamped in the LATENESS_S before it that were committed after the last pull
+    (the window holds more rows than that pull read there). A row of the window labelled
+    again since is counted after the watermark, and in place of one late label when late
+    labels came too. A state written before the window
+    was recorded counts the labels after the watermark only."""
+    state = read_state(loop_dir)
+    mark = state["watermark"]
+    after = store.count_labelled_since(mark)
+    if state.get("window_rows") is None or not state["pulls"]:
+        return after
+    late = store.count_labelled_since(mark - LATENESS_S, upto=mark) - state["window_rows"]
+    return after + max(0, late)
+
+
 def read_source(loop_dir: Path) -> dict:
     """The source the bootstrap pool was ingested from (part of the data version)."""
     path = loop_dir / SOURCE
@@ -128,7 +144,13 @@ def pull_feedback(
             write_atomic(path, lambda p: _rewrite(p, path, staged, pulled[ID], chunk_rows))
         # never back: the row at the watermark is read again (a label's stamp only grows)
         write_json_atomic(
-            {"watermark": pull.watermark, "pulls": state["pulls"] + 1, "pulled_at": time.time()},
+            {
+                "watermark": pull.watermark,
+                "pulls": state["pulls"] + 1,
+                "pulled_at": time.time(),
+                # the rows of this pull that the next one reads again (`unpulled_labels`)
+                "window_rows": pull.window_rows(),
+            },
             loop_dir / STATE,
         )
     report = PullReport(pull.rows, new, pull.quarantined, total, pull.watermark)
@@ -148,6 +170,13 @@ class _Pull:
     watermark: float = 0.0
     ids: list[pa.Array] = field(default_factory=list)  # of the clean rows, in log order
     labels: list[pa.Array] = field(default_factory=list)
+    stamps: list[np.ndarray] = field(default_factory=list)  # labelled_at of every row read
+
+    def window_rows(self) -> int:
+        """The rows read that the next pull reads again: those labelled less than
+        LATENESS_S before the watermark, or at it."""
+        cut = self.watermark - LATENESS_S
+        return int(sum(np.count_nonzero(s > cut) for s in self.stamps))
 
 
 def _read_log(
@@ -184,7 +213,9 @@ def _take_chunk(
     """Validate one chunk: its clean rows become one row group of `staged` (the writer is
     opened on the first), its bad rows lines of `bad_csv`; `pull` counts them."""
     pull.rows += len(part)
-    pull.watermark = max(pull.watermark, max(r[3] for r in part))
+    stamps = np.fromiter((r[3] for r in part), np.float64, len(part))
+    pull.stamps.append(stamps)
+    pull.watermark = max(pull.watermark, float(stamps.max()))
     frame = _rows_to_frame(part, schema)
     result = validate_frame(frame.drop(columns=[ID]), schema, "prediction log")
     if len(result.quarantine):

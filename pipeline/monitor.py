@@ -17,7 +17,7 @@ import mlflow
 
 from pipeline.config import Params, Settings
 from pipeline.drift import MIN_ROWS, detect_drift, drift_plot
-from pipeline.feedback import read_state
+from pipeline.feedback import unpulled_labels
 from pipeline.performance import Calibration, Window, windows
 from pipeline.preprocess import features_labels, load_preprocessor, sample_split
 from pipeline.registry import CHAMPION, load_predictor
@@ -92,10 +92,10 @@ def check_drift(settings: Settings, params: Params, since: float) -> dict:
 
 
 def new_labels(settings: Settings) -> int:
-    """Labelled predictions not yet pulled into the data (since the last pull's watermark)."""
+    """Labelled predictions not yet pulled into the data (`feedback.unpulled_labels`)."""
     store = PredictionStore(settings.prediction_db)
     try:
-        return store.count_labelled_since(read_state(settings.loop_dir)["watermark"])
+        return unpulled_labels(store, settings.loop_dir)
     finally:
         store.dispose()
 

@@ -872,13 +872,17 @@ class PredictionStore:
         )
         yield from self._chunks(stmt, chunk_rows)
 
-    def count_labelled_since(self, after: float) -> int:
-        """How many rows `labelled_since(after)` would return, without reading them."""
+    def count_labelled_since(self, after: float, upto: float | None = None) -> int:
+        """How many rows `labelled_since(after)` would return, without reading them; with
+        `upto`, only those labelled at or before it."""
+        p = predictions
         stmt = (
             sa.select(sa.func.count())
-            .select_from(predictions)
-            .where(predictions.c.true_label.is_not(None), predictions.c.labelled_at > after)
+            .select_from(p)
+            .where(p.c.true_label.is_not(None), p.c.labelled_at > after)
         )
+        if upto is not None:
+            stmt = stmt.where(p.c.labelled_at <= upto)
         with self._read() as conn:
             return int(conn.execute(stmt).scalar_one())
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import threading
 import time
 
@@ -9,7 +10,14 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from pipeline.feedback import FEEDBACK, pull_feedback, read_state, training_frames
+from pipeline.feedback import (
+    FEEDBACK,
+    STATE,
+    pull_feedback,
+    read_state,
+    training_frames,
+    unpulled_labels,
+)
 from pipeline.store import PredictionStore, encode_rows, predictions
 from pipeline.validate import Schema
 
@@ -87,6 +95,67 @@ def test_a_label_committed_after_a_pull_that_read_past_its_stamp_is_pulled_next(
     }
     third = pull_feedback(store, loop, SCHEMA, tmp_path / "q")
     assert third.new == 0 and third.total_feedback == 2
+
+
+def _label_at(store: PredictionStore, pid: str, label: int, stamped: float) -> None:
+    """A label committed now with an older stamp (a slow transaction's)."""
+    with store.engine.begin() as conn:
+        conn.execute(
+            predictions.update()
+            .where(predictions.c.id == pid)
+            .values(true_label=label, labelled_at=stamped)
+        )
+
+
+def test_the_retrain_count_includes_a_label_committed_after_a_pull_read_past_it(store, tmp_path):
+    """The count the retrain trigger reads (`unpulled_labels`) is what the next pull adds:
+    a late label stamped before the watermark counts, the window's rows pulled already
+    do not."""
+    loop = tmp_path / "loop"
+    _log(store, ["a", "b", "slow", "late2", "c"])
+    stamped = time.time()
+    time.sleep(0.01)
+    store.add_labels([("a", 1), ("b", 2)])
+    assert unpulled_labels(store, loop) == 2  # before any pull: every label
+    first = pull_feedback(store, loop, SCHEMA, tmp_path / "q")
+    assert first.new == 2 and read_state(loop)["window_rows"] == 2
+    assert unpulled_labels(store, loop) == 0  # a and b are in the window, pulled
+    _label_at(store, "slow", 3, stamped)  # committed after the pull, stamped before
+    assert store.count_labelled_since(first.watermark) == 0  # what the count used to be
+    assert unpulled_labels(store, loop) == 1
+    _label_at(store, "late2", 4, stamped)
+    store.add_labels([("c", 5)])  # and one after the watermark
+    assert unpulled_labels(store, loop) == 3
+    second = pull_feedback(store, loop, SCHEMA, tmp_path / "q")
+    assert second.new == 3
+    assert unpulled_labels(store, loop) == 0
+
+
+def test_the_retrain_count_after_a_relabel_in_the_window(store, tmp_path):
+    loop = tmp_path / "loop"
+    _log(store, ["a", "b"])
+    store.add_labels([("a", 1), ("b", 2)])
+    pull_feedback(store, loop, SCHEMA, tmp_path / "q")
+    store.add_labels([("a", 7)], overwrite=True)  # leaves the window for after the mark
+    assert unpulled_labels(store, loop) == 1
+    assert pull_feedback(store, loop, SCHEMA, tmp_path / "q").new == 1
+    assert unpulled_labels(store, loop) == 0
+
+
+def test_a_state_from_before_the_window_counts_after_the_watermark_only(store, tmp_path):
+    loop = tmp_path / "loop"
+    _log(store, ["a", "slow"])
+    stamped = time.time()
+    time.sleep(0.01)
+    store.add_labels([("a", 1)])
+    first = pull_feedback(store, loop, SCHEMA, tmp_path / "q")
+    state = read_state(loop)
+    del state["window_rows"]  # as an older release wrote it
+    (loop / STATE).write_text(json.dumps(state))
+    _label_at(store, "slow", 3, stamped)
+    assert unpulled_labels(store, loop) == 0  # not the whole window (1) counted as late
+    assert pull_feedback(store, loop, SCHEMA, tmp_path / "q").new == 1
+    assert read_state(loop)["window_rows"] == 2 and first.new == 1
 
 
 def test_relabelled_id_keeps_one_row_with_the_newest_label(store, tmp_path):
