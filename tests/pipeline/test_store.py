@@ -387,7 +387,9 @@ def test_small_commits_gather_for_a_checkpoint_large_ones_do_not_wait(tmp_path, 
 def test_workers_sharing_a_file_each_checkpoint_as_seldom_as_they_are_many(tmp_path):
     """`sharers=2` (each of two workers of one server): each waits twice as long between
     checkpoints, so the file sees about one worker's rate. Both stores take the same
-    commits at the same moments (76 KiB each, over batch_bytes: one checkpoint a step)."""
+    commits at the same moments (47 KiB each, over batch_bytes), faster than either
+    interval (a step took 22 ms on a slow machine, where 256-row commits and a 0.01 s
+    interval made both rates one a step), so the interval sets each rate."""
     counts = {1: [], 2: []}
     stores, stops = {}, []
     for sharers in counts:
@@ -400,13 +402,13 @@ def test_workers_sharing_a_file_each_checkpoint_as_seldom_as_they_are_many(tmp_p
             )
 
         stores[sharers] = s.create()
-        stops.append(s.start_checkpoints(interval_s=0.01, check_s=5, sharers=sharers))
+        stops.append(s.start_checkpoints(interval_s=0.04, check_s=5, sharers=sharers))
     try:
-        end = time.monotonic() + 1.2
+        end = time.monotonic() + 1.6
         while time.monotonic() < end:
             for s in stores.values():
-                s.insert(_rows(new_ids(256)))
-            time.sleep(0.005)
+                s.insert(_rows(new_ids(160)))
+            time.sleep(0.001)
     finally:
         for stop in stops:
             stop.set()
