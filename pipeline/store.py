@@ -152,6 +152,18 @@ shadow_predictions = sa.Table(
 )
 SHADOW_COLUMNS = ("id", "model_version", "model_name", "created_at", "label", "probabilities")
 
+# A row's label before each overwrite (`add_labels(overwrite=True)`), keyed by the new
+# label's stamp: what a reader that counted the old label must take back. The server's
+# shadow figures (serving/shadow.py) read it beside the labelled rows.
+label_history = sa.Table(
+    "label_history",
+    metadata,
+    sa.Column("id", sa.String(128), primary_key=True),
+    sa.Column("labelled_at", sa.Float(precision=53), primary_key=True),
+    sa.Column("previous_label", sa.Integer, nullable=False),
+    sa.Column("previous_labelled_at", sa.Float(precision=53), nullable=False),
+)
+
 # The monitor's performance figures per model version and window (pipeline/performance.py),
 # newest last; the server's /metrics shows the latest.
 performance_reports = sa.Table(
@@ -779,13 +791,17 @@ class PredictionStore:
         ids = [i for i, _ in labels]
         now = time.time()
         with self.engine.begin() as conn:
-            existing, classes = {}, {}
+            existing, classes, stamps = {}, {}, {}
             for r in conn.execute(
                 sa.select(
-                    predictions.c.id, predictions.c.true_label, predictions.c.probabilities
+                    predictions.c.id,
+                    predictions.c.true_label,
+                    predictions.c.probabilities,
+                    predictions.c.labelled_at,
                 ).where(predictions.c.id.in_(ids))
             ):
                 existing[r.id] = r.true_label
+                stamps[r.id] = r.labelled_at
                 classes[r.id] = len(r.probabilities) // 4  # float32 per class it predicted
             # a row kept in its request is decided on like any other (unlabelled), and
             # gets a record of its own only when a label is written to it
@@ -821,6 +837,25 @@ class PredictionStore:
                     )
                 if conn.execute(stmt).rowcount != 1:
                     raise _LostRace  # rolls the whole request back
+            # the labels overwritten, once an id (the stored one, not one this request set)
+            replaced = {
+                pid: existing[pid]
+                for pid, _ in updates
+                if existing.get(pid) is not None and stamps.get(pid) is not None
+            }
+            if replaced:
+                conn.execute(
+                    label_history.insert(),
+                    [
+                        {
+                            "id": pid,
+                            "labelled_at": now,
+                            "previous_label": old,
+                            "previous_labelled_at": stamps[pid],
+                        }
+                        for pid, old in replaced.items()
+                    ],
+                )
             return outcomes
 
     @contextmanager
@@ -1061,18 +1096,21 @@ class PredictionStore:
 
     def shadow_labelled_since(self, name: str, after: float) -> list[tuple]:
         """(id, champion version, shadow version, champion's label, shadow's label, truth,
-        labelled_at) of rows labelled after `after` that a shadow scored: what the server
-        adds to its running accuracy figures (the labelled-rows index keeps it cheap). A
-        pair shows once both halves are in: a shadow answer is written a moment after it
-        is scored, so a label can come first; the caller reads again from a little before
-        its last read and keeps the ids it counted."""
-        p, sh = predictions, shadow_predictions
+        labelled_at, previous label, its labelled_at) of rows labelled after `after` that a
+        shadow scored: what the server adds to its running accuracy figures (the
+        labelled-rows index keeps it cheap). The last two are the label this one
+        overwrote, else None (`label_history`). A pair shows once both halves are in: a
+        shadow answer is written a moment after it is scored, so a label can come first;
+        the caller reads again from a little before its last read and keeps the ids it
+        counted."""
+        p, sh, h = predictions, shadow_predictions, label_history
         stmt = (
             sa.select(
                 p.c.id, p.c.model_version, sh.c.model_version, p.c.label, sh.c.label,
-                p.c.true_label, p.c.labelled_at,
+                p.c.true_label, p.c.labelled_at, h.c.previous_label, h.c.previous_labelled_at,
             )
             .join(sh, sh.c.id == p.c.id)
+            .outerjoin(h, sa.and_(h.c.id == p.c.id, h.c.labelled_at == p.c.labelled_at))
             .where(p.c.model_name == name, p.c.labelled_at > after)
         )  # fmt: skip
         with self._read() as conn:

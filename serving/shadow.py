@@ -156,8 +156,12 @@ class Shadow:
         labelled rows, kept up to date incrementally: each call reads only the rows
         labelled since LATENESS_S before the last call (a full join every few seconds grew
         with the log) and counts each pair once, though it is read again and its shadow
-        answer may land after its label. A row re-labelled within LATENESS_S of its last
-        label is counted with its new label; one re-labelled later is counted again."""
+        answer may land after its label. A re-labelled row is counted with its new label
+        instead of its old: within LATENESS_S of the old label by the ids kept, later by
+        the old label the store keeps for each overwrite (`label_history`), taken back
+        where it was stamped after this shadow started. A row labelled three times between
+        two reads, the last two after LATENESS_S, takes back the middle label, not the one
+        counted."""
         with self._summary_lock:
             self._summarise_locked()
 
@@ -168,13 +172,18 @@ class Shadow:
         except Exception as exc:  # noqa: BLE001 - a store hiccup must not stop the shadow
             log.debug("shadow summary: %s", exc)
             return
-        for pid, champ, shadow, label, shadow_label, truth, at in found:
+        for pid, champ, shadow, label, shadow_label, truth, at, before, before_at in found:
             right_c, right_s = int(label == truth), int(shadow_label == truth)
             old = self._seen.get((pid, shadow))
+            if old is None and before is not None and before_at > self.started_at:
+                # re-labelled after its old label left the ids kept: that one was counted
+                old = (before_at, champ, int(label == before), int(shadow_label == before))
+                if not self._pairs.get((champ, shadow), [0])[0]:
+                    old = None  # nothing to take it back from (not counted after all)
+            elif old is not None and old[1:] == (champ, right_c, right_s):
+                self._seen[(pid, shadow)] = (max(old[0], at), *old[1:])  # a newer stamp
+                continue  # counted already
             if old is not None:
-                if old[1:] == (champ, right_c, right_s):
-                    self._seen[(pid, shadow)] = (max(old[0], at), *old[1:])  # a newer stamp
-                    continue  # counted already
                 earlier = self._pairs[(old[1], shadow)]  # re-labelled: the new label counts
                 earlier[0] -= 1
                 earlier[1] -= old[2]

@@ -105,3 +105,37 @@ def test_a_relabel_that_changes_no_answers_rightness_is_not_counted_again(store,
     assert _labelled(shadow) == (1, 0.0, 0.0)
     (whole,) = store.shadow_summary("m")  # the full join agrees
     assert whole["labelled"] == 1
+
+
+def test_a_relabel_after_the_lateness_replaces_the_label_counted(store, monkeypatch):
+    """Truth 3 then, after the old label left the ids kept, 4: the figures take back the
+    label they counted (the store keeps it for each overwrite) instead of counting the
+    row twice, and agree with the full join."""
+    monkeypatch.setattr("serving.shadow.LATENESS_S", 1.0)
+    shadow = _shadow(store)
+    _served(store, ["x", "y"], label=3)  # the champion answered 3 ...
+    _answers(store, ["x", "y"], label=4, at=time.time())  # ... the shadow 4
+    store.add_labels([("x", 3), ("y", 3)])
+    assert _labelled(shadow) == (2, 1.0, 0.0)
+    time.sleep(1.3)
+    assert _labelled(shadow) == (2, 1.0, 0.0)
+    assert shadow._seen == {}  # x's first label is out of the window
+    store.add_labels([("x", 4)], overwrite=True)
+    assert _labelled(shadow) == (2, 0.5, 0.5)
+    assert _labelled(shadow) == (2, 0.5, 0.5)  # read again: not taken back twice
+    (whole,) = store.shadow_summary("m")
+    assert (whole["labelled"], whole["champion_accuracy"], whole["shadow_accuracy"]) == (
+        2,
+        0.5,
+        0.5,
+    )
+
+
+def test_a_label_overwritten_from_before_the_shadow_started_is_not_taken_back(store):
+    _served(store, ["z"], label=3)
+    store.add_labels([("z", 3)])  # labelled before this shadow started
+    time.sleep(0.01)
+    shadow = _shadow(store)
+    _answers(store, ["z"], label=4, at=time.time())
+    store.add_labels([("z", 4)], overwrite=True)
+    assert _labelled(shadow) == (1, 0.0, 1.0)
