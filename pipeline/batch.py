@@ -29,6 +29,10 @@ DEFAULT_CHUNK_ROWS = 8192
 # Files are read (and outputs written) in blocks of at least this many rows, whatever the
 # forward pass's chunk: reading and writing 64 rows at a time cost more than the model.
 READ_BLOCK_ROWS = 4096
+# With --log and no id column: the rows of one logged request (one record in the log, as a
+# server request is; `PredictionStore.insert_requests`). A label's lookup reads its whole
+# record, so records stay near the size of the server's own large requests.
+LOG_REQUEST_ROWS = 256
 
 
 class BatchError(ValueError):
@@ -75,7 +79,8 @@ def predict_file(
         read_rows = max(chunk_rows, READ_BLOCK_ROWS)
         for batch in _batches(source, read_rows, names, id_column):
             rows = _features(batch, names, done)
-            ids = _ids(batch, id_column, len(rows), generate=store is not None)
+            parts = _ids(batch, id_column, len(rows), generate=store is not None)
+            ids = parts[0] if parts and len(parts) == 1 else _joined(parts)
             started = time.perf_counter()
             probs = np.concatenate(
                 [
@@ -87,20 +92,23 @@ def predict_file(
             if store is not None:
                 latency_ms = (time.perf_counter() - started) * 1000 / max(len(rows), 1)
                 now = time.time()
-                logged += store.insert_requests(
-                    [
+                requests, at = [], 0
+                for part in parts:  # each kept as one record where its ids were made here
+                    end = at + len(part)
+                    requests.append(
                         LoggedRequest(
-                            list(ids),
+                            part,
                             now,
                             model_name,
                             model_version,
-                            rows,
-                            labels.tolist(),
-                            probs,
+                            rows[at:end],
+                            labels[at:end].tolist(),
+                            probs[at:end],
                             latency_ms,
                         )
-                    ]
-                )
+                    )
+                    at = end
+                logged += store.insert_requests(requests)
             table = _output_table(ids, id_column, labels, probs)
             if writer is None:
                 writer = _writer(tmp, kind_out, table.schema)
@@ -179,13 +187,22 @@ def _features(batch: pa.RecordBatch, names: list[str], offset: int) -> np.ndarra
     return rows
 
 
-def _ids(batch: pa.RecordBatch, id_column: str, n: int, generate: bool) -> list[str] | None:
+def _ids(batch: pa.RecordBatch, id_column: str, n: int, generate: bool) -> list[list[str]] | None:
+    """The block's ids, as the requests it is logged as: the id column's, one request; or
+    made here, one request of new ids per LOG_REQUEST_ROWS rows, each of which the log
+    keeps as one record (as the server's requests) instead of a row each."""
     if id_column in batch.schema.names:
         ids = [str(v) for v in batch.column(id_column).to_pylist()]
         if any(not v or v == "None" for v in ids):
             raise BatchError(f"column {id_column} has an empty id")
-        return ids
-    return new_ids(n) if generate else None
+        return [ids]
+    if not generate:
+        return None
+    return [new_ids(min(LOG_REQUEST_ROWS, n - i)) for i in range(0, n, LOG_REQUEST_ROWS)]
+
+
+def _joined(parts: list[list[str]] | None) -> list[str] | None:
+    return None if parts is None else [i for part in parts for i in part]
 
 
 def _output_table(ids, id_column: str, labels: np.ndarray, probs: np.ndarray) -> pa.Table:

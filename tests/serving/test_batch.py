@@ -98,3 +98,37 @@ def test_unknown_model_and_format_say_so(served, tmp_path):
     assert unknown.exit_code == 1 and "no version '9'" in unknown.output
     bad_out = runner.invoke(app, ["predict", str(source), "--out", str(tmp_path / "x.json")])
     assert bad_out.exit_code == 1 and "unknown format .json" in bad_out.output
+
+
+def test_generated_ids_are_logged_as_request_records(
+    served, predictor, digits_rows, tmp_path, monkeypatch
+):
+    """Rows without an id column go into the log as the server's requests do: one record
+    of LOG_REQUEST_ROWS rows or fewer (here 6) each, not a row each; each row still found
+    by its id and labelled through it."""
+    import sqlalchemy as sa
+
+    from pipeline.store import prediction_requests, predictions
+
+    monkeypatch.setattr("pipeline.batch.LOG_REQUEST_ROWS", 6)
+    frame = _frame(digits_rows[:20], ids=False)
+    source, out = tmp_path / "pixels.csv", tmp_path / "scored.csv"
+    frame.to_csv(source, index=False)
+    result = runner.invoke(app, ["predict", str(source), "--out", str(out), "--log"])
+    assert result.exit_code == 0, result.output
+    assert "20 logged" in result.output
+    scored = pd.read_csv(out)
+    store = PredictionStore(get_settings().prediction_db)
+    with store.engine.connect() as conn:
+        sizes = conn.execute(sa.select(prediction_requests.c.n_rows)).scalars().all()
+        rows = conn.execute(sa.select(sa.func.count()).select_from(predictions)).scalar_one()
+    assert sorted(sizes) == [2, 6, 6, 6] and rows == 0  # one block of 20 rows (chunk 8192)
+    logged = store.get(scored["id"].tolist())
+    assert [logged[i]["label"] for i in scored["id"]] == scored["label"].tolist()
+    expected = frame[NAMES].to_numpy(np.float32)
+    np.testing.assert_array_equal(
+        np.stack([np.asarray(logged[i]["features"]) for i in scored["id"]]), expected
+    )
+    (outcome,) = store.add_labels([(scored["id"][7], 4)])
+    assert outcome.status == "labelled"
+    assert store.count(labelled=True) == 1
