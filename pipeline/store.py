@@ -1094,6 +1094,17 @@ class PredictionStore:
             )
         return out
 
+    def label_before(self, pid: str, at: float) -> tuple[int | None, float | None]:
+        """(label, labelled_at) that the label of `pid` stamped `at` overwrote; (None,
+        None) where that label was the first (`label_history`)."""
+        h = label_history
+        stmt = sa.select(h.c.previous_label, h.c.previous_labelled_at).where(
+            h.c.id == pid, h.c.labelled_at == at
+        )
+        with self._read() as conn:
+            row = conn.execute(stmt).first()
+        return (None, None) if row is None else (row[0], row[1])
+
     def shadow_labelled_since(self, name: str, after: float) -> list[tuple]:
         """(id, champion version, shadow version, champion's label, shadow's label, truth,
         labelled_at, previous label, its labelled_at) of rows labelled after `after` that a

@@ -139,3 +139,28 @@ def test_a_label_overwritten_from_before_the_shadow_started_is_not_taken_back(st
     _answers(store, ["z"], label=4, at=time.time())
     store.add_labels([("z", 4)], overwrite=True)
     assert _labelled(shadow) == (1, 0.0, 1.0)
+
+
+def test_labels_overwritten_between_two_reads_were_never_counted(store, monkeypatch):
+    """A label corrected before the next read counts once, with the correction; a row
+    labelled twice more after the lateness takes back the label it had at the last read."""
+    monkeypatch.setattr("serving.shadow.LATENESS_S", 1.0)
+    shadow = _shadow(store)
+    _served(store, ["q", "r"], label=3)
+    _answers(store, ["q", "r"], label=4, at=time.time())
+    assert _labelled(shadow) == (0, 0.0, 0.0)
+    store.add_labels([("q", 4)])
+    store.add_labels([("q", 3)], overwrite=True)  # corrected before the next read
+    store.add_labels([("r", 3)])
+    assert _labelled(shadow) == (2, 1.0, 0.0)
+    time.sleep(1.3)
+    assert _labelled(shadow) == (2, 1.0, 0.0) and shadow._seen == {}
+    store.add_labels([("q", 5)], overwrite=True)  # two labels after the one counted (3)
+    store.add_labels([("q", 4)], overwrite=True)
+    assert _labelled(shadow) == (2, 0.5, 0.5)
+    (whole,) = store.shadow_summary("m")
+    assert (whole["labelled"], whole["champion_accuracy"], whole["shadow_accuracy"]) == (
+        2,
+        0.5,
+        0.5,
+    )
