@@ -822,6 +822,7 @@ class PredictionStore:
                     .on_conflict_do_nothing(index_elements=["id"])
                 )
             status = {o.id: o.status for o in outcomes}
+            changed = set()  # ids this request has updated already
             for pid, label in updates:
                 stmt = (
                     predictions.update()
@@ -835,6 +836,11 @@ class PredictionStore:
                             predictions.c.true_label == label,
                         )
                     )
+                elif pid not in changed and existing[pid] is not None:
+                    # an overwrite of the label read, only if nobody changed it meanwhile: the
+                    # caller is told what it replaced, and label_history keeps it
+                    stmt = stmt.where(predictions.c.true_label == existing[pid])
+                changed.add(pid)
                 if conn.execute(stmt).rowcount != 1:
                     raise _LostRace  # rolls the whole request back
             # the labels overwritten, once an id (the stored one, not one this request set)

@@ -55,7 +55,6 @@ class Shadow:
         self.summary: list[dict] = []
         self._pairs: dict[tuple[str, str], list[int]] = {}  # labelled, right each
         self._after = self.started_at  # rows labelled after this are read again
-        self._read_at = self.started_at  # when the last read began
         # (id, shadow version) -> (labelled at, champion version, right each) of the pairs
         # counted that were labelled after _after: what a read may return a second time
         self._seen: dict[tuple[str, str], tuple[float, str, int, int]] = {}
@@ -160,8 +159,8 @@ class Shadow:
         answer may land after its label. A re-labelled row is counted with its new label
         instead of its old: within LATENESS_S of the old label by the ids kept, later by
         the old label the store keeps for each overwrite (`label_history`), taken back
-        where it was stamped after this shadow started: the label it had at the last read
-        (labels overwritten between two reads were never counted)."""
+        where it was stamped after this shadow started: the newest one stamped before the
+        ids kept begin (a later one, not among them, was never counted)."""
         with self._summary_lock:
             self._summarise_locked()
 
@@ -176,9 +175,10 @@ class Shadow:
             right_c, right_s = int(label == truth), int(shadow_label == truth)
             old = self._seen.get((pid, shadow))
             if old is None and before is not None:
-                # re-labelled after its old label left the ids kept: the label counted is
-                # the one it had at the last read
-                while before is not None and before_at >= self._read_at:
+                # re-labelled after its old label left the ids kept: every label counted
+                # since _after is among them, so the one counted is the newest stamped
+                # at or before it (later ones were overwritten before their pair was read)
+                while before is not None and before_at > self._after:
                     before, before_at = self.store.label_before(pid, before_at)
                 if before is not None and before_at > self.started_at:
                     old = (before_at, champ, int(label == before), int(shadow_label == before))
@@ -198,7 +198,6 @@ class Shadow:
             pair[2] += right_s
             self._seen[(pid, shadow)] = (at, champ, right_c, right_s)
         self._after = max(self.started_at, start - LATENESS_S)
-        self._read_at = start
         self._seen = {k: v for k, v in self._seen.items() if v[0] > self._after}
         self.summary = [
             {

@@ -21,6 +21,7 @@ from pipeline.store import (
     encode_feature_rows,
     encode_features,
     encode_rows,
+    label_history,
     labelled_query,
     new_ids,
 )
@@ -276,6 +277,44 @@ def test_conflicting_labels_racing_for_one_id_have_one_winner(store):
         assert pair == ["conflict", "labelled"], (pid, outcomes[3][pid], outcomes[7][pid])
         winner = 3 if outcomes[3][pid] == "labelled" else 7
         assert stored[pid] == winner
+
+
+def test_an_overwrite_racing_another_replaces_the_label_it_was_told(store, monkeypatch):
+    """Request B reads label 3, request A overwrites 3 with 4 and commits, then B writes 5:
+    B's overwrite is decided again on what is stored (4), so its caller is told "was 4"
+    and label_history holds the chain 3 -> 4 -> 5, not two overwrites of 3."""
+    import threading
+
+    import pipeline.store as ps
+
+    store.insert(_rows(["x"]))
+    store.add_labels([("x", 3)])
+    decide, fired = ps._label_outcomes, []
+
+    def a_commits_first(labels, existing, overwrite, classes=None):
+        if not fired and threading.current_thread().name == "B":
+            fired.append(None)  # once: A's own call comes through here too
+            fired[0] = store.add_labels([("x", 4)], overwrite=True)  # A, between B's steps
+        return decide(labels, existing, overwrite, classes)
+
+    monkeypatch.setattr(ps, "_label_outcomes", a_commits_first)
+    told = []
+    b = threading.Thread(
+        target=lambda: told.append(store.add_labels([("x", 5)], overwrite=True)), name="B"
+    )
+    b.start()
+    b.join(timeout=60)
+    assert [o.detail for o in fired[0]] == ["was 3"]
+    assert [(o.status, o.detail) for o in told[0]] == [("overwritten", "was 4")]
+    with store.engine.connect() as conn:
+        chain = (
+            conn.execute(
+                sa.select(label_history.c.previous_label).order_by(label_history.c.labelled_at)
+            )
+            .scalars()
+            .all()
+        )
+    assert chain == [3, 4] and store.get(["x"])["x"]["true_label"] == 5
 
 
 @pytest.mark.parametrize("how", ["deleted", "replaced"])

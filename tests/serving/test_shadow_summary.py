@@ -164,3 +164,22 @@ def test_labels_overwritten_between_two_reads_were_never_counted(store, monkeypa
         0.5,
         0.5,
     )
+
+
+def test_a_label_whose_pair_was_incomplete_at_the_last_read_is_not_taken_back(store):
+    """x's label lands before the shadow's answer, so the read after it counts only y; x
+    is then corrected: nothing of x was counted, so nothing is taken back."""
+    shadow = _shadow(store)
+    _served(store, ["y", "x"], label=3)
+    _answers(store, ["y"], label=4, at=time.time())
+    store.add_labels([("y", 4), ("x", 3)])
+    assert _labelled(shadow) == (1, 0.0, 1.0)
+    _answers(store, ["x"], label=4, at=time.time())
+    store.add_labels([("x", 4)], overwrite=True)
+    assert _labelled(shadow) == (2, 0.0, 1.0)
+    (whole,) = store.shadow_summary("m")
+    assert (whole["labelled"], whole["champion_accuracy"], whole["shadow_accuracy"]) == (
+        2,
+        0.0,
+        1.0,
+    )
