@@ -21,6 +21,16 @@ from serving.schemas import (
 router = APIRouter(tags=["feedback"], dependencies=[ApiKey])
 
 
+def _add_labels(state, labels, overwrite):
+    """The store's tables are brought up to date at start-up, or by the first commit when
+    the store was down then; a label can come first (a log from an older release lacks
+    label_history), so it does the same."""
+    if not state.writer.schema_ready:
+        state.store.create()
+        state.writer.schema_ready = True
+    return state.store.add_labels(labels, overwrite)
+
+
 @router.post(
     "/feedback",
     openapi_extra=json_body(FeedbackRequest),
@@ -36,7 +46,7 @@ async def feedback(request: Request, state: StateDep) -> Response:
         state.settings.max_rows_per_request,
         model.predictor.cfg.num_classes if model else None,
     )
-    outcomes = await asyncio.to_thread(state.store.add_labels, valid, overwrite) if valid else []
+    outcomes = await asyncio.to_thread(_add_labels, state, valid, overwrite) if valid else []
     results = [{"id": o.id, "status": o.status, "detail": o.detail} for o in outcomes]
     results += errors
     counts: dict[str, int] = {}

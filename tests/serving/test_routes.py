@@ -5,6 +5,7 @@ from __future__ import annotations
 import functools
 import inspect
 import json
+import time
 
 import jsonschema
 import mlflow
@@ -19,7 +20,7 @@ from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 from pipeline.config import Settings, get_settings
-from pipeline.store import PredictionStore
+from pipeline.store import LoggedRequest, PredictionStore
 from serving import requests
 from serving.app import create_app
 
@@ -608,3 +609,35 @@ def test_simdjson_takes_the_common_body(monkeypatch):
     assert array.tobytes() == np.array(rows, dtype=np.float32).tobytes()
     assert requests.numeric_rows(body, "instances", 64, 63) is None  # over the limit
     assert requests.numeric_rows(body, "instances", 63, 1024) is None  # another width
+
+
+def test_an_overwrite_into_a_log_from_an_older_release_when_the_store_was_down_at_start(
+    served, monkeypatch, digits_rows
+):
+    """The log's tables are brought up to date at start-up, and again on the first commit
+    when the store was down then. An overwrite before any commit is a write too: it made
+    the tables first instead of failing on the missing label_history (503)."""
+    import sqlite3
+
+    missing = served / "not-yet"  # no such folder: SQLite cannot open the file (down)
+    url = f"sqlite:///{missing / 'log.db'}"
+    monkeypatch.setenv("MLOPS_PREDICTION_DB_URL", url)
+    get_settings.cache_clear()
+    with TestClient(create_app(get_settings())) as c:
+        assert c.get("/health").status_code == 200
+        missing.mkdir()  # the store is back, holding a log an older release wrote
+        old = PredictionStore(url).create()
+        x = np.asarray(digits_rows[:1], dtype=np.float32)
+        p = np.full((1, 10), 0.1, dtype=np.float32)
+        logged = LoggedRequest(["old-1"], time.time(), "digits-classifier", "1", x, [3], p, 1.0)
+        assert old.insert_requests([logged]) == 1
+        assert [o.status for o in old.add_labels([("old-1", 3)])] == ["labelled"]
+        old.dispose()
+        with sqlite3.connect(missing / "log.db") as conn:
+            conn.execute("DROP TABLE label_history")
+        res = c.post("/feedback", json={"labels": [{"id": "old-1", "label": 4}], "overwrite": True})
+        assert res.status_code == 200, res.text
+        assert res.json()["results"][0]["status"] == "overwritten"
+    with sqlite3.connect(missing / "log.db") as conn:
+        assert conn.execute("SELECT true_label FROM prediction_rows").fetchall() == [(4,)]
+        assert conn.execute("SELECT previous_label FROM label_history").fetchall() == [(3,)]
