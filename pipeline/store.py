@@ -937,33 +937,48 @@ class PredictionStore:
         self, since: float = 0.0, limit: int = 100_000, chunk_rows: int = CHUNK_ROWS
     ) -> tuple[np.ndarray, np.ndarray]:
         """(features, probabilities) of the rows `recent` returns, as float32 arrays (n, k)
-        and (n, c): the drift check's read. Decoded `chunk_rows` at a time, so the only
-        copies held whole are the arrays themselves (4 bytes a value, not a Python float):
-        those of the log's rows and of its requests' rows, merged by time."""
-        times, features, probabilities = [], [], []
-        sources = 0  # tables that had rows
-        with self._read() as conn:  # both tables in one snapshot
-            for t in self._tables():
-                stmt = (
-                    sa.select(t.c.created_at, t.c.features, t.c.probabilities)
-                    .where(t.c.created_at > since)
-                    .order_by(t.c.created_at)
-                    .limit(limit)
-                )
-                before = len(features)
-                for part in self._chunks(stmt, chunk_rows, conn):
-                    times.append(np.array([r.created_at for r in part], np.float64))
-                    features.append(decode_rows([r.features for r in part]))
-                    probabilities.append(decode_rows([r.probabilities for r in part]))
-                sources += len(features) > before
-        if not features:
-            return np.empty((0, 0), np.float32), np.empty((0, 0), np.float32)
-        if sources == 1:  # in order already, and within the limit
-            return np.concatenate(features), np.concatenate(probabilities)
-        # both: the first `limit` by time, each chunk copied to its places and let go, so
-        # the chunks and the output are all that is held (as for one table)
-        order = np.argsort(np.concatenate(times), kind="stable")[:limit]
-        return _gather(features, order), _gather(probabilities, order)
+        and (n, c): the drift check's read. The rows are counted first, then decoded
+        `chunk_rows` at a time straight into the output, the log's rows and its requests'
+        rows merged by time as they come: what is held is the output (4 bytes a value, not
+        a Python float) and a chunk of each table."""
+        with self._read() as conn:  # every statement in one snapshot
+            statements = [
+                sa.select(t.c.created_at, t.c.features, t.c.probabilities)
+                .where(t.c.created_at > since)
+                .order_by(t.c.created_at)
+                .limit(limit)
+                for t in self._tables()
+            ]
+            n = min(
+                limit,
+                sum(
+                    int(conn.execute(sa.select(sa.func.count()).select_from(s.subquery())).scalar())
+                    for s in statements
+                ),
+            )
+            if n == 0:
+                return np.empty((0, 0), np.float32), np.empty((0, 0), np.float32)
+            # a chunk of each table is held beside the output: a small share of it
+            chunk_rows = min(chunk_rows, max(1_024, n // 8))
+            runs = [_Run(self._decoded_chunks(s, chunk_rows, conn)) for s in statements]
+            return _merge_runs(runs, n)
+
+    def _decoded_chunks(
+        self, stmt: sa.Select, chunk_rows: int, conn: sa.Connection
+    ) -> Iterator[tuple[np.ndarray, np.ndarray, np.ndarray]]:
+        """(created_at, features, probabilities) of `stmt`'s rows (those three columns), a
+        chunk at a time as arrays; each chunk's rows are let go before it is handed on (as
+        `_chunks` streams them)."""
+        streaming = conn.execution_options(stream_results=True, yield_per=chunk_rows)
+        result = streaming.execute(stmt)
+        while part := result.fetchmany(chunk_rows):
+            decoded = (
+                np.array([r.created_at for r in part], np.float64),
+                decode_rows([r.features for r in part]),
+                decode_rows([r.probabilities for r in part]),
+            )
+            del part
+            yield decoded
 
     def _tables(self) -> tuple[sa.Table, ...]:
         """Where every logged row is: the rows, and (SQLite) the requests' rows."""
@@ -1441,22 +1456,88 @@ class PredictionStore:
         self.engine.dispose()
 
 
-def _gather(parts: list[np.ndarray], order: np.ndarray) -> np.ndarray:
-    """Rows `order` of the parts stacked, without stacking them: each part's rows are
-    copied straight to their places in the output, and the part is let go (`parts` ends
-    empty)."""
-    out = np.empty((len(order), parts[0].shape[1]), parts[0].dtype)
-    place = np.full(sum(len(p) for p in parts), -1, np.int64)  # row -> its place, or none
-    place[order] = np.arange(len(order))
-    start = 0
-    while parts:
-        part = parts.pop(0)
-        places = place[start : start + len(part)]
-        keep = places >= 0
-        out[places[keep]] = part[keep]
-        start += len(part)
-        del part
-    return out
+class _Run:
+    """One table's rows in created_at order, read a chunk at a time: the rows not yet
+    merged (`t`, `f`, `p`) and whether the table has more."""
+
+    def __init__(self, chunks: Iterator[tuple[np.ndarray, np.ndarray, np.ndarray]]) -> None:
+        self.chunks = chunks
+        self.t = np.empty(0, np.float64)
+        self.f: np.ndarray | None = None
+        self.p: np.ndarray | None = None
+        self.done = False
+
+    def fill(self) -> None:
+        """The next chunk after the rows still here (or `done`)."""
+        chunk = next(self.chunks, None)
+        if chunk is None:
+            self.done = True
+        elif len(self.t):
+            assert self.f is not None and self.p is not None
+            self.t = np.concatenate([self.t, chunk[0]])
+            self.f = np.concatenate([self.f, chunk[1]])
+            self.p = np.concatenate([self.p, chunk[2]])
+        else:
+            self.t, self.f, self.p = chunk
+
+    @property
+    def frontier(self) -> float:
+        """Every row of this table before this time is here (its last row's time)."""
+        return np.inf if self.done else float(self.t[-1])
+
+    def take(self, cut: float) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """The rows before `cut` (all of them past the last chunk), let go of here."""
+        k = len(self.t) if cut == np.inf else int(np.searchsorted(self.t, cut, "left"))
+        assert self.f is not None and self.p is not None or k == 0
+        if k == 0:
+            empty = np.empty(0, np.float64)
+            return empty, np.empty((0, 0), np.float32), np.empty((0, 0), np.float32)
+        taken = self.t[:k], self.f[:k], self.p[:k]  # type: ignore[index]
+        self.t, self.f, self.p = self.t[k:], self.f[k:], self.p[k:]  # type: ignore[index]
+        return taken
+
+
+def _merge_runs(runs: list[_Run], n: int) -> tuple[np.ndarray, np.ndarray]:
+    """The first `n` rows of the runs by time (ties in the runs' order, then each run's
+    own), written into arrays of `n` rows as they come. A row is placed once every run has
+    shown a later time or ended, so the order is that of one stable sort of all the rows."""
+    out_f = out_p = None
+    at = 0
+    while at < n:
+        for run in runs:
+            if not run.done and not len(run.t):
+                run.fill()
+        cut = min(run.frontier for run in runs)
+        taken = [run.take(cut) for run in runs]
+        taken = [piece for piece in taken if len(piece[0])]
+        if not taken:
+            if cut == np.inf:
+                break  # every run ended short of `n`
+            for run in runs:  # rows at the cut only: read on where they end
+                if run.frontier == cut:
+                    run.fill()
+            continue
+        if out_f is None:
+            f, p = taken[0][1], taken[0][2]
+            out_f = np.empty((n, f.shape[1]), f.dtype)
+            out_p = np.empty((n, p.shape[1]), p.dtype)
+        assert out_p is not None
+        # each piece's rows straight to their places (no stacked copy of the pieces)
+        order = np.argsort(np.concatenate([t for t, _, _ in taken]), kind="stable")
+        place = np.empty(len(order), np.int64)
+        place[order] = np.arange(at, at + len(order))
+        start = 0
+        for _, f, p in taken:
+            places = place[start : start + len(f)]
+            start += len(f)
+            if places.max() >= n:  # past the limit: only the first rows are kept
+                keep = places < n
+                places, f, p = places[keep], f[keep], p[keep]
+            out_f[places] = f
+            out_p[places] = p
+        at = min(n, at + len(order))
+    assert out_f is not None and out_p is not None
+    return out_f[:at], out_p[:at]
 
 
 def _unit_statements(

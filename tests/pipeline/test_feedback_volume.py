@@ -14,7 +14,14 @@ import pytest
 import sqlalchemy as sa
 
 from pipeline.feedback import FEEDBACK, LATENESS_S, STATE, pull_feedback, read_state
-from pipeline.store import PredictionStore, decode_rows, encode_rows, labelled_query
+from pipeline.store import (
+    LoggedRequest,
+    PredictionStore,
+    decode_rows,
+    encode_rows,
+    labelled_query,
+    new_ids,
+)
 from pipeline.validate import Schema
 
 SCHEMA = Schema(tuple(f"pixel{i}" for i in range(64)), 10)
@@ -217,14 +224,14 @@ def test_the_drift_checks_read_is_chunked_and_equals_the_rows_read(store, monkey
     x = _log(store, ids)
     _label(store, [(i, 1) for i in ids[:700]])
     sizes: list[int] = []
-    chunks = store._chunks
+    chunks = store._decoded_chunks
 
-    def spy(stmt, chunk_rows, *conn):
-        for part in chunks(stmt, chunk_rows, *conn):
-            sizes.append(len(part))
+    def spy(stmt, chunk_rows, conn):
+        for part in chunks(stmt, chunk_rows, conn):
+            sizes.append(len(part[0]))
             yield part
 
-    monkeypatch.setattr(store, "_chunks", spy)
+    monkeypatch.setattr(store, "_decoded_chunks", spy)
     features, probabilities = store.recent_arrays(0.0, limit=2_000, chunk_rows=CHUNK)
     assert sizes == [CHUNK] * 20
     logged = store.recent(0.0, limit=2_000)
@@ -234,6 +241,43 @@ def test_the_drift_checks_read_is_chunked_and_equals_the_rows_read(store, monkey
     assert store.recent_arrays(time.time() + 60)[0].shape[0] == 0
     mark = store.labelled_since(0)[400]["labelled_at"]
     assert store.count_labelled_since(mark) == len(store.labelled_since(mark)) > 0
+
+
+def test_the_drift_read_merges_both_tables_into_its_output_as_it_reads(tmp_path):
+    """SQLite keeps the server's requests as records and other rows as rows: the drift
+    check's read merges the two by time (ties among them included) into the rows `recent`
+    gives, chunk by chunk, holding little more than its output. Each table here has more
+    rows than the limit; reading each whole before merging held three times the output."""
+    store = PredictionStore(f"sqlite:///{tmp_path / 'log.db'}").create()
+    assert store.units
+    rng = np.random.default_rng(5)
+    t0, requests = time.time(), []
+    for k in range(60):  # requests of 64 generated ids and of 48 client ids, interleaved
+        for n, ids in ((64, new_ids(64)), (48, [f"c{k:03d}-{j:02d}" for j in range(48)])):
+            x = (rng.random((n, 64)) * 16).astype(np.float32)
+            p = rng.random((n, 10)).astype(np.float32)
+            # every third pair at one time: rows of both tables tie
+            at = t0 + k * 1e-3 + (0 if k % 3 == 0 else n * 1e-6)
+            requests.append(LoggedRequest(ids, at, "m", "1", x, [0] * n, p, 1.0))
+    assert store.insert_requests(requests) == 60 * 112
+    for limit in (6_720, 2_001, 700, 1):
+        f, p = store.recent_arrays(0.0, limit=limit, chunk_rows=CHUNK)
+        rows = store.recent(0.0, limit=limit)
+        np.testing.assert_array_equal(f, np.asarray([r["features"] for r in rows]))
+        np.testing.assert_array_equal(p, np.asarray([r["probabilities"] for r in rows]))
+    assert store.recent_arrays(t0 + 1e-3 * 29.5)[0].shape == (30 * 112, 64)
+
+    limit = 2_500  # under each table's rows (3,840 and 2,880)
+    store.recent_arrays(0.0, limit=limit, chunk_rows=CHUNK)  # imports, outside the measure
+    tracemalloc.start()
+    try:
+        f, p = store.recent_arrays(0.0, limit=limit, chunk_rows=CHUNK)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    store.dispose()
+    assert f.shape == (limit, 64)
+    assert peak < 1.6 * (f.nbytes + p.nbytes), (peak, f.nbytes + p.nbytes)
 
 
 def test_a_feedback_file_written_before_is_merged_chunk_by_chunk(tmp_path):
