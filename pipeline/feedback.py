@@ -49,6 +49,9 @@ ID = "id"
 # the watermark (de-duplication by id makes the rows read twice add nothing), so a label
 # committed late is pulled by the next pull instead of never.
 LATENESS_S = 60.0
+# The state keeps the ids and stamps of the rows the next pull reads again, up to this many
+# (the retrain trigger's count of late labels, `unpulled_labels`); beyond, their number.
+WINDOW_IDS = 1_000
 
 
 @dataclass
@@ -70,15 +73,22 @@ def read_state(loop_dir: Path) -> dict:
 
 def unpulled_labels(store: PredictionStore, loop_dir: Path) -> int:
     """Labels in the log that the next pull would add: those stamped after the watermark,
-    and those stamped in the LATENESS_S before it that were committed after the last pull
-    (the window holds more rows than that pull read there). A row of the window labelled
-    again since is counted after the watermark, and in place of one late label when late
-    labels came too. A state written before the window
-    was recorded counts the labels after the watermark only."""
+    and those stamped in the LATENESS_S before it that the last pull did not read (late
+    commits, and rows of the window labelled again there): the pull recorded the window's
+    ids and stamps. Where it held more than WINDOW_IDS rows only their number was kept:
+    then the window holding more rows than that counts as late labels (a row of it labelled
+    again since, after the watermark, hides one). A state written before either was
+    recorded counts the labels after the watermark only."""
     state = read_state(loop_dir)
     mark = state["watermark"]
     after = store.count_labelled_since(mark)
-    if state.get("window_rows") is None or not state["pulls"]:
+    if not state["pulls"]:
+        return after
+    if state.get("window") is not None:
+        seen = {(pid, at) for pid, at in state["window"]}
+        found = store.labelled_stamps(mark - LATENESS_S, mark)
+        return after + sum((pid, at) not in seen for pid, at in found)
+    if state.get("window_rows") is None:
         return after
     late = store.count_labelled_since(mark - LATENESS_S, upto=mark) - state["window_rows"]
     return after + max(0, late)
@@ -150,6 +160,7 @@ def pull_feedback(
                 "pulled_at": time.time(),
                 # the rows of this pull that the next one reads again (`unpulled_labels`)
                 "window_rows": pull.window_rows(),
+                "window": pull.window(),
             },
             loop_dir / STATE,
         )
@@ -171,12 +182,25 @@ class _Pull:
     ids: list[pa.Array] = field(default_factory=list)  # of the clean rows, in log order
     labels: list[pa.Array] = field(default_factory=list)
     stamps: list[np.ndarray] = field(default_factory=list)  # labelled_at of every row read
+    # (id, labelled_at) of the rows read within LATENESS_S of the newest so far (quarantined
+    # ones too): the window the next pull reads again, None once it held over WINDOW_IDS
+    recent: list[tuple[pa.Array, np.ndarray]] | None = field(default_factory=list)
 
     def window_rows(self) -> int:
         """The rows read that the next pull reads again: those labelled less than
         LATENESS_S before the watermark, or at it."""
         cut = self.watermark - LATENESS_S
         return int(sum(np.count_nonzero(s > cut) for s in self.stamps))
+
+    def window(self) -> list[tuple[str, float]] | None:
+        """[id, labelled_at] of those rows, or None where they were more than WINDOW_IDS."""
+        if self.recent is None:
+            return None
+        return [
+            (pid, at)
+            for ids, stamps in self.recent
+            for pid, at in zip(ids.to_pylist(), stamps.tolist(), strict=True)
+        ]
 
 
 def _read_log(
@@ -216,6 +240,18 @@ def _take_chunk(
     stamps = np.fromiter((r[3] for r in part), np.float64, len(part))
     pull.stamps.append(stamps)
     pull.watermark = max(pull.watermark, float(stamps.max()))
+    if pull.recent is not None:  # rows stamped before the cut are outside the next window
+        cut = pull.watermark - LATENESS_S  # the rows come in labelled_at order
+        k = int(np.searchsorted(stamps, cut, "right"))
+        fresh = (pa.array([r[0] for r in part[k:]], pa.large_string()), stamps[k:])
+        pull.recent = [
+            (ids[j:], at[j:])
+            for ids, at in [*pull.recent, fresh]
+            for j in [int(np.searchsorted(at, cut, "right"))]
+            if j < len(at)
+        ]
+        if sum(len(at) for _, at in pull.recent) > WINDOW_IDS:
+            pull.recent = None
     frame = _rows_to_frame(part, schema)
     result = validate_frame(frame.drop(columns=[ID]), schema, "prediction log")
     if len(result.quarantine):

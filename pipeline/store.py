@@ -927,6 +927,15 @@ class PredictionStore:
         with self._read() as conn:
             return int(conn.execute(stmt).scalar_one())
 
+    def labelled_stamps(self, after: float, upto: float) -> list[tuple[str, float]]:
+        """(id, labelled_at) of the rows labelled after `after`, at or before `upto`."""
+        p = predictions
+        stmt = sa.select(p.c.id, p.c.labelled_at).where(
+            p.c.true_label.is_not(None), p.c.labelled_at > after, p.c.labelled_at <= upto
+        )
+        with self._read() as conn:
+            return [(r.id, float(r.labelled_at)) for r in conn.execute(stmt)]
+
     def recent(self, since: float = 0.0, limit: int = 100_000) -> list[dict]:
         def build(t: sa.Table) -> sa.Select:
             return sa.select(t).where(t.c.created_at > since).order_by(t.c.created_at).limit(limit)

@@ -142,6 +142,48 @@ def test_the_retrain_count_after_a_relabel_in_the_window(store, tmp_path):
     assert unpulled_labels(store, loop) == 0
 
 
+def test_the_retrain_count_is_exact_where_a_relabel_and_a_late_label_meet_in_the_window(
+    store, tmp_path
+):
+    """The pull keeps the window's ids and stamps: a row of it labelled again since (now
+    after the watermark) no longer hides a late label, and a late-committed relabel of a
+    row of it (its stamp still in the window) counts; each is what the next pull adds."""
+    loop = tmp_path / "loop"
+    _log(store, ["a", "b", "slow", "c"])
+    stamped = time.time()
+    time.sleep(0.01)
+    store.add_labels([("a", 1), ("b", 2)])
+    pull_feedback(store, loop, SCHEMA, tmp_path / "q")
+    assert sorted(pid for pid, _ in read_state(loop)["window"]) == ["a", "b"]
+    store.add_labels([("a", 7)], overwrite=True)  # out of the window, after the mark
+    _label_at(store, "slow", 3, stamped)  # a late label in the window
+    assert unpulled_labels(store, loop) == 2  # the count alone made it 1
+    assert pull_feedback(store, loop, SCHEMA, tmp_path / "q").new == 2
+    assert unpulled_labels(store, loop) == 0
+    window = dict(read_state(loop)["window"])
+    _label_at(store, "b", 6, window["b"] - 0.001)  # a relabel committed late, in the window
+    assert unpulled_labels(store, loop) == 1  # the count alone made it 0
+    assert pull_feedback(store, loop, SCHEMA, tmp_path / "q").new == 1
+    assert unpulled_labels(store, loop) == 0
+
+
+def test_a_window_over_the_ids_kept_is_counted_by_its_rows(store, tmp_path, monkeypatch):
+    from pipeline import feedback
+
+    monkeypatch.setattr(feedback, "WINDOW_IDS", 2)
+    loop = tmp_path / "loop"
+    _log(store, ["a", "b", "c", "slow"])
+    stamped = time.time()
+    time.sleep(0.01)
+    store.add_labels([("a", 1), ("b", 2), ("c", 3)])
+    pull_feedback(store, loop, SCHEMA, tmp_path / "q")
+    state = read_state(loop)
+    assert state["window"] is None and state["window_rows"] == 3
+    assert unpulled_labels(store, loop) == 0
+    _label_at(store, "slow", 3, stamped)
+    assert unpulled_labels(store, loop) == 1
+
+
 def test_a_state_from_before_the_window_counts_after_the_watermark_only(store, tmp_path):
     loop = tmp_path / "loop"
     _log(store, ["a", "slow"])
@@ -150,7 +192,7 @@ def test_a_state_from_before_the_window_counts_after_the_watermark_only(store, t
     store.add_labels([("a", 1)])
     first = pull_feedback(store, loop, SCHEMA, tmp_path / "q")
     state = read_state(loop)
-    del state["window_rows"]  # as an older release wrote it
+    del state["window_rows"], state["window"]  # as an older release wrote it
     (loop / STATE).write_text(json.dumps(state))
     _label_at(store, "slow", 3, stamped)
     assert unpulled_labels(store, loop) == 0  # not the whole window (1) counted as late
