@@ -421,6 +421,7 @@ class PredictionStore:
         self._sql_cache: dict[tuple[str, int], str] = {}
         self._insert_conn = None  # the DBAPI connection `insert` keeps (opened on first use)
         self._insert_lock = threading.Lock()
+        self._create_lock = threading.Lock()
         self._written = threading.Event()  # set by each insert: the WAL has new pages
         self._unsynced = 0  # bytes of arrays committed since the last checkpoint began
         # SQLite: a checkpoint has copied the whole WAL back, so the next commit starts the
@@ -438,23 +439,34 @@ class PredictionStore:
             self._path = _sqlite_file(sa.engine.make_url(url))
 
     def create(self) -> PredictionStore:
-        """Create the tables if missing (safe to call from several processes at once)."""
-        for attempt in range(3):
-            try:
-                metadata.create_all(self.engine)
-                with self.engine.begin() as conn:  # a log made by an older release
-                    for index in predictions.indexes:
-                        index.create(conn, checkfirst=True)
-                    for name in _OLD_INDEXES:
-                        conn.exec_driver_sql(f"DROP INDEX IF EXISTS {name}")
-                    if self.units:
-                        for view in _VIEW_SQL:
-                            conn.exec_driver_sql(view)
-                return self
-            except sa.exc.IntegrityError:  # another worker created it at the same moment
-                time.sleep(0.2 * (attempt + 1))
-            except sa.exc.OperationalError as exc:
-                raise StoreUnavailable(f"prediction store {self.safe_url}: {_short(exc)}") from exc
+        """Create the tables if missing (safe to call from several threads and processes at
+        once: one of this store's threads at a time, and a table another process created
+        first is taken as made)."""
+        with self._create_lock:
+            for attempt in range(5):
+                try:
+                    metadata.create_all(self.engine)
+                    with self.engine.begin() as conn:  # a log made by an older release
+                        for index in predictions.indexes:
+                            index.create(conn, checkfirst=True)
+                        for name in _OLD_INDEXES:
+                            conn.exec_driver_sql(f"DROP INDEX IF EXISTS {name}")
+                        if self.units:
+                            for view in _VIEW_SQL:
+                                conn.exec_driver_sql(view)
+                    return self
+                except sa.exc.IntegrityError:  # PostgreSQL: another process at the same moment
+                    time.sleep(0.2 * (attempt + 1))
+                except sa.exc.OperationalError as exc:
+                    if "already exists" not in str(exc):  # SQLite's way of that race
+                        raise StoreUnavailable(
+                            f"prediction store {self.safe_url}: {_short(exc)}"
+                        ) from exc
+                    time.sleep(0.05 * (attempt + 1))
+                except sa.exc.SQLAlchemyError as exc:  # not a database, say
+                    raise StoreUnavailable(
+                        f"prediction store {self.safe_url}: {_short(exc)}"
+                    ) from exc
         return self
 
     @property

@@ -243,6 +243,44 @@ def test_unreachable_store_raises_store_unavailable():
         store.count()
 
 
+@pytest.mark.parametrize("trial", range(3))
+def test_tables_made_at_once_by_threads_and_processes_are_made_once(tmp_path, trial):
+    """`create` from a server's threads (the writer's first commit, a label's request) and
+    from other processes (another worker: stores of their own) at the same moment: every
+    call returns, and the log has its tables. SQLite told the losers 'table ... already
+    exists', which answered 503."""
+    import threading
+
+    url = f"sqlite:///{tmp_path / 'log.db'}"
+    shared = PredictionStore(url)
+    stores = [shared] * 4 + [PredictionStore(url) for _ in range(4)]
+    barrier, errors = threading.Barrier(len(stores)), []
+
+    def make(store):
+        barrier.wait()
+        try:
+            store.create()
+        except StoreUnavailable as exc:
+            errors.append(str(exc))
+
+    threads = [threading.Thread(target=make, args=(s,)) for s in stores]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert errors == []
+    assert shared.count() == 0 and shared.insert_requests([_request(["a"])]) == 1
+    for store in set(stores):
+        store.dispose()
+
+
+def test_a_file_that_is_no_database_is_store_unavailable(tmp_path):
+    path = tmp_path / "log.db"
+    path.write_bytes(b"not a database, " * 512)
+    with pytest.raises(StoreUnavailable, match="not a database"):
+        PredictionStore(f"sqlite:///{path}").create()
+
+
 def test_conflicting_labels_racing_for_one_id_have_one_winner(store):
     """Two workers (two engines on one database) label the same ids at the same moment
     with different labels: for every id exactly one request is told `labelled`, the other
