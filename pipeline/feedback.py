@@ -76,9 +76,9 @@ def unpulled_labels(store: PredictionStore, loop_dir: Path) -> int:
     and those stamped in the LATENESS_S before it that the last pull did not read (late
     commits, and rows of the window labelled again there): the pull recorded the window's
     ids and stamps. Where it held more than WINDOW_IDS rows only their number was kept:
-    then the window holding more rows than that counts as late labels (a row of it labelled
-    again since, after the watermark, hides one). A state written before either was
-    recorded counts the labels after the watermark only."""
+    then the rows the window holds beyond that number count as late labels (a row of it
+    labelled again since, now after the watermark, hides one). A state written before
+    either was recorded counts the labels after the watermark only."""
     state = read_state(loop_dir)
     mark = state["watermark"]
     after = store.count_labelled_since(mark)
