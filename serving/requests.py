@@ -338,10 +338,10 @@ def _reorder(columns: Any, rows: Any, names: tuple[str, ...], max_rows: int) -> 
     return np.ascontiguousarray(array[:, [index[c] for c in names]])
 
 
-def parse_labels(
-    payload: Any, max_rows: int, num_classes: int | None
-) -> tuple[list[tuple[str, int]], list[dict], bool]:
-    """-> (valid (id, label) pairs, per-row errors, overwrite)."""
+def parse_labels(payload: Any, max_rows: int) -> tuple[list[tuple[str, int]], list[dict], bool]:
+    """-> (valid (id, label) pairs, per-row errors, overwrite). A label is any integer
+    >= 0 here: the store checks it against the classes of the model that made that
+    prediction (its logged probabilities), which need not be the model served now."""
     body = expect_object(payload, {"labels", "overwrite"}, {"labels"})
     labels, overwrite = body["labels"], body.get("overwrite", False)
     if not isinstance(overwrite, bool):
@@ -372,19 +372,13 @@ def parse_labels(
                     "detail": "id must be 1-128 printable ASCII characters",
                 }
             )
-        elif (
-            isinstance(label, bool)
-            or not isinstance(label, int)
-            or label < 0
-            or (num_classes is not None and label >= num_classes)
-        ):
-            limit = f"0..{num_classes - 1}" if num_classes else ">= 0"
+        elif isinstance(label, bool) or not isinstance(label, int) or label < 0:
             errors.append(
                 {
                     "index": i,
                     "id": pid,
                     "status": "invalid_label",
-                    "detail": f"label must be an integer in {limit}",
+                    "detail": "label must be an integer >= 0",
                 }
             )
         else:

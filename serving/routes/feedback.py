@@ -39,13 +39,10 @@ def _add_labels(state, labels, overwrite):
 )
 async def feedback(request: Request, state: StateDep) -> Response:
     """Ground-truth labels for logged predictions, joined by id."""
-    model = state.manager.current
     payload = parse_json(await request.body(), request.headers.get("content-type"))
-    valid, errors, overwrite = parse_labels(
-        payload,
-        state.settings.max_rows_per_request,
-        model.predictor.cfg.num_classes if model else None,
-    )
+    # each label is checked against the classes of the model that made its prediction
+    # (the store reads them from the logged row), not against the model served now
+    valid, errors, overwrite = parse_labels(payload, state.settings.max_rows_per_request)
     outcomes = await asyncio.to_thread(_add_labels, state, valid, overwrite) if valid else []
     results = [{"id": o.id, "status": o.status, "detail": o.detail} for o in outcomes]
     results += errors

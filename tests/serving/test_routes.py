@@ -437,6 +437,41 @@ def test_labels_outside_the_predicting_models_classes_are_refused_without_a_mode
     assert stored["n-1"]["true_label"] is None and stored["n-2"]["true_label"] == 9
 
 
+def test_labels_are_checked_against_the_model_that_predicted_not_the_one_served(
+    client, digits_rows
+):
+    """After the class count changed (a new data version with more or fewer classes), a
+    prediction of the older model takes its own classes' labels: rows logged by a 12-class
+    model take 11 while the 10-class champion serves, and the champion's rows still refuse
+    10 (the route used to check every label against the model served now)."""
+    older = LoggedRequest(
+        ["wide-1", "wide-2"],
+        time.time(),
+        get_settings().model_name,
+        "0",
+        digits_rows[:2].astype(np.float32),
+        [11, 3],
+        np.full((2, 12), 1 / 12, np.float32),
+        1.0,
+    )
+    assert _store().insert_requests([older]) == 2
+    assert _predict(client, digits_rows[:1], ids=["narrow-1"]).status_code == 200
+    res = client.post(
+        "/feedback",
+        json={
+            "labels": [
+                {"id": "wide-1", "label": 11},
+                {"id": "wide-2", "label": 12},
+                {"id": "narrow-1", "label": 10},
+            ]
+        },
+    )
+    assert res.status_code == 200, res.text
+    status = {r["id"]: r["status"] for r in res.json()["results"]}
+    assert status == {"wide-1": "labelled", "wide-2": "invalid_label", "narrow-1": "invalid_label"}
+    assert _store().get(["wide-1"])["wide-1"]["true_label"] == 11
+
+
 def _load_failures(client) -> float:
     for line in client.get("/metrics").text.splitlines():
         if line.startswith("mlops_model_load_failures_total "):
