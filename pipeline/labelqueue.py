@@ -2,7 +2,9 @@
 model most, for a labelling budget.
 
 Strategies, each over the unlabelled rows of the prediction log:
-- uncertainty: highest entropy of the predicted distribution first;
+- uncertainty: highest entropy of the predicted distribution first, as a share of its
+  maximum (the log of the class count), so rows of models with different class counts
+  (the classes changed between data versions) are ranked on one scale;
 - margin: smallest gap between the two most likely classes first;
 - disagreement: rows where the shadow version (serving/shadow.py) said something else than
   the champion first, then by margin;
@@ -20,7 +22,7 @@ def scores(probs: np.ndarray, strategy: str) -> np.ndarray:
     """Higher first. `probs`: (n, classes)."""
     if strategy == "uncertainty":
         p = np.clip(probs.astype(np.float64), 1e-12, 1.0)
-        return -(p * np.log(p)).sum(axis=1)
+        return -(p * np.log(p)).sum(axis=1) / np.log(max(probs.shape[1], 2))
     if strategy in ("margin", "disagreement"):
         top2 = np.sort(probs, axis=1)[:, -2:]
         return -(top2[:, 1] - top2[:, 0])  # a small margin scores high
@@ -38,8 +40,15 @@ def rank(rows: list[dict], strategy: str, budget: int, seed: int = 0) -> list[di
     if strategy == "random":
         order = np.random.default_rng(seed).permutation(len(unique))[:budget]
         return [{**unique[k], "score": 0.0} for k in order]
-    probs = np.stack([np.asarray(r["probabilities"], dtype=np.float32) for r in unique])
-    score = scores(probs, strategy)
+    # rows of models with different class counts (the classes changed between data
+    # versions) are scored each by its own distribution, a group per width
+    score = np.empty(len(unique), np.float64)
+    by_width: dict[int, list[int]] = {}
+    for k, r in enumerate(unique):
+        by_width.setdefault(len(r["probabilities"]), []).append(k)
+    for members in by_width.values():
+        probs = np.stack([np.asarray(unique[k]["probabilities"], np.float32) for k in members])
+        score[members] = scores(probs, strategy)
     if strategy == "disagreement":
         disagree = np.array(
             [r.get("shadow_label") is not None and r["shadow_label"] != r["label"] for r in unique]

@@ -43,3 +43,25 @@ def test_budget_random_seed_and_unknown_strategy():
     assert [r["id"] for r in a] == [r["id"] for r in b]
     with pytest.raises(ValueError, match="unknown strategy"):
         rank(rows, "vibes", 2)
+
+
+@pytest.mark.parametrize("strategy", ["uncertainty", "margin", "disagreement", "random"])
+def test_rows_of_models_with_different_class_counts_are_ranked_together(strategy):
+    """The log holds predictions of a 10-class and a 3-class model after the classes
+    changed: each row is scored by its own distribution (the queue used to fail with
+    "all input arrays must have the same shape"). Uncertainty is on one scale: a uniform
+    3-class row (entropy log 3 = 1.10, all of its maximum) ranks before a 10-class row
+    of entropy 1.5 (65% of log 10), which ranks before a sure 3-class row."""
+    wide = np.full(10, 0.02, np.float32)
+    wide[:3] = [0.52, 0.2, 0.14]
+    rows = [
+        {"id": "wide", "probabilities": wide, "label": 0},
+        {"id": "even", "probabilities": np.full(3, 1 / 3, np.float32), "label": 0},
+        {"id": "sure", "probabilities": np.array([0.98, 0.01, 0.01], np.float32), "label": 0},
+    ]
+    order = [r["id"] for r in rank(rows, strategy, 3)]
+    assert sorted(order) == ["even", "sure", "wide"]
+    if strategy == "uncertainty":
+        assert order == ["even", "wide", "sure"]
+    if strategy == "margin":  # margins 0, 0.3 and 0.97
+        assert order == ["even", "wide", "sure"]
