@@ -34,17 +34,24 @@ def check_drift(settings: Settings, params: Params, since: float) -> dict:
     as a dict, or {"skipped": why} when too few rows were logged."""
     store = PredictionStore(settings.prediction_db)
     try:
-        # float32 arrays decoded chunk by chunk: no Python float per logged value
-        current, cur_probs = store.recent_arrays(since, chunk_rows=params.data.chunk_rows)
-        if len(current) < MIN_ROWS:
-            return {"skipped": f"only {len(current)} logged rows"}
         schema = load_preprocessor(settings.processed_dir).schema
+        configure_tracking(settings)
+        predictor, _ = load_predictor(settings.model_name, CHAMPION)
+        # float32 arrays decoded chunk by chunk: no Python float per logged value. Only
+        # the rows of the champion's shape: the log also holds older models' rows, whose
+        # classes (or features) were others before the data changed
+        current, cur_probs = store.recent_arrays(
+            since,
+            chunk_rows=params.data.chunk_rows,
+            features=len(schema.feature_names),
+            classes=predictor.cfg.num_classes,
+        )
+        if len(current) < MIN_ROWS:
+            return {"skipped": f"only {len(current)} logged rows of the champion's shape"}
         # a seeded sample: a streamed training split need not fit in memory, and the tests
         # lose nothing at this size (bench/drift.py: no false alarms at 10,000-row windows)
         train = sample_split(settings.processed_dir, "train", REFERENCE_ROWS, params.seed)
         reference, _ = features_labels(train, schema)
-        configure_tracking(settings)
-        predictor, _ = load_predictor(settings.model_name, CHAMPION)
         cfg = params.monitor
         report = detect_drift(
             reference,

@@ -971,19 +971,29 @@ class PredictionStore:
         return [_decoded(r) for r in self._both(build, limit)]
 
     def recent_arrays(
-        self, since: float = 0.0, limit: int = 100_000, chunk_rows: int = CHUNK_ROWS
+        self,
+        since: float = 0.0,
+        limit: int = 100_000,
+        chunk_rows: int = CHUNK_ROWS,
+        features: int | None = None,
+        classes: int | None = None,
     ) -> tuple[np.ndarray, np.ndarray]:
         """(features, probabilities) of the rows `recent` returns, as float32 arrays (n, k)
         and (n, c): the drift check's read. The rows are counted first, then decoded
         `chunk_rows` at a time straight into the output, the log's rows and its requests'
         rows merged by time as they come: what is held is the output (4 bytes a value, not
-        a Python float) and a chunk of each table."""
+        a Python float) and a chunk of each table.
+
+        `features` / `classes`: only the rows of that many feature values / probabilities
+        (the current model's shape; a log holds rows of older models too, whose classes or
+        features may have been others), chosen by the arrays' lengths in bytes. Without
+        them, rows of several shapes are a ValueError."""
         # SQLite's two tables in one snapshot; PostgreSQL's one table may have more rows by
         # the time it is streamed than were counted: the read stops at the count
         with self._read() as conn:
             statements = [
                 sa.select(t.c.created_at, t.c.features, t.c.probabilities)
-                .where(t.c.created_at > since)
+                .where(t.c.created_at > since, *_shape_filter(t, features, classes))
                 .order_by(t.c.created_at)
                 .limit(limit)
                 for t in self._tables()
@@ -1534,6 +1544,20 @@ class _Run:
         taken = self.t[:k], self.f[:k], self.p[:k]  # type: ignore[index]
         self.t, self.f, self.p = self.t[k:], self.f[k:], self.p[k:]  # type: ignore[index]
         return taken
+
+
+def _shape_filter(t: sa.Table, features: int | None, classes: int | None) -> list:
+    """Conditions on `t`'s rows: `features` values (float32, or one byte each with the
+    trailer `encode_features` writes) and `classes` probabilities (float32). Byte rows of
+    k + 1 values can share the length of rows of k (the trailer tells them apart): such
+    a log, rows of both, still reads as a ValueError."""
+    conditions = []
+    if features is not None:
+        lengths = (4 * features, features + _byte_pad(features))
+        conditions.append(sa.func.length(t.c.features).in_(lengths))
+    if classes is not None:
+        conditions.append(sa.func.length(t.c.probabilities) == 4 * classes)
+    return conditions
 
 
 def _merge_runs(runs: list[_Run], n: int) -> tuple[np.ndarray, np.ndarray]:

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import math
+import time
 
 import mlflow
+import numpy as np
 import pandas as pd
 import pytest
 
@@ -12,7 +14,7 @@ from pipeline.config import get_settings, load_params
 from pipeline.feedback import FEEDBACK
 from pipeline.ingest import load_digits_frame
 from pipeline.ledger import entries as ledger
-from pipeline.store import PredictionStore
+from pipeline.store import LoggedRequest, PredictionStore
 from pipeline.stream import read_cursor
 
 pytestmark = [pytest.mark.slow, pytest.mark.integration]
@@ -76,6 +78,28 @@ def test_loop_flow_closes_the_loop(prefect_api, loop_project, monkeypatch):
     assert len(feedback) == 3 * per_round
     features = feedback.drop(columns=["id", "label"])
     assert not features.duplicated().any()  # no image came back twice
+
+    # the classes changed once (an older model had 3): the drift check reads the rows of
+    # the champion's shape only (it failed with "logged arrays of different lengths")
+    from pipeline.monitor import check_drift
+
+    older = store.recent(limit=40)
+    store.insert_requests(
+        [
+            LoggedRequest(
+                [f"three-{k}" for k in range(len(older))],
+                time.time(),
+                settings.model_name,
+                "0",
+                np.array([r["features"] for r in older], np.float32),
+                [0] * len(older),
+                np.full((len(older), 3), 1 / 3, np.float32),
+                1.0,
+            )
+        ]
+    )
+    report = check_drift(settings, load_params(settings.params_file), 0.0)
+    assert report["n_current"] == 3 * per_round, report
 
 
 def test_monitor_triggers_retraining_on_new_labels(prefect_api, loop_project, monkeypatch):

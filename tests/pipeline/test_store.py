@@ -1010,3 +1010,29 @@ def test_byte_rows_with_a_two_byte_trailer_and_client_ids_through_the_log(store)
     f, _ = store.recent_arrays()
     assert f.shape == (40, 63)
     assert sorted(r.tobytes() for r in f) == sorted(r.tobytes() for r in [*counts, *counts])
+
+
+def test_the_drift_read_takes_the_rows_of_one_shape(store):
+    """A log holding rows of a 10-class and a 3-class model (the classes changed between
+    data versions), of 64 float and 64 byte features and of 12 features: read for one
+    shape it returns exactly those rows, in time order; read for none it says why."""
+    rng = np.random.default_rng(3)
+    t0 = time.time()
+
+    def req(n, k, c, pixels, at):
+        x = rng.integers(0, 17, (n, k)) if pixels else rng.normal(size=(n, k))
+        p = rng.random((n, c))
+        return LoggedRequest(new_ids(n), t0 + at, "m", "1", x.astype(np.float32),
+                             [0] * n, p.astype(np.float32), 1.0)  # fmt: skip
+
+    wanted = [req(64, 64, 10, True, 1), req(3, 64, 10, False, 3), req(20, 64, 10, True, 5)]
+    others = [req(64, 64, 3, True, 2), req(5, 12, 10, False, 4), req(2, 64, 3, False, 6)]
+    store.insert_requests(wanted + others)
+    f, p = store.recent_arrays(features=64, classes=10)
+    assert f.shape == (87, 64) and p.shape == (87, 10)
+    np.testing.assert_array_equal(f, np.concatenate([r.features for r in wanted]))
+    np.testing.assert_array_equal(p, np.concatenate([r.probabilities for r in wanted]))
+    assert store.recent_arrays(features=64, classes=3)[1].shape == (66, 3)
+    assert store.recent_arrays(features=12)[0].shape == (5, 12)
+    with pytest.raises(ValueError, match="different lengths"):
+        store.recent_arrays()
