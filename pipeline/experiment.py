@@ -151,6 +151,9 @@ def fit(
         tp = replace(tp, **best.best_params)
     description = describe_model(data, tp)
     log.info("model: %s", description)
+    unused = unused_classes_warning(data)
+    if unused:
+        log.warning(unused)
     if settings.train_processes > 1:
         if warm_start:
             log.warning("warm start is not supported under torchrun: training from scratch")
@@ -187,6 +190,26 @@ def fit(
         end_run(run_id, failed=True)
         raise
     return register_candidate(settings, candidate) if register_model else candidate
+
+
+def unused_classes_warning(data: SplitData) -> str | None:
+    """Why training on this data looks misconfigured, where it does: `data.num_classes`
+    (10 by default, the digits') above the classes its labels use. The model then gets
+    outputs it never learns, and macro F1 averages over classes that are never there (3
+    classes under the default: 0.28 where 0.93 with `num_classes: 3`). The labels of every
+    split in memory are looked at (not a sharded training split)."""
+    classes = data.preprocessor.schema.num_classes
+    seen = np.unique(np.concatenate([y for y in data.y.values() if len(y)] or [np.zeros(0)]))
+    if len(seen) == 0 or len(seen) == classes:
+        return None
+    missing = sorted(set(range(classes)) - {int(c) for c in seen})
+    shown = ", ".join(map(str, missing[:10])) + (" ..." if len(missing) > 10 else "")
+    return (
+        f"data.num_classes is {classes}, but the labels use {len(seen)} of those classes "
+        f"(none of {shown}): the model gets outputs it never learns and macro F1 averages "
+        f"over classes that never occur; if the data has {int(seen.max()) + 1} classes, "
+        f"set data.num_classes: {int(seen.max()) + 1} in params.yaml"
+    )
 
 
 def describe_model(data: SplitData, tp: TrainParams) -> str:
