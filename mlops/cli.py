@@ -931,7 +931,8 @@ def reproduce(version: str) -> None:
     typer.echo(f"data {out['data_hash']} restored to {out['data_dir']} (hash verified)")
     typer.echo(
         f"test accuracy: original {out['original_test_accuracy']}, "
-        f"reproduced {out['reproduced_test_accuracy']}: "
+        f"reproduced {out['reproduced_test_accuracy']}; "
+        f"{out['predictions_differ']:,} of {out['test_rows']:,} test predictions differ: "
         f"{'identical' if out['match'] else 'DIFFERENT'}"
     )
     if not out["match"]:

@@ -16,7 +16,7 @@ from pipeline.ingest import read_fixed_test
 from pipeline.lineage import DataVersionError, restore_data
 from pipeline.model import Predictor
 from pipeline.preprocess import preprocess_frames, raw_test_set
-from pipeline.registry import RegistryError, resolve
+from pipeline.registry import RegistryError, load_predictor, resolve
 from pipeline.store import PredictionStore
 from pipeline.tracking import configure_tracking, with_retries
 from pipeline.train import SplitData, TrainParams, train_model
@@ -113,12 +113,18 @@ def reproduce(settings: Settings, params: Params, version: str) -> dict:
     else:
         base, extra = pd.read_parquet(target), None
     run_params = dict(run.data.params)
+    # the class count and the scaling as the version was trained with, from the model
+    # itself (every version has them, whatever params.yaml says today: a newcomer's
+    # reproduction of a 10-class version under today's 3 trained a 3-class model)
+    original_model, _ = load_predictor(settings.model_name, version)
     repro_params = params.updated(
         seed=int(run_params["seed"]),
         split={
             "val_size": float(run_params["split_val_size"]),
             "test_size": float(run_params["split_test_size"]),
         },
+        data={"num_classes": original_model.cfg.num_classes},
+        preprocess={"scaling": original_model.preprocessor.scaling},
     )
     processed = work / "processed"
     preprocess_frames(base, processed, repro_params, digest, extra, fixed)
@@ -135,8 +141,16 @@ def reproduce(settings: Settings, params: Params, version: str) -> dict:
     result = train_model(data, tp, "cpu", init_state=init, show_progress=False)
     predictor = Predictor(result.model, result.cfg, data.preprocessor)
     x, y = raw_test_set(processed, data.preprocessor.schema)
-    accuracy = float((predictor.predict(x) == y).mean())
+    reproduced = predictor.predict(x)
+    accuracy = float((reproduced == y).mean())
     original = run.data.metrics.get("test_accuracy")
+    # the same accuracy is not enough: the same answer for every test row, by a model of
+    # the same architecture
+    differ = (
+        len(y)
+        if result.cfg != original_model.cfg
+        else int((original_model.predict(x) != reproduced).sum())
+    )
     return {
         "version": version,
         "data_hash": digest,
@@ -144,7 +158,9 @@ def reproduce(settings: Settings, params: Params, version: str) -> dict:
         "params": {k: getattr(tp, k) for k in ("epochs", "batch_size", "lr", "hidden")},
         "original_test_accuracy": original,
         "reproduced_test_accuracy": accuracy,
-        "match": original is not None and abs(original - accuracy) < 1e-12,
+        "test_rows": len(y),
+        "predictions_differ": differ,
+        "match": original is not None and abs(original - accuracy) < 1e-12 and differ == 0,
         "original_device": run.data.tags.get("device"),
     }
 

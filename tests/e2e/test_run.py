@@ -58,6 +58,17 @@ def test_mlops_run_two_rounds_then_lineage_and_reproduce(tmp_path):
     repro = _mlops(root, "reproduce", "2")
     assert repro.returncode == 0, repro.stdout + repro.stderr
     assert "hash verified" in repro.stdout and "identical" in repro.stdout
+    assert " 0 of " in repro.stdout  # every test prediction the same
+
+    # today's params.yaml no longer says what v2 was trained with (another class count,
+    # another scaling): the reproduction takes them from the version itself
+    edited = (root / "params.yaml").read_text()
+    assert "num_classes: 10" in edited and "scaling: auto" in edited
+    edited = edited.replace("num_classes: 10", "num_classes: 12")
+    (root / "params.yaml").write_text(edited.replace("scaling: auto", "scaling: feature"))
+    repro = _mlops(root, "reproduce", "2")
+    assert repro.returncode == 0, repro.stdout + repro.stderr
+    assert "identical" in repro.stdout and " 0 of " in repro.stdout, repro.stdout
 
     missing = _mlops(root, "lineage", "no-such-id")
     assert missing.returncode == 1 and "no prediction with id 'no-such-id'" in missing.stderr
