@@ -42,7 +42,7 @@ from pipeline.preprocess import (
     Preprocessor,
     choose_scaling,
 )
-from pipeline.validate import LABEL, Schema
+from pipeline.validate import LABEL, Schema, why_refused
 
 log = logging.getLogger(__name__)
 
@@ -435,6 +435,7 @@ class Checked:
     quarantine: pd.DataFrame | None  # the rejected rows, formulas neutralised
     rows_in: int
     reasons: dict[str, int]
+    details: dict[str, int]  # ValidationReport.details
     extra_columns: list[str]
     peak: float  # largest |feature| of the clean rows
     row_hashes: bytes  # pipeline.ingest.content_hash's row part
@@ -461,7 +462,8 @@ def check_chunk(frame: pd.DataFrame, schema: Schema, path: Path, file: int, firs
         peak = float(np.abs(result.clean.iloc[:, 1:].to_numpy(np.float32)).max())
     bad = neutralise_formulas(result.quarantine) if len(result.quarantine) else None
     return Checked(file, first, columns, clean, bad, len(frame), result.report.reasons,
-                   result.report.extra_columns, peak, hashes)  # fmt: skip
+                   result.report.details, result.report.extra_columns, peak,
+                   hashes)  # fmt: skip
 
 
 def check_row_group(
@@ -541,6 +543,7 @@ def ingest_stream(
         _umask,
         allowed_change,
         change_from,
+        current_features,
         file_md5,
         fixed_test_path,
         write_atomic,
@@ -549,7 +552,8 @@ def ingest_stream(
 
     chunk_rows = params.data.chunk_rows
     try:
-        schema = schema or infer_schema(columns_of(files[0]), params.data.num_classes)
+        current = None if allow_schema_change else current_features(raw_dir / f"{name}.parquet")
+        schema = schema or infer_schema(columns_of(files[0]), params.data.num_classes, current)
     except Exception as exc:
         if isinstance(exc, DataFileError):
             raise
@@ -576,8 +580,7 @@ def ingest_stream(
             report.rows_in += chunk.rows_in
             report.rows_quarantined += sum(chunk.reasons.values())
             report.rows_ok = report.rows_in - report.rows_quarantined
-            for reason, count in chunk.reasons.items():
-                report.reasons[reason] = report.reasons.get(reason, 0) + count
+            report.add(chunk.reasons, chunk.details)
             if chunk.clean is None and chunk.clean_at is not None:
                 chunk.clean = pq.read_table(chunk.clean_at)  # staged by a worker
                 Path(chunk.clean_at).unlink()
@@ -599,10 +602,9 @@ def ingest_stream(
             if report.rows_quarantined:
                 log.warning("%s: %d of %d rows quarantined (%s)", report.source,
                             report.rows_quarantined, report.rows_in,
-                            ", ".join(f"{k}: {v}" for k, v in report.reasons.items()))  # fmt: skip
+                            report.summary())  # fmt: skip
         if writer is None:
-            rows = sum(r.rows_in for r in reports)
-            raise DataFileError(f"{source}: no valid rows (all {rows} quarantined)")
+            raise DataFileError(f"{source}: no valid rows; {why_refused(reports)}")
         for future in pending:
             future.result()
         pending.clear()

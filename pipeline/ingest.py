@@ -31,6 +31,7 @@ from pipeline.validate import (
     ValidationReport,
     infer_schema,
     validate_frame,
+    why_refused,
 )
 
 log = logging.getLogger(__name__)
@@ -326,13 +327,18 @@ def check_source(source: str, max_bytes: int = MAX_INGEST_BYTES) -> None:
 
 
 def validate_sources(
-    frames: list[tuple[str, pd.DataFrame]], num_classes: int, schema: Schema | None = None
+    frames: list[tuple[str, pd.DataFrame]],
+    num_classes: int,
+    schema: Schema | None = None,
+    current: tuple[str, ...] | None = None,
 ) -> tuple[Schema, pd.DataFrame, pd.DataFrame, list[ValidationReport]]:
-    """Validate every file against one schema (the given one, or the first file's)."""
+    """Validate every file against one schema (the given one, or the first file's, which
+    keeps the `current` data version's features where it has them all)."""
     clean, quarantined, reports = [], [], []
     for name, frame in frames:
         try:
-            schema = schema or infer_schema([str(c) for c in frame.columns], num_classes)
+            columns = [str(c) for c in frame.columns]
+            schema = schema or infer_schema(columns, num_classes, current)
             result = validate_frame(frame, schema, name)
         except SchemaError as exc:
             raise DataFileError(f"{name}: {exc}") from exc
@@ -344,7 +350,7 @@ def validate_sources(
                 name,
                 result.report.rows_quarantined,
                 result.report.rows_in,
-                ", ".join(f"{k}: {v}" for k, v in result.report.reasons.items()),
+                result.report.summary(),
             )
         clean.append(result.clean)
         quarantined.append(result.quarantine)
@@ -386,9 +392,14 @@ def ingest(
     else:
         frames = load_source(source, params, max_bytes)
     contents = content_hash(frame for _, frame in frames)
-    schema, clean, quarantine, reports = validate_sources(frames, params.data.num_classes, schema)
+    # a file with more columns than the current data version keeps its features (the rest
+    # are extra columns, dropped), unless a change of schema was asked for
+    current = None if allow_schema_change else current_features(raw_dir / f"{name}.parquet")
+    schema, clean, quarantine, reports = validate_sources(
+        frames, params.data.num_classes, schema, current
+    )
     if clean.empty:
-        raise DataFileError(f"{source}: no valid rows (all {len(quarantine)} quarantined)")
+        raise DataFileError(f"{source}: no valid rows; {why_refused(reports)}")
     snapshot = raw_dir / f"{name}.parquet"
     test_path = fixed_test_path(snapshot)
     if fixed_test is not None:
@@ -454,6 +465,15 @@ def _mnist(download_dir: Path | None) -> tuple[list[tuple[str, pd.DataFrame]], p
     except ValueError as exc:  # a cached file that is not what it claims
         raise DataFileError(f"mnist: {exc}") from exc
     return [("mnist:train", train)], test
+
+
+def current_features(snapshot: Path) -> tuple[str, ...] | None:
+    """The feature columns of the data version at `snapshot` (None: there is none)."""
+    import pyarrow.parquet as pq
+
+    if not snapshot.exists():
+        return None
+    return tuple(n for n in pq.ParquetFile(snapshot).schema_arrow.names if n != LABEL)
 
 
 def schema_change(snapshot: Path, clean: pd.DataFrame, schema: Schema) -> str:

@@ -56,23 +56,34 @@ class Schema:
         return cls(tuple(data["feature_names"]), int(data["num_classes"]))
 
 
-def infer_schema(columns: list[str], num_classes: int) -> Schema:
+def infer_schema(
+    columns: list[str], num_classes: int, current: tuple[str, ...] | None = None
+) -> Schema:
     """Derive the schema from a file's header.
 
     The pixel-CSV layout (`label, pixel0..pixel{N-1}`, as in Kaggle MNIST) is recognised
     by its column names: the expected features are pixel0..pixel{max}, so a gap is a
-    missing column. Otherwise every non-label column is a feature.
+    missing column. Otherwise every column but `label` and `id` is a feature.
+
+    `current`: the features of the data version this file would replace. A file that has
+    all of them and more keeps them (the others are extra columns, reported and dropped);
+    any other difference is the schema change the caller refuses or records.
     """
     if LABEL not in columns:
         raise SchemaError(f"missing required column '{LABEL}' (found: {_preview(columns)})")
     pixels = [int(m.group(1)) for c in columns if (m := _PIXEL.match(str(c)))]
     if pixels:
         features = tuple(f"pixel{i}" for i in range(max(pixels) + 1))
-    else:
-        features = tuple(str(c) for c in columns if c != LABEL)
+    else:  # a column named `id` holds row ids (as `mlops predict` reads them), no feature
+        features = tuple(str(c) for c in columns if c not in (LABEL, ID_COLUMN))
     if not features:
         raise SchemaError("no feature columns: a dataset needs numeric features besides 'label'")
+    if current and features != current and set(current) <= {str(c) for c in columns}:
+        features = current
     return Schema(features, num_classes)
+
+
+ID_COLUMN = "id"  # row ids, not a feature (pipeline/batch.py and /feedback use the name)
 
 
 @dataclass
@@ -81,11 +92,64 @@ class ValidationReport:
     rows_in: int = 0
     rows_ok: int = 0
     rows_quarantined: int = 0
-    reasons: dict[str, int] = field(default_factory=dict)
+    reasons: dict[str, int] = field(default_factory=dict)  # rows by kind: "non-numeric"
+    # rows by whole reason, so by column: "non-numeric id" (at most columns x 3 + 4 keys)
+    details: dict[str, int] = field(default_factory=dict)
     extra_columns: list[str] = field(default_factory=list)
 
     def to_dict(self) -> dict:
         return asdict(self)
+
+    def add(self, reasons: dict[str, int], details: dict[str, int]) -> None:
+        """Count in another chunk's rows (the streaming ingest)."""
+        for mine, theirs in ((self.reasons, reasons), (self.details, details)):
+            for key, count in theirs.items():
+                mine[key] = mine.get(key, 0) + count
+
+    def summary(self, top: int = 3) -> str:
+        """The kinds of bad rows with their counts, each with the columns most often at
+        fault: "non-numeric: 3000 (non-numeric id: 3000)"."""
+        parts = []
+        for kind, count in self.reasons.items():
+            worst = sorted(
+                ((n, r) for r, n in self.details.items() if r.split(" ")[0] == kind and r != kind),
+                key=lambda item: (-item[0], item[1]),
+            )
+            shown = ", ".join(f"{r}: {n}" for n, r in worst[:top])
+            more = f", {len(worst) - top} more" if len(worst) > top else ""
+            parts.append(f"{kind}: {count}" + (f" ({shown}{more})" if shown else ""))
+        return "; ".join(parts)
+
+    def hint(self) -> str:
+        """What to do, where the bad rows say it plainly: labels that are names, not
+        class numbers; a column of ids or names taken for a feature."""
+        bad = self.rows_quarantined
+        if bad and self.details.get("label non-numeric", 0) * 2 >= bad:
+            return (
+                "labels must be class numbers 0..num_classes-1: map names such as 'cat' to "
+                "numbers first, and set data.num_classes in params.yaml"
+            )
+        for reason, count in self.details.items():
+            if reason.startswith("non-numeric ") and count == self.rows_in:
+                column = reason.removeprefix("non-numeric ")
+                return (
+                    f"column {column!r} is not numeric in any row: features must be numbers "
+                    "(drop that column from the file; a column named 'id' is taken as row ids)"
+                )
+        return ""
+
+
+def why_refused(reports: list[ValidationReport]) -> str:
+    """Why a source none of whose rows passed is refused, for its error line: every file's
+    bad rows counted together, with the columns at fault and what to do where it is plain."""
+    every = ValidationReport(source="", rows_in=sum(r.rows_in for r in reports))
+    for report in reports:
+        every.rows_quarantined += report.rows_quarantined
+        every.add(report.reasons, report.details)
+    hint = every.hint()
+    return f"all {every.rows_quarantined} rows quarantined, {every.summary()}" + (
+        f"; {hint}" if hint else ""
+    )
 
 
 @dataclass
@@ -108,18 +172,22 @@ def validate_frame(df: pd.DataFrame, schema: Schema, source: str) -> ValidationR
 
     features, non_numeric = _numeric_matrix(df, schema.feature_names)
     labels = pd.to_numeric(df[LABEL], errors="coerce").to_numpy(dtype=np.float64)
+    given = df[LABEL].notna().to_numpy()
+    if not pd.api.types.is_numeric_dtype(df[LABEL]):  # text: a blank cell is no label either
+        given = given & (df[LABEL].astype(str).str.strip() != "").to_numpy()
 
     reason = np.full(len(df), "", dtype=object)
     _mark(reason, non_numeric, schema.feature_names, "non-numeric")
     _mark(reason, np.isnan(features), schema.feature_names, "missing")
     _mark(reason, np.isinf(features), schema.feature_names, "non-finite")
-    label_reason = _label_reasons(labels, schema.num_classes)
+    label_reason = _label_reasons(labels, given, schema.num_classes)
     take = (reason == "") & (label_reason != "")
     reason[take] = label_reason[take]
 
     bad = reason != ""
     report.rows_quarantined = int(bad.sum())
     report.rows_ok = report.rows_in - report.rows_quarantined
+    report.details = dict(Counter(reason[bad]))
     report.reasons = dict(Counter(r.split(" ")[0] for r in reason[bad]))
 
     good = ~bad
@@ -160,13 +228,16 @@ def _mark(reason: np.ndarray, mask: np.ndarray, names: tuple[str, ...], what: st
         reason[rows] = [f"{what} {names[i]}" for i in first]
 
 
-def _label_reasons(labels: np.ndarray, num_classes: int) -> np.ndarray:
+def _label_reasons(labels: np.ndarray, given: np.ndarray, num_classes: int) -> np.ndarray:
+    """Each row's label problem ("" for none); `given`: the cell held something (text
+    that is no number is non-numeric, an empty cell missing)."""
     reason = np.full(len(labels), "", dtype=object)
     missing = ~np.isfinite(labels)
     with np.errstate(invalid="ignore"):
         fractional = ~missing & (labels != np.round(labels))
         out_of_range = ~missing & ~fractional & ((labels < 0) | (labels >= num_classes))
-    reason[missing] = "label missing or non-numeric"
+    reason[missing & ~given] = "label missing"
+    reason[missing & given] = "label non-numeric"  # a name such as 'cat', or other text
     reason[fractional] = "label not an integer"
     reason[out_of_range] = f"label outside 0..{num_classes - 1}"
     return reason
