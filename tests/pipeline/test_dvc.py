@@ -217,3 +217,20 @@ def test_a_remote_that_refuses_the_push_leaves_the_version_in_the_cache(tmp_path
     _sh(root, "dvc", "remote", "modify", "local", "url", str(tmp_path / "remote"))
     _sh(root, "dvc", "push")  # the later push the warning names sends it
     assert any((tmp_path / "remote").rglob(digest[2:]))
+
+
+def test_the_checkout_ships_no_dvc_pointer_or_lock():
+    """A fresh clone has no data of its own: a committed `data/loop.dvc` (one slipped in
+    with an unrelated commit) pointed at a version in nobody's cache or remote, so on every
+    fresh clone `dvc status` said "not in cache: data/loop" and `dvc pull` failed. The
+    pointers and dvc.lock are what users commit after their own runs."""
+    if not (REPO / ".git").exists():
+        pytest.skip("not a git checkout")
+    tracked = subprocess.run(
+        ["git", "ls-files", "*.dvc", "dvc.lock", "**/dvc.lock"],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout.split()
+    assert tracked == []
