@@ -678,6 +678,56 @@ def _serving_status(settings, params) -> dict:
         store.dispose()
 
 
+@app.command("pull-feedback")
+def pull_feedback(
+    version: Annotated[
+        bool, typer.Option(help="version data/loop with DVC (dvc add + push) when rows came in")
+    ] = True,
+) -> None:
+    """Pull the labelled predictions logged since the last pull into data/loop/feedback.parquet
+    (validated against the processed data's schema, bad rows quarantined) and version
+    data/loop with DVC: the retrain flow's first steps, without retraining."""
+    from pipeline.feedback import pull_feedback as pull
+    from pipeline.lineage import ensure_dvc_repo, version_data
+    from pipeline.preprocess import PREPROCESSOR_FILE, load_preprocessor
+    from pipeline.store import PredictionStore
+
+    settings, params = _config()
+    if not (settings.processed_dir / PREPROCESSOR_FILE).exists():
+        raise _fail(
+            f"no processed data in {settings.processed_dir} (its schema checks the labelled "
+            "rows): run `mlops run`, or `mlops ingest` and `mlops preprocess`, first"
+        )
+    with _user_errors():
+        schema = load_preprocessor(settings.processed_dir).schema
+        store = PredictionStore(settings.prediction_db)
+        try:
+            report = pull(
+                store,
+                settings.loop_dir,
+                schema,
+                settings.quarantine_dir,
+                chunk_rows=params.data.chunk_rows,
+            )
+        finally:
+            store.dispose()
+        digest = None
+        if report.new and version:
+            ensure_dvc_repo(settings.root)
+            digest = version_data(settings.root, settings.loop_dir)
+    typer.echo(
+        f"{report.pulled:,} labelled rows read, {report.new:,} new or relabelled, "
+        f"{report.quarantined:,} quarantined; {report.total_feedback:,} in "
+        f"{settings.loop_dir / 'feedback.parquet'}"
+    )
+    if digest:
+        typer.echo(f"data version {digest} (data/loop.dvc: commit it to share the version)")
+    elif report.new:
+        typer.echo("not versioned (--no-version): run `dvc add data/loop` to version it")
+    else:
+        typer.echo("nothing new: the data version is unchanged")
+
+
 @app.command("label-queue")
 def label_queue(
     budget: Annotated[int, typer.Option(min=1, help="how many rows to label")] = 100,

@@ -252,3 +252,46 @@ def test_dask_workers_on_the_command_line_win_over_the_configured_cluster(monkey
     result = runner.invoke(app, ["preprocess", "--dask-workers", "-1"])
     assert result.exit_code == 2 and "dask-workers" in result.output.replace("\n", "")
     get_settings.cache_clear()
+
+
+def test_pull_feedback_makes_the_labelled_rows_a_data_version(project):
+    """`mlops pull-feedback`: the labelled predictions become rows of data/loop's
+    feedback.parquet, versioned with DVC (a real git + DVC repo in the project); a second
+    pull with nothing new changes nothing; rows that fail the schema are quarantined."""
+    import numpy as np
+    import pandas as pd
+
+    from pipeline.config import get_settings
+    from pipeline.store import LoggedRequest, PredictionStore
+
+    assert runner.invoke(app, ["pull-feedback"]).exit_code == 1  # no processed data yet
+    assert "run `mlops run`, or `mlops ingest` and `mlops preprocess`, first" in (
+        runner.invoke(app, ["pull-feedback"]).output
+    )
+    assert runner.invoke(app, ["ingest"]).exit_code == 0
+    assert runner.invoke(app, ["preprocess"]).exit_code == 0
+    settings = get_settings()
+    digits = load_digits_frame("all").iloc[:6]
+    x = digits.drop(columns="label").to_numpy(np.float32).copy()
+    x[5, 3] = np.nan  # logged as sent; no feature for training
+    store = PredictionStore(settings.prediction_db).create()
+    ids = [f"fb-{k}" for k in range(6)]
+    probs = np.full((6, 10), 0.1, np.float32)
+    store.insert_requests(
+        [LoggedRequest(ids, 1.0, settings.model_name, "1", x, [0] * 6, probs, 1.0)]
+    )
+    truth = digits["label"].tolist()
+    store.add_labels([(ids[k], truth[k]) for k in (0, 1, 2, 5)])
+    store.dispose()
+
+    result = runner.invoke(app, ["pull-feedback"])
+    assert result.exit_code == 0, result.output
+    assert "4 labelled rows read, 3 new or relabelled, 1 quarantined" in result.output
+    assert "data version " in result.output and (project / "data/loop.dvc").exists()
+    feedback = pd.read_parquet(project / "data/loop/feedback.parquet")
+    assert feedback["id"].tolist() == ids[:3] and feedback["label"].tolist() == truth[:3]
+    pointer = (project / "data/loop.dvc").read_text()
+
+    again = runner.invoke(app, ["pull-feedback"])
+    assert again.exit_code == 0 and "nothing new" in again.output, again.output
+    assert (project / "data/loop.dvc").read_text() == pointer
