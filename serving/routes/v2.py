@@ -29,6 +29,7 @@ from serving.runtime import LoadedModel
 
 router = APIRouter(prefix="/v2", tags=["open inference protocol (v2)"])
 INPUT = "input"
+OUTPUTS = ("label", "probabilities")
 HEADER_LENGTH = "inference-header-content-length"
 # V2 datatype -> numpy dtype, for the input tensor's raw bytes (little-endian)
 DTYPES = {
@@ -141,10 +142,13 @@ async def infer_body(state, name: str, version: str | None, read_body, header) -
     def parse(body: bytes, content_type: str | None, model: LoadedModel, max_rows: int):
         length = header(HEADER_LENGTH)
         rows, call["request"] = parse_infer(body, length, model.predictor.cfg.n_features, max_rows)
+        # the outputs are checked here, before inference: rows are logged before the answer
+        # is shaped, so a request refused for what it asks back must be refused by now
+        call["outputs"] = wanted_outputs(call["request"])
         return rows, _ids(call["request"], len(rows))
 
     def shape(used: LoadedModel, ids, labels, probs, unusual) -> dict | Response:
-        return infer_response(call["request"], used, ids, labels, probs)
+        return infer_response(call["request"], call["outputs"], used, ids, labels, probs)
 
     try:
         return await score_body(
@@ -185,6 +189,7 @@ def parse_infer(
         raise BadRequest(400, f"body is not valid JSON: {exc}") from None
     if not isinstance(payload, dict) or not isinstance(payload.get("inputs"), list):
         raise BadRequest(400, "an inference request is an object with a list of inputs")
+    _parameters(payload, "parameters")
     inputs = payload["inputs"]
     if len(inputs) != 1 or not isinstance(inputs[0], dict):
         raise BadRequest(400, f"expected one input tensor {INPUT!r}, got {len(inputs)}")
@@ -203,7 +208,7 @@ def parse_infer(
     if shape[0] > max_rows:
         raise BadRequest(413, f"{shape[0]} rows in one request; the limit is {max_rows}")
     count = math.prod(shape)
-    params = tensor.get("parameters") or {}
+    params = _parameters(tensor, "inputs[0].parameters")
     if "binary_data_size" in params:
         size = params["binary_data_size"]
         dtype = np.dtype(DTYPES[datatype]).newbyteorder("<")
@@ -243,8 +248,53 @@ def _has_booleans(data: list) -> bool:
     return any(isinstance(row, list) and _has_booleans(row) for row in data)
 
 
+def _parameters(holder: dict, where: str) -> dict:
+    """`holder`'s V2 parameters: an object (absent or null: none). Anything else is
+    refused here, before any key of it is looked up."""
+    params = holder.get("parameters")
+    if params is None:
+        return {}
+    if not isinstance(params, dict):
+        raise BadRequest(400, f"{where} must be an object, got {type(params).__name__}")
+    return params
+
+
+def _flag(params: dict, key: str, where: str) -> bool:
+    value = params.get(key, False)
+    if not isinstance(value, bool):
+        raise BadRequest(400, f"{where}.{key} must be true or false, got {type(value).__name__}")
+    return value
+
+
+def wanted_outputs(request: dict) -> list[tuple[str, bool]]:
+    """The outputs the request asks for, as (name, binary), in its order; all of them when
+    it names none (or an empty list). Everything about them is checked here, so that
+    shaping the answer cannot fail."""
+    all_binary = _flag(_parameters(request, "parameters"), "binary_data_output", "parameters")
+    wanted = request.get("outputs")
+    if wanted is None or wanted == []:
+        return [(name, all_binary) for name in OUTPUTS]
+    if not isinstance(wanted, list):
+        raise BadRequest(
+            400, f"outputs must be a list of {{name, parameters}}, got {type(wanted).__name__}"
+        )
+    outputs: list[tuple[str, bool]] = []
+    for k, spec in enumerate(wanted):
+        if not isinstance(spec, dict):
+            raise BadRequest(400, f"outputs[{k}] must be an object with a name")
+        name = spec.get("name")
+        if not isinstance(name, str) or name not in OUTPUTS:
+            raise BadRequest(400, f"unknown output {name!r}: label or probabilities")
+        if any(name == seen for seen, _ in outputs):
+            raise BadRequest(400, f"output {name!r} asked for twice")
+        where = f"outputs[{k}].parameters"
+        binary = _flag(_parameters(spec, where), "binary_data", where)
+        outputs.append((name, all_binary or binary))
+    return outputs
+
+
 def _ids(request: dict, n: int) -> list[str]:
-    params = request.get("parameters") or {}
+    params = _parameters(request, "parameters")
     ids: Any = params.get("ids")
     if isinstance(ids, str):
         ids = ids.split(",")
@@ -256,22 +306,19 @@ def _ids(request: dict, n: int) -> list[str]:
         raise BadRequest(400, exc.detail.replace("ids", "parameters.ids", 1)) from None
 
 
-def infer_response(request: dict, used: LoadedModel, ids, labels, probs) -> Response:
-    """The outputs the request asked for (all when it names none), JSON or binary."""
+def infer_response(
+    request: dict, wanted: list[tuple[str, bool]], used: LoadedModel, ids, labels, probs
+) -> Response:
+    """The `wanted` outputs (from `wanted_outputs`), each JSON or binary."""
     tensors = {
         "label": ("INT64", np.asarray(labels, dtype=np.int64)),
         "probabilities": ("FP32", np.asarray(probs, dtype=np.float32)),
     }
-    wanted = request.get("outputs") or [{"name": name} for name in tensors]
-    all_binary = bool((request.get("parameters") or {}).get("binary_data_output"))
     outputs, blobs = [], []
-    for spec in wanted:
-        name = spec.get("name") if isinstance(spec, dict) else None
-        if name not in tensors:
-            raise BadRequest(400, f"unknown output {name!r}: label or probabilities")
+    for name, binary in wanted:
         datatype, array = tensors[name]
         out: dict = {"name": name, "datatype": datatype, "shape": list(array.shape)}
-        if all_binary or (spec.get("parameters") or {}).get("binary_data"):
+        if binary:
             raw = array.astype(array.dtype.newbyteorder("<"), copy=False).tobytes()
             out["parameters"] = {"binary_data_size": len(raw)}
             blobs.append(raw)

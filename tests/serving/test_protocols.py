@@ -314,3 +314,35 @@ def test_tritonclient_talks_to_the_server(live_server, pyfunc, digits_rows):
             tc.infer("no-such-model", [tensor])
     logged = PredictionStore(get_settings().prediction_db).get(["tc-True-0", "tc-False-4"])
     assert len(logged) == 2
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        ({"parameters": 5}, "parameters must be an object"),
+        ({"parameters": [1]}, "parameters must be an object"),
+        ({"parameters": {"binary_data_output": "yes"}}, "must be true or false"),
+        ({"tensor": {"parameters": 5}}, "inputs[0].parameters must be an object"),
+        ({"tensor": {"parameters": "binary_data_size"}}, "inputs[0].parameters must be"),
+        ({"outputs": 5}, "outputs must be a list"),
+        ({"outputs": {"name": "label"}}, "outputs must be a list"),
+        ({"outputs": ["label"]}, "outputs[0] must be an object"),
+        ({"outputs": [{"name": "foo"}]}, "unknown output 'foo'"),
+        ({"outputs": [{"name": ["label"]}]}, "unknown output"),
+        ({"outputs": [{"name": "label"}, {"name": "label"}]}, "asked for twice"),
+        ({"outputs": [{"name": "label", "parameters": [1]}]}, "outputs[0].parameters must"),
+        ({"outputs": [{"name": "label", "parameters": {"binary_data": 1}}]}, "true or false"),
+    ],
+)
+def test_v2_bad_parameters_and_outputs_are_refused_before_anything_is_logged(
+    client, digits_rows, change, message
+):
+    """Outputs are checked with the inputs, before inference: a request refused for what it
+    asks back has logged no rows (they were logged, then the answer failed)."""
+    tensor = {"name": "input", "datatype": "FP32", "shape": [1, 64]}
+    tensor |= {"data": digits_rows[0].tolist(), **change.get("tensor", {})}
+    body = {"inputs": [tensor]} | {k: v for k, v in change.items() if k != "tensor"}
+    res = client.post(f"/v2/models/{get_settings().model_name}/infer", json=body)
+    assert res.status_code == 400, res.text
+    assert message in res.json()["error"]
+    assert PredictionStore(get_settings().prediction_db).count() == 0
