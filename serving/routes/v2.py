@@ -226,8 +226,10 @@ def parse_infer(
         if may_hold_booleans(body) and _has_booleans(data):
             raise BadRequest(400, "input data must be numbers, found booleans")
         try:
-            array = np.asarray(data, dtype=np.float64)
-        except (ValueError, TypeError):
+            # NumPy's own reading of the values' type, not a cast to float64, which would
+            # take "1" for 1.0 (checked_array refuses anything but numbers, as /predict does)
+            array = np.asarray(data)
+        except (ValueError, TypeError, OverflowError):
             raise BadRequest(
                 400, "input data must be numbers in a flat or regular nested list"
             ) from None

@@ -346,3 +346,17 @@ def test_v2_bad_parameters_and_outputs_are_refused_before_anything_is_logged(
     assert res.status_code == 400, res.text
     assert message in res.json()["error"]
     assert PredictionStore(get_settings().prediction_db).count() == 0
+
+
+@pytest.mark.parametrize(
+    "data",
+    [["1"] * 64, [0.0] * 63 + ["2"], [[0.0] * 63 + ["1e3"]], [None] * 64],
+    ids=["strings", "one string", "nested string", "nulls"],
+)
+def test_v2_json_data_must_be_numbers_not_strings_of_them(client, data):
+    """As /predict refuses them: NumPy would read "1" as 1.0 when told the dtype."""
+    tensor = {"name": "input", "datatype": "FP32", "shape": [1, 64], "data": data}
+    res = client.post(f"/v2/models/{get_settings().model_name}/infer", json={"inputs": [tensor]})
+    assert res.status_code == 400, res.text
+    assert "must be numbers" in res.json()["error"]
+    assert PredictionStore(get_settings().prediction_db).count() == 0
