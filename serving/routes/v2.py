@@ -220,6 +220,12 @@ def parse_infer(
             )
         array = np.frombuffer(blob, dtype=dtype).reshape(shape)
     else:
+        if blob:
+            raise BadRequest(
+                400,
+                f"{len(blob)} bytes after the {len(body)}-byte JSON header, but no input "
+                "is binary (its parameters need binary_data_size)",
+            )
         data = tensor.get("data")
         if not isinstance(data, list):
             raise BadRequest(400, "the input needs data (a flat or nested list) or binary data")

@@ -360,3 +360,21 @@ def test_v2_json_data_must_be_numbers_not_strings_of_them(client, data):
     assert res.status_code == 400, res.text
     assert "must be numbers" in res.json()["error"]
     assert PredictionStore(get_settings().prediction_db).count() == 0
+
+
+def test_v2_bytes_after_the_json_header_need_a_binary_input(client, digits_rows):
+    """With no input in binary, the bytes after Inference-Header-Content-Length belong to
+    nothing: a client that meant them as the tensor must hear so, not get a JSON answer."""
+    tensor = {"name": "input", "datatype": "FP32", "shape": [1, 64]}
+    head = _dumps({"inputs": [{**tensor, "data": digits_rows[0].tolist()}]})
+    res = client.post(
+        f"/v2/models/{get_settings().model_name}/infer",
+        content=head + digits_rows[0].astype("<f4").tobytes(),
+        headers={
+            "content-type": "application/octet-stream",
+            "inference-header-content-length": str(len(head)),
+        },
+    )
+    assert res.status_code == 400, res.text
+    assert "256 bytes after the" in res.json()["error"]
+    assert PredictionStore(get_settings().prediction_db).count() == 0
