@@ -8,7 +8,8 @@ One model, named like the registered model, with one input tensor `input` (FP32,
 go back the way the request asks (`binary_data` per output, `binary_data_output` for all).
 Every row is logged like a `/predict` row: its id is the request's `parameters.ids[k]`,
 else `{id}-{k}` from the request `id` (just `id` for one row), else generated; the ids
-come back in the response's `parameters.ids`, for `/feedback`.
+come back in the response's `parameters.ids`, for `/feedback`, joined with commas (so no
+V2 row id may hold one).
 """
 
 from __future__ import annotations
@@ -302,16 +303,33 @@ def wanted_outputs(request: dict) -> list[tuple[str, bool]]:
 
 
 def _ids(request: dict, n: int) -> list[str]:
+    """The rows' ids: `parameters.ids`, else made from the request `id`, else generated.
+    The answer joins them with commas into one string (V2's parameter values are strings,
+    numbers or booleans; tritonclient takes no list there), so an id holding a comma could
+    not be split back from it: such an id is refused."""
     params = _parameters(request, "parameters")
     ids: Any = params.get("ids")
+    source = "parameters.ids"
     if isinstance(ids, str):
         ids = ids.split(",")
     if ids is None and isinstance(request.get("id"), str) and request["id"]:
         ids = [request["id"]] if n == 1 else [f"{request['id']}-{k}" for k in range(n)]
+        source = "the row ids made from the request id"
+    if ids is None:
+        return parse_ids(None, n)
     try:
-        return parse_ids(ids, n)
+        ids = parse_ids(ids, n)
     except BadRequest as exc:
-        raise BadRequest(400, exc.detail.replace("ids", "parameters.ids", 1)) from None
+        raise BadRequest(400, exc.detail.replace("ids", source, 1)) from None
+    comma = next((k for k, value in enumerate(ids) if "," in value), None)
+    if comma is not None:
+        where = f"parameters.ids[{comma}]" if source == "parameters.ids" else "the request id"
+        raise BadRequest(
+            400,
+            f"{where} holds a comma: the answer's parameters.ids joins the row ids with "
+            "commas, so a V2 row id cannot hold one",
+        )
+    return ids
 
 
 def infer_response(

@@ -378,3 +378,26 @@ def test_v2_bytes_after_the_json_header_need_a_binary_input(client, digits_rows)
     assert res.status_code == 400, res.text
     assert "256 bytes after the" in res.json()["error"]
     assert PredictionStore(get_settings().prediction_db).count() == 0
+
+
+@pytest.mark.parametrize(
+    ("extra", "message"),
+    [
+        ({"parameters": {"ids": ["a,b", "c"]}}, "parameters.ids[0] holds a comma"),
+        ({"id": "req,7"}, "the request id holds a comma"),
+    ],
+)
+def test_v2_row_ids_cannot_hold_the_comma_the_answer_joins_them_with(
+    client, digits_rows, extra, message
+):
+    """parameters.ids comes back as one comma-joined string: "a,b" and "c" would read back
+    as three ids, and /feedback would find none of the first two."""
+    rows = digits_rows[:2]
+    res = client.post(f"/v2/models/{get_settings().model_name}/infer", json=_v2(rows, **extra))
+    assert res.status_code == 400, res.text
+    assert message in res.json()["error"]
+    assert PredictionStore(get_settings().prediction_db).count() == 0
+    # /predict answers ids in a list: a comma is fine there
+    res = client.post("/predict", json={"instances": rows.tolist(), "ids": ["a,b", "c"]})
+    assert res.status_code == 200, res.text
+    assert [p["id"] for p in res.json()["predictions"]] == ["a,b", "c"]
