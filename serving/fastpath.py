@@ -3,7 +3,8 @@
 FastAPI's routing, dependency solving and Request objects cost about as much per 1-row
 request as the whole of parsing, inference and logging. `GuardMiddleware` hands these
 routes to `match`'s handler, which does what their FastAPI routes do, in the same order and
-through the same code (`check_api_key`, `score_body` / `infer_body`, the same error bodies):
+through the same code (`check_api_key`, `score_body` / `infer_body`, the same error bodies,
+V2's own shape on V2's route):
 the routes stay for the OpenAPI document and answer if the fast path is switched off
 (MLOPS_FAST_PATH=false).
 """
@@ -18,7 +19,7 @@ from starlette.datastructures import Headers
 from pipeline.store import StoreUnavailable
 from serving.deps import check_api_key
 from serving.requests import BadRequest
-from serving.responses import error, store_unavailable
+from serving.responses import error, is_v2, store_unavailable
 from serving.routes import predict, v2
 
 ROUTES = {
@@ -61,8 +62,8 @@ async def handle(scope, receive, send, work) -> None:
     try:
         check_api_key(state.settings, headers)
         response = await work(state, read_body, headers)
-    except BadRequest as exc:
-        response = error(exc.status, exc.detail, **exc.extra)
+    except BadRequest as exc:  # V2's infer words its own errors: this is the API key's
+        response = error(exc.status, exc.detail, is_v2(scope["path"]), **exc.extra)
     except StoreUnavailable as exc:
         response = store_unavailable(exc)
     await response(scope, receive, send)

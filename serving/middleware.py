@@ -9,6 +9,7 @@ import orjson
 
 from serving import fastpath, metrics
 from serving.requests import BadRequest
+from serving.responses import error_body, is_v2
 
 
 class GuardMiddleware:
@@ -38,8 +39,9 @@ class GuardMiddleware:
                 too_big = int(length) > self.max_body
             except ValueError:
                 too_big = False
+        v2 = is_v2(scope["path"])  # V2's clients read their own error shape
         if too_big:
-            await _send_json(send, 413, {"detail": f"body larger than {self.max_body} bytes"})
+            await _send_json(send, 413, error_body(f"body larger than {self.max_body} bytes", v2))
             status_holder["status"] = 413
         else:
             received = 0
@@ -66,7 +68,7 @@ class GuardMiddleware:
                     await self.app(scope, limited_receive, tracking_send)
             except BadRequest as exc:
                 status_holder["status"] = exc.status
-                await _send_json(send, exc.status, {"detail": exc.detail})
+                await _send_json(send, exc.status, error_body(exc.detail, v2))
         status = str(status_holder["status"])
         metrics.REQUESTS.labels(route, status).inc()
         metrics.LATENCY.labels(route, status).observe(time.perf_counter() - start)

@@ -19,11 +19,25 @@ def json_response(data: Any, status: int = 200, headers: dict | None = None) -> 
     )
 
 
-def error(status: int, detail: str, **extra: Any) -> Response:
-    """The one error shape of the API: `{"detail": "...", ...}`, credentials redacted."""
-    return json_response({"detail": redact(detail), **extra}, status)
+V2_PREFIX = "/v2"  # the Open Inference Protocol's routes (serving/routes/v2.py)
 
 
-def store_unavailable(exc: Exception) -> Response:
+def is_v2(path: str) -> bool:
+    return path == V2_PREFIX or path.startswith(V2_PREFIX + "/")
+
+
+def error_body(detail: str, v2: bool = False, **extra: Any) -> dict:
+    """The one error shape of the API, `{"detail": "...", ...}`, credentials redacted; with
+    `v2`, the Open Inference Protocol's `{"error": "..."}` (what tritonclient reads) with
+    the same words as `detail` beside it."""
+    detail = redact(detail)
+    return {"error": detail, "detail": detail} if v2 else {"detail": detail, **extra}
+
+
+def error(status: int, detail: str, v2: bool = False, **extra: Any) -> Response:
+    return json_response(error_body(detail, v2, **extra), status)
+
+
+def store_unavailable(exc: Exception, v2: bool = False) -> Response:
     """503 when the prediction log cannot take the rows: the request is not answered unlogged."""
-    return error(503, f"prediction store unavailable, nothing was logged: {exc}")
+    return error(503, f"prediction store unavailable, nothing was logged: {exc}", v2)

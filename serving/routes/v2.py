@@ -22,13 +22,14 @@ import orjson
 from fastapi import APIRouter, Request
 from fastapi.responses import Response
 
-from serving.deps import ApiKey, StateDep
+from pipeline.store import StoreUnavailable
+from serving.deps import StateDep, check_api_key
 from serving.requests import BadRequest, checked_array, may_hold_booleans, parse_ids
-from serving.responses import json_response
+from serving.responses import V2_PREFIX, error, json_response, store_unavailable
 from serving.routes.predict import CLIENT_ID, score_body
 from serving.runtime import LoadedModel
 
-router = APIRouter(prefix="/v2", tags=["open inference protocol (v2)"])
+router = APIRouter(prefix=V2_PREFIX, tags=["open inference protocol (v2)"])
 INPUT = "input"
 OUTPUTS = ("label", "probabilities")
 HEADER_LENGTH = "inference-header-content-length"
@@ -50,7 +51,7 @@ DTYPES = {
 
 def _error(status: int, message: str) -> Response:
     """V2's error shape is {"error": ...}; "detail" is this API's everywhere else."""
-    return json_response({"error": message, "detail": message}, status)
+    return error(status, message, v2=True)
 
 
 def _serving(state, name: str, version: str | None) -> LoadedModel | Response:
@@ -123,12 +124,16 @@ async def model_ready(state: StateDep, name: str, version: str | None = None) ->
     return json_response({"name": name, "ready": True})
 
 
-@router.post("/models/{name}/infer", dependencies=[ApiKey])
-@router.post("/models/{name}/versions/{version}/infer", dependencies=[ApiKey])
+@router.post("/models/{name}/infer")
+@router.post("/models/{name}/versions/{version}/infer")
 async def infer(
     request: Request, state: StateDep, name: str, version: str | None = None
 ) -> Response:
     """Rows in one input tensor; label and probabilities out; every row logged."""
+    try:  # checked here, not by the ApiKey dependency, whose 401 is in the API's own shape
+        check_api_key(state.settings, request.headers)
+    except BadRequest as exc:
+        return _error(exc.status, exc.detail)
     return await infer_body(state, name, version, request.body, request.headers.get)
 
 
@@ -163,6 +168,8 @@ async def infer_body(state, name: str, version: str | None, read_body, header) -
         )
     except BadRequest as exc:
         return _error(exc.status, exc.detail)
+    except StoreUnavailable as exc:
+        return store_unavailable(exc, v2=True)
 
 
 def parse_infer(

@@ -401,3 +401,31 @@ def test_v2_row_ids_cannot_hold_the_comma_the_answer_joins_them_with(
     res = client.post("/predict", json={"instances": rows.tolist(), "ids": ["a,b", "c"]})
     assert res.status_code == 200, res.text
     assert [p["id"] for p in res.json()["predictions"]] == ["a,b", "c"]
+
+
+@pytest.mark.parametrize("fast", [True, False])
+def test_v2_refusals_before_the_route_answer_in_v2s_error_shape(
+    served, monkeypatch, digits_rows, fast
+):
+    """tritonclient reads `error`: the API key (401), the body limit (413) and a store that
+    is down (503) are answered outside the V2 route's own checks, and said only `detail`."""
+    monkeypatch.setenv("MLOPS_FAST_PATH", str(fast).lower())
+    monkeypatch.setenv("MLOPS_API_KEY", "the-key")
+    monkeypatch.setenv("MLOPS_MAX_BODY_BYTES", "65536")
+    monkeypatch.setenv("MLOPS_PREDICTION_DB_URL", "postgresql://mlops@127.0.0.1:1/none")
+    get_settings.cache_clear()
+    url = f"/v2/models/{get_settings().model_name}/infer"
+    key = {"x-api-key": "the-key"}
+    with TestClient(create_app(get_settings())) as c:
+        answers = {
+            401: c.post(url, json=_v2(digits_rows[:1])),
+            413: c.post(url, content=b" " * 70_000, headers=key),
+            503: c.post(url, json=_v2(digits_rows[:1]), headers=key),
+        }
+        assert c.post("/predict", json={"instances": [[0.0] * 64]}).json().keys() == {"detail"}
+    get_settings.cache_clear()
+    for status, res in answers.items():
+        assert res.status_code == status, res.text
+        body = res.json()
+        assert body["error"] and body["error"] == body["detail"], body
+    assert "prediction store unavailable" in answers[503].json()["error"]
