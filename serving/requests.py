@@ -236,8 +236,15 @@ def parse_csv(body: bytes, names: tuple[str, ...], max_rows: int) -> np.ndarray:
         text = body.decode("utf-8-sig")
     except UnicodeDecodeError:
         raise BadRequest(400, "CSV body is not UTF-8") from None
-    lines = list(csv.reader(io.StringIO(text)))
-    lines = [line for line in lines if line]  # blank lines, as pandas skips them
+    # newline="": rows end at LF, CRLF or a lone CR, as pandas reads them (the csv module's
+    # own advice); without it a CR raised "new-line character seen in unquoted field".
+    # Blank lines are dropped, as pandas skips them.
+    try:
+        lines = [line for line in csv.reader(io.StringIO(text, newline="")) if line]
+    except csv.Error as exc:
+        # A cell over the module's field_size_limit (131,072 characters): no number is
+        # that long, so the limit (process-wide) is kept and the body refused.
+        raise BadRequest(400, f"CSV cannot be parsed: {exc}") from None
     if not lines:
         raise BadRequest(422, "CSV body holds no rows")
     header, data = lines[0], lines[1:]

@@ -429,3 +429,28 @@ def test_v2_refusals_before_the_route_answer_in_v2s_error_shape(
         body = res.json()
         assert body["error"] and body["error"] == body["detail"], body
     assert "prediction store unavailable" in answers[503].json()["error"]
+
+
+@pytest.mark.parametrize("ending", ["\n", "\r\n", "\r"], ids=["LF", "CRLF", "CR"])
+def test_csv_lines_may_end_as_pandas_reads_them(client, pyfunc, digits_rows, ending):
+    """CR-only files (old Mac exports) and a bare CR between rows answered 500."""
+    rows = digits_rows[:3]
+    expected = pyfunc.predict(pd.DataFrame(rows, columns=NAMES))["label"].tolist()
+    lines = [",".join(NAMES), *(",".join(map(str, row)) for row in rows)]
+    body = ending.join(lines) + ending
+    res = client.post("/invocations", content=body, headers={"content-type": "text/csv"})
+    assert res.status_code == 200, res.text
+    assert _labels(res.json()["predictions"]) == expected
+    # a stray CR ends a row, as in pandas: here it cuts the first row in two
+    body = "\n".join([lines[0], lines[1].replace(",", "\r", 1), lines[2]]) + "\n"
+    res = client.post("/invocations", content=body, headers={"content-type": "text/csv"})
+    assert res.status_code == 422 and "cells" in res.json()["detail"], res.text
+
+
+def test_a_csv_cell_too_long_for_any_number_is_a_400(client):
+    """Over the csv module's field limit (131,072 characters) it raised, a 500."""
+    body = ",".join(NAMES) + "\n" + "1" * 200_000 + ",1" * 63 + "\n"
+    res = client.post("/invocations", content=body, headers={"content-type": "text/csv"})
+    assert res.status_code == 400, res.text
+    assert "CSV cannot be parsed: field larger than field limit" in res.json()["detail"]
+    assert PredictionStore(get_settings().prediction_db).count() == 0
