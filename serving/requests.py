@@ -254,10 +254,7 @@ def parse_csv(body: bytes, names: tuple[str, ...], max_rows: int) -> np.ndarray:
         raise BadRequest(413, f"{len(data)} rows in one request; the limit is {max_rows}")
     if not data:
         raise BadRequest(422, "CSV body has a header but no rows")
-    index = {c.strip(): i for i, c in enumerate(header)}
-    missing = [c for c in names if c not in index]
-    if missing:
-        raise BadRequest(422, f"CSV: missing column(s) {', '.join(missing[:5])}")
+    index = _column_index([c.strip() for c in header], names, "CSV")
     if any(len(row) != len(header) for row in data):
         bad = next(i for i, row in enumerate(data) if len(row) != len(header))
         raise BadRequest(
@@ -272,6 +269,22 @@ def parse_csv(body: bytes, names: tuple[str, ...], max_rows: int) -> np.ndarray:
     return checked_array(
         np.ascontiguousarray(array[:, [index[c] for c in names]]), len(names), "CSV"
     )
+
+
+def _column_index(columns: list[str], names: tuple[str, ...], where: str) -> dict[str, int]:
+    """Each feature's position among `columns`. A feature named twice is refused: which of
+    the two the client meant cannot be known (a dict would silently keep the last).
+    Other columns are ignored, so they may repeat."""
+    index: dict[str, int] = {}
+    wanted = set(names)
+    for i, column in enumerate(columns):
+        if column in index and column in wanted:
+            raise BadRequest(422, f"{where}: column {column} is named twice")
+        index.setdefault(column, i)
+    missing = [c for c in names if c not in index]
+    if missing:
+        raise BadRequest(422, f"{where}: missing column(s) {', '.join(missing[:5])}")
+    return index
 
 
 def _is_number(cell: str) -> bool:
@@ -337,10 +350,7 @@ def parse_invocations(payload: Any, names: tuple[str, ...], max_rows: int) -> np
 def _reorder(columns: Any, rows: Any, names: tuple[str, ...], max_rows: int) -> np.ndarray:
     if not isinstance(columns, list) or not all(isinstance(c, str) for c in columns):
         raise BadRequest(422, "dataframe_split.columns must be a list of column names")
-    index = {c: i for i, c in enumerate(columns)}
-    missing = [c for c in names if c not in index]
-    if missing:
-        raise BadRequest(422, f"dataframe_split: missing column(s) {', '.join(missing[:5])}")
+    index = _column_index(columns, names, "dataframe_split")
     array = rows_to_array(rows, len(columns), max_rows, "dataframe_split.data")
     return np.ascontiguousarray(array[:, [index[c] for c in names]])
 

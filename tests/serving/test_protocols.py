@@ -454,3 +454,21 @@ def test_a_csv_cell_too_long_for_any_number_is_a_400(client):
     assert res.status_code == 400, res.text
     assert "CSV cannot be parsed: field larger than field limit" in res.json()["detail"]
     assert PredictionStore(get_settings().prediction_db).count() == 0
+
+
+def test_a_feature_column_named_twice_is_refused_not_taken_from_the_last(client, digits_rows):
+    """Two pixel3 columns: which one the client meant is unknowable (the last one was
+    scored). Columns the model does not read may repeat: they are ignored anyway."""
+    row = [str(v) for v in digits_rows[0]]
+    csv_body = ",".join([*NAMES, "pixel3"]) + "\n" + ",".join([*row, "0"]) + "\n"
+    split = {"columns": [*NAMES, "pixel3"], "data": [[*digits_rows[0].tolist(), 0.0]]}
+    for res in (
+        client.post("/invocations", content=csv_body, headers={"content-type": "text/csv"}),
+        client.post("/invocations", json={"dataframe_split": split}),
+    ):
+        assert res.status_code == 422, res.text
+        assert "pixel3 is named twice" in res.json()["detail"]
+    assert PredictionStore(get_settings().prediction_db).count() == 0
+    extra = ",".join([*NAMES, "note", "note"]) + "\n" + ",".join([*row, "1", "2"]) + "\n"
+    res = client.post("/invocations", content=extra, headers={"content-type": "text/csv"})
+    assert res.status_code == 200, res.text
