@@ -260,6 +260,9 @@ def parse_csv(body: bytes, names: tuple[str, ...], max_rows: int) -> np.ndarray:
         raise BadRequest(
             422, f"CSV: row {bad} has {len(data[bad])} cells, the header {len(header)}"
         )
+    loose = _loose_cell(data) if "_" in text or not text.isascii() else None
+    if loose is not None:
+        raise BadRequest(422, f"CSV: every cell must be a number (found {loose[:32]!r})")
     try:
         array = np.array(data, dtype=np.float64)
     except ValueError:
@@ -287,7 +290,16 @@ def _column_index(columns: list[str], names: tuple[str, ...], where: str) -> dic
     return index
 
 
+def _loose_cell(rows: list[list[str]]) -> str | None:
+    """The first cell that Python's float() (and NumPy's cast, which calls it) reads as a
+    number but pandas does not: digits grouped with underscores ("1_000") or digits of
+    another script ("١", "１")."""
+    return next((c for row in rows for c in row if "_" in c or not c.isascii()), None)
+
+
 def _is_number(cell: str) -> bool:
+    if "_" in cell or not cell.isascii():
+        return False  # no number to pandas either (see _loose_cell)
     try:
         float(cell)
     except ValueError:

@@ -472,3 +472,15 @@ def test_a_feature_column_named_twice_is_refused_not_taken_from_the_last(client,
     extra = ",".join([*NAMES, "note", "note"]) + "\n" + ",".join([*row, "1", "2"]) + "\n"
     res = client.post("/invocations", content=extra, headers={"content-type": "text/csv"})
     assert res.status_code == 200, res.text
+
+
+@pytest.mark.parametrize("cell", ["1_000", "١٢", "１"], ids=["underscores", "arabic", "fullwidth"])
+def test_csv_cells_are_numbers_as_pandas_reads_them_not_as_python_does(client, cell):
+    """Python's float() takes digit groups ("1_000" is 1000.0) and any script's digits;
+    pandas, and so MLflow's own server, reads such a column as text."""
+    body = ",".join(NAMES) + "\n" + ",".join([cell] + ["0"] * 63) + "\n"
+    res = client.post("/invocations", content=body, headers={"content-type": "text/csv"})
+    assert res.status_code == 422, res.text
+    assert "every cell must be a number" in res.json()["detail"]
+    assert repr(cell) in res.json()["detail"]
+    assert PredictionStore(get_settings().prediction_db).count() == 0
