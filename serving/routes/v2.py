@@ -316,21 +316,27 @@ def _ids(request: dict, n: int) -> list[str]:
     not be split back from it: such an id is refused."""
     params = _parameters(request, "parameters")
     ids: Any = params.get("ids")
-    source = "parameters.ids"
+    made = False  # made from the request id, not sent as such
     if isinstance(ids, str):
         ids = ids.split(",")
     if ids is None and isinstance(request.get("id"), str) and request["id"]:
         ids = [request["id"]] if n == 1 else [f"{request['id']}-{k}" for k in range(n)]
-        source = "the row ids made from the request id"
+        made = True
     if ids is None:
         return parse_ids(None, n)
     try:
         ids = parse_ids(ids, n)
     except BadRequest as exc:
-        raise BadRequest(400, exc.detail.replace("ids", source, 1)) from None
+        if made:
+            raise BadRequest(
+                400,
+                f"the request id makes row ids that are not valid ({exc.detail}); "
+                "send parameters.ids instead",
+            ) from None
+        raise BadRequest(400, exc.detail.replace("ids", "parameters.ids", 1)) from None
     comma = next((k for k, value in enumerate(ids) if "," in value), None)
     if comma is not None:
-        where = f"parameters.ids[{comma}]" if source == "parameters.ids" else "the request id"
+        where = "the request id" if made else f"parameters.ids[{comma}]"
         raise BadRequest(
             400,
             f"{where} holds a comma: the answer's parameters.ids joins the row ids with "

@@ -484,3 +484,14 @@ def test_csv_cells_are_numbers_as_pandas_reads_them_not_as_python_does(client, c
     assert "every cell must be a number" in res.json()["detail"]
     assert repr(cell) in res.json()["detail"]
     assert PredictionStore(get_settings().prediction_db).count() == 0
+
+
+def test_v2_a_request_id_too_long_for_its_row_ids_says_it_is_the_request_id(client, digits_rows):
+    """127 characters is an id, but `{id}-0` is not: the error named parameters.ids, which
+    the request did not send."""
+    rows = digits_rows[:2]
+    res = client.post(f"/v2/models/{get_settings().model_name}/infer", json=_v2(rows, id="x" * 127))
+    assert res.status_code == 400, res.text
+    error = res.json()["error"]
+    assert error.startswith("the request id makes row ids") and "parameters.ids instead" in error
+    assert PredictionStore(get_settings().prediction_db).count() == 0
