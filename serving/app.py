@@ -181,5 +181,5 @@ async def _on_bad_request(_request: Request, exc: BadRequest) -> Response:
     return error(exc.status, exc.detail, **exc.extra)
 
 
-async def _on_store_down(_request: Request, exc: StoreUnavailable) -> Response:
-    return store_unavailable(exc)
+async def _on_store_down(request: Request, exc: StoreUnavailable) -> Response:
+    return store_unavailable(exc, path=request.url.path)

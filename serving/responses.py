@@ -38,6 +38,10 @@ def error(status: int, detail: str, v2: bool = False, **extra: Any) -> Response:
     return json_response(error_body(detail, v2, **extra), status)
 
 
-def store_unavailable(exc: Exception, v2: bool = False) -> Response:
-    """503 when the prediction log cannot take the rows: the request is not answered unlogged."""
+def store_unavailable(exc: Exception, v2: bool = False, path: str = "") -> Response:
+    """503 when the prediction log cannot take the rows: the request is not answered
+    unlogged. A label request (`/feedback`) logs nothing: it says that none of its labels
+    were applied (it had said nothing was logged, as if predictions had been lost)."""
+    if path == "/feedback":
+        return error(503, f"prediction store unavailable, no label was applied: {exc}", v2)
     return error(503, f"prediction store unavailable, nothing was logged: {exc}", v2)

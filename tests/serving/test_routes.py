@@ -512,6 +512,10 @@ def test_store_down_fails_fast_with_503(served, monkeypatch, digits_rows):
         res = _predict(c, digits_rows[:1])
         assert res.status_code == 503
         assert "prediction store unavailable, nothing was logged" in res.json()["detail"]
+        # a label request says what it lost: no label, not (as before) "nothing was logged"
+        res = c.post("/feedback", json={"labels": [{"id": "p-1", "label": 1}]})
+        assert res.status_code == 503
+        assert "prediction store unavailable, no label was applied" in res.json()["detail"]
         assert c.get("/health").status_code == 200
 
 
