@@ -488,6 +488,8 @@ def predict(
         columns = [SpinnerColumn(), TextColumn("{task.description}"), BarColumn()]
         columns += [TextColumn("{task.completed:,.0f} rows"), TimeElapsedColumn()]
         with Progress(*columns, transient=True) as bar:
+            # --log reads the file twice: every row is checked before any is logged
+            check = bar.add_task("checking rows", total=total, visible=log_rows)
             task = bar.add_task(f"scoring with v{mv.version}", total=total)
             result = predict_file(
                 source,
@@ -499,6 +501,7 @@ def predict(
                 chunk_rows=chunk_rows,
                 store=store,
                 on_chunk=lambda n: bar.advance(task, n),
+                on_checked=lambda n: bar.advance(check, n),
             )
     line = (
         f"{result.rows:,} rows scored by {settings.model_name} v{mv.version} in "

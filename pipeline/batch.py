@@ -7,6 +7,10 @@ into a temporary file that replaces the target only once every row is scored; a 
 stops the run with its row number and leaves no partial output. With `log`, each chunk's
 rows go into the prediction log like online traffic (ids from the id column or generated,
 written to the output), so labels can come back through `/feedback`.
+
+A logged run reads the file twice: a first pass checks every row before anything is logged,
+so a file that fails leaves the log as it was (each block's rows are committed as they are
+scored, and a block once committed cannot be taken back).
 """
 
 from __future__ import annotations
@@ -23,7 +27,7 @@ import pyarrow.csv as pa_csv
 import pyarrow.parquet as pq
 
 from pipeline.model import Predictor
-from pipeline.store import LoggedRequest, PredictionStore, new_ids
+from pipeline.store import LoggedRequest, PredictionStore, StoreUnavailable, new_ids
 
 DEFAULT_CHUNK_ROWS = 8192
 # Files are read (and outputs written) in blocks of at least this many rows, whatever the
@@ -36,7 +40,7 @@ LOG_REQUEST_ROWS = 256
 
 
 class BatchError(ValueError):
-    """The input cannot be scored as it is; nothing was written."""
+    """The input cannot be scored as it is; no output was written."""
 
 
 @dataclass
@@ -68,15 +72,19 @@ def predict_file(
     chunk_rows: int = DEFAULT_CHUNK_ROWS,
     store: PredictionStore | None = None,
     on_chunk: Callable[[int], None] | None = None,
+    on_checked: Callable[[int], None] | None = None,
 ) -> BatchResult:
-    """Score every row of `source` into `output` (format from its extension)."""
+    """Score every row of `source` into `output` (format from its extension). With `store`,
+    every row is checked first (`on_checked` counts them), then scored and logged."""
     names = list(predictor.feature_names)
     kind_out = _kind(output)
     tmp = output.with_name(f".{output.name}.partial")
+    read_rows = max(chunk_rows, READ_BLOCK_ROWS)
     start, done, logged = time.perf_counter(), 0, 0
+    if store is not None:
+        _check(source, read_rows, names, id_column, on_checked)
     writer = None
     try:
-        read_rows = max(chunk_rows, READ_BLOCK_ROWS)
         for batch in _batches(source, read_rows, names, id_column):
             rows = _features(batch, names, done)
             parts = _ids(batch, id_column, len(rows), generate=store is not None)
@@ -108,7 +116,7 @@ def predict_file(
                         )
                     )
                     at = end
-                logged += store.insert_requests(requests)
+                logged += _logged(store, requests, done, logged)
             table = _output_table(ids, id_column, labels, probs)
             if writer is None:
                 writer = _writer(tmp, kind_out, table.schema)
@@ -126,6 +134,40 @@ def predict_file(
             writer.close()
         tmp.unlink(missing_ok=True)
     return BatchResult(done, time.perf_counter() - start, logged, output)
+
+
+def _check(
+    source: Path,
+    block_rows: int,
+    names: list[str],
+    id_column: str,
+    on_checked: Callable[[int], None] | None,
+) -> None:
+    """The first pass of a logged run: every row read and checked as scoring will check it,
+    so that a bad row stops the run before any row is logged."""
+    done = 0
+    for batch in _batches(source, block_rows, names, id_column):
+        rows = _features(batch, names, done)
+        done += len(rows)
+        if on_checked is not None:
+            on_checked(len(rows))
+    if not done:
+        raise BatchError(f"{source}: no rows to score")
+
+
+def _logged(store: PredictionStore, requests: list[LoggedRequest], done: int, logged: int) -> int:
+    """The rows of one block put into the log (the block's rows are one commit). Should the
+    store fail now, the error says which rows went in before it: the file was checked, so
+    what stops a run here is the store or the machine."""
+    try:
+        return store.insert_requests(requests)
+    except StoreUnavailable as exc:
+        if not done:
+            raise
+        raise StoreUnavailable(
+            f"{exc}; rows 0-{done - 1} were scored and {logged:,} of them logged before it"
+            " (no output written)"
+        ) from exc
 
 
 def _kind(path: Path) -> str:

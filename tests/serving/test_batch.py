@@ -132,3 +132,41 @@ def test_generated_ids_are_logged_as_request_records(
     (outcome,) = store.add_labels([(scored["id"][7], 4)])
     assert outcome.status == "labelled"
     assert store.count(labelled=True) == 1
+
+
+def test_a_file_that_fails_late_logs_nothing(served, digits_rows, tmp_path):
+    """A bad row in the last block stops a logged run before any row is logged (the first
+    pass checks the whole file): before, the blocks ahead of it stayed in the log under
+    ids nobody received, and the run again after the fix logged them twice."""
+    frame = _frame(digits_rows[:90])
+    frame["pixel3"] = frame["pixel3"].astype(str).where(frame.index != 85, "")
+    source = tmp_path / "pixels.csv"
+    frame.to_csv(source, index=False)
+    result = runner.invoke(app, ["predict", str(source), "--log", "--chunk-rows", "10"])
+    assert result.exit_code == 1 and "row 85: column pixel3 is empty" in result.output
+    assert not (tmp_path / "pixels.predictions.csv").exists()
+    assert PredictionStore(get_settings().prediction_db).create().count() == 0
+
+
+def test_a_store_that_fails_mid_run_says_what_was_logged(
+    served, digits_rows, tmp_path, monkeypatch
+):
+    """The file passed its check, so what stops a logged run half-way is the store: the
+    error names the rows that went in before it."""
+    from pipeline.store import StoreUnavailable
+
+    real, calls = PredictionStore.insert_requests, []
+
+    def failing(self, requests, blocking=True):
+        calls.append(len(requests))
+        if len(calls) == 3:
+            raise StoreUnavailable("prediction store x: disk I/O error")
+        return real(self, requests, blocking)
+
+    monkeypatch.setattr(PredictionStore, "insert_requests", failing)
+    source = tmp_path / "pixels.csv"
+    _frame(digits_rows[:40]).to_csv(source, index=False)
+    result = runner.invoke(app, ["predict", str(source), "--log", "--chunk-rows", "10"])
+    assert result.exit_code == 1, result.output
+    assert "disk I/O error; rows 0-31 were scored and 32 of them logged" in result.output
+    assert PredictionStore(get_settings().prediction_db).count() == 32
