@@ -15,7 +15,11 @@ scored, and a block once committed cannot be taken back).
 
 from __future__ import annotations
 
+import itertools
 import os
+import re
+import sqlite3
+import tempfile
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -37,6 +41,10 @@ READ_BLOCK_ROWS = 4096
 # server request is; `PredictionStore.insert_requests`). A label's lookup reads its whole
 # record, so records stay near the size of the server's own large requests.
 LOG_REQUEST_ROWS = 256
+# A logged id as the server takes one (serving/requests.py; the library does not import the
+# server): 1-128 printable ASCII characters, no spaces. `/feedback` refuses any other, so a
+# row logged under one could never be labelled.
+LOGGED_ID = re.compile(r"[\x21-\x7e]{1,128}")
 
 
 class BatchError(ValueError):
@@ -144,15 +152,74 @@ def _check(
     on_checked: Callable[[int], None] | None,
 ) -> None:
     """The first pass of a logged run: every row read and checked as scoring will check it,
-    so that a bad row stops the run before any row is logged."""
+    and every id as the server checks its own (one row each, `LOGGED_ID`), so that a bad
+    row or id stops the run before any row is logged."""
     done = 0
-    for batch in _batches(source, block_rows, names, id_column):
-        rows = _features(batch, names, done)
-        done += len(rows)
-        if on_checked is not None:
-            on_checked(len(rows))
+    with _SeenIds() as seen:
+        for batch in _batches(source, block_rows, names, id_column):
+            rows = _features(batch, names, done)
+            if id_column in batch.schema.names:
+                seen.add(_logged_ids(batch, id_column, done), done)
+            done += len(rows)
+            if on_checked is not None:
+                on_checked(len(rows))
     if not done:
         raise BatchError(f"{source}: no rows to score")
+
+
+def _logged_ids(batch: pa.RecordBatch, id_column: str, offset: int) -> list[str]:
+    """The block's ids, each one the server would take (`LOGGED_ID`)."""
+    ids = batch.column(id_column).to_pylist()
+    for k, pid in enumerate(ids):
+        if pid is None or not LOGGED_ID.fullmatch(text := str(pid)):
+            shown = "an empty id" if pid is None or text == "" else f"id {text[:40]!r}"
+            more = f" ({len(text)} characters)" if pid is not None and len(text) > 40 else ""
+            raise BatchError(
+                f"row {offset + k}: column {id_column} has {shown}{more}; a logged id is 1-128"
+                " printable ASCII characters without spaces, as /feedback takes it"
+            )
+        ids[k] = text
+    return ids
+
+
+class _SeenIds:
+    """The ids of a file met so far, with their rows, in a temporary SQLite file: a file of
+    any size is checked for repeated ids in bounded memory (SQLite's page cache, 2 MB by
+    default), where a set of them all would grow with the file."""
+
+    def __enter__(self) -> _SeenIds:
+        self._dir = tempfile.TemporaryDirectory(prefix="mlops-predict-ids-")
+        self._db = sqlite3.connect(Path(self._dir.name) / "ids.db", isolation_level=None)
+        # a scratch file, dropped at the end: no journal, no fsync
+        self._db.execute("PRAGMA journal_mode=OFF")
+        self._db.execute("PRAGMA synchronous=OFF")
+        self._db.execute("CREATE TABLE seen (id TEXT PRIMARY KEY, row INTEGER) WITHOUT ROWID")
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._db.close()
+        self._dir.cleanup()
+
+    def add(self, ids: list[str], offset: int) -> None:
+        """Note the ids of rows offset.. of the file; BatchError at the first id (in file
+        order) that an earlier row has."""
+        self._db.execute("BEGIN")
+        try:
+            self._db.executemany(
+                "INSERT INTO seen (id, row) VALUES (?, ?)", zip(ids, itertools.count(offset))
+            )
+        except sqlite3.IntegrityError:
+            # the statement stopped at the first repeat: rows before it were noted
+            for k, pid in enumerate(ids, offset):
+                (first,) = self._db.execute("SELECT row FROM seen WHERE id = ?", (pid,)).fetchone()
+                if first != k:
+                    raise BatchError(
+                        f"row {k}: id {pid!r} is also the id of row {first}; with --log every"
+                        " row needs an id of its own, or the log keeps one row under it"
+                    ) from None
+            raise
+        finally:
+            self._db.execute("COMMIT")
 
 
 def _logged(store: PredictionStore, requests: list[LoggedRequest], done: int, logged: int) -> int:

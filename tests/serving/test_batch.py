@@ -170,3 +170,47 @@ def test_a_store_that_fails_mid_run_says_what_was_logged(
     assert result.exit_code == 1, result.output
     assert "disk I/O error; rows 0-31 were scored and 32 of them logged" in result.output
     assert PredictionStore(get_settings().prediction_db).count() == 32
+
+
+def _with_ids(frame: pd.DataFrame, changes: dict[int, str]) -> pd.DataFrame:
+    frame["id"] = [changes.get(i, f"ok-{i}") for i in range(len(frame))]
+    return frame
+
+
+@pytest.mark.parametrize(
+    ("changes", "message"),
+    [
+        ({0: "dup", 1: "dup"}, "row 1: id 'dup' is also the id of row 0"),
+        ({3: "again", 30: "again"}, "row 30: id 'again' is also the id of row 3"),  # blocks apart
+        ({2: "é-unicode"}, "row 2: column id has id 'é-unicode'"),
+        ({3: "with space"}, "row 3: column id has id 'with space'"),
+        ({4: "x" * 200}, f"row 4: column id has id '{'x' * 40}' (200 characters)"),
+        ({33: ""}, "row 33: column id has an empty id"),
+    ],
+)
+def test_logged_ids_are_refused_as_the_server_refuses_them(
+    served, digits_rows, tmp_path, changes, message
+):
+    """With --log every id must be one /feedback takes (1-128 printable ASCII characters) and
+    each row's own: the whole file is refused before any row is logged. Before, a repeated
+    id was logged once (the log keeps the first) while the output showed both rows, and an
+    id /feedback refuses was logged under a row that could never be labelled."""
+    source = tmp_path / "pixels.csv"
+    _with_ids(_frame(digits_rows[:40]), changes).to_csv(source, index=False)
+    result = runner.invoke(app, ["predict", str(source), "--log", "--chunk-rows", "10"])
+    assert result.exit_code == 1, result.output
+    assert message in " ".join(result.output.split()), result.output  # the console wraps
+    assert not (tmp_path / "pixels.predictions.csv").exists()
+    assert PredictionStore(get_settings().prediction_db).create().count() == 0
+
+
+def test_without_log_ids_are_only_copied(served, digits_rows, tmp_path):
+    """Without --log the ids go to the output as they are: nothing joins labels to them."""
+    source = tmp_path / "pixels.csv"
+    _with_ids(_frame(digits_rows[:20]), {0: "dup", 1: "dup", 2: "with space"}).to_csv(
+        source, index=False
+    )
+    result = runner.invoke(app, ["predict", str(source)])
+    assert result.exit_code == 0, result.output
+    out = pd.read_csv(tmp_path / "pixels.predictions.csv")
+    assert out["id"].tolist()[:3] == ["dup", "dup", "with space"]
