@@ -509,6 +509,11 @@ def predict(
     )
     if log_rows:
         line += f"; {result.logged:,} logged (ids in column {id_column!r})"
+        if result.already_logged:
+            line += (
+                f"; {result.already_logged:,} were in the log already under their ids, from an"
+                " earlier run of the same rows (the log keeps that run's predictions)"
+            )
     typer.echo(line)
 
 

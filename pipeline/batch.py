@@ -57,6 +57,9 @@ class BatchResult:
     seconds: float
     logged: int
     output: Path
+    # logged rows the log held already under their ids (an earlier run of the same rows):
+    # the log keeps its first prediction for each
+    already_logged: int = 0
 
     @property
     def rows_per_s(self) -> float:
@@ -90,7 +93,7 @@ def predict_file(
     read_rows = max(chunk_rows, READ_BLOCK_ROWS)
     start, done, logged = time.perf_counter(), 0, 0
     if store is not None:
-        _check(source, read_rows, names, id_column, on_checked)
+        _check(source, read_rows, names, id_column, store, on_checked)
     writer = None
     try:
         for batch in _batches(source, read_rows, names, id_column):
@@ -141,7 +144,8 @@ def predict_file(
         if writer is not None:
             writer.close()
         tmp.unlink(missing_ok=True)
-    return BatchResult(done, time.perf_counter() - start, logged, output)
+    already = done - logged if store is not None else 0
+    return BatchResult(done, time.perf_counter() - start, logged, output, already)
 
 
 def _check(
@@ -149,17 +153,21 @@ def _check(
     block_rows: int,
     names: list[str],
     id_column: str,
+    store: PredictionStore,
     on_checked: Callable[[int], None] | None,
 ) -> None:
     """The first pass of a logged run: every row read and checked as scoring will check it,
-    and every id as the server checks its own (one row each, `LOGGED_ID`), so that a bad
-    row or id stops the run before any row is logged."""
+    and every id as the server checks its own (one row each, `LOGGED_ID`, and none the log
+    holds for another row), so that a bad row or id stops the run before any row is
+    logged."""
     done = 0
     with _SeenIds() as seen:
         for batch in _batches(source, block_rows, names, id_column):
             rows = _features(batch, names, done)
             if id_column in batch.schema.names:
-                seen.add(_logged_ids(batch, id_column, done), done)
+                ids = _logged_ids(batch, id_column, done)
+                seen.add(ids, done)
+                _not_logged_elsewhere(store, ids, rows, done)
             done += len(rows)
             if on_checked is not None:
                 on_checked(len(rows))
@@ -180,6 +188,27 @@ def _logged_ids(batch: pa.RecordBatch, id_column: str, offset: int) -> list[str]
             )
         ids[k] = text
     return ids
+
+
+def _not_logged_elsewhere(
+    store: PredictionStore, ids: list[str], rows: np.ndarray, offset: int
+) -> None:
+    """BatchError where the log holds one of `ids` for other features than this file's row:
+    the log keeps its first row for an id, so this row would not be logged and a label sent
+    for the id would land on the other. An id logged for the same features is this row from
+    an earlier run, which the log keeps (counted in `BatchResult.already_logged`)."""
+    for start in range(0, len(ids), 500):  # well under SQLite's bound on parameters
+        found = store.get(ids[start : start + 500])
+        for k in range(start, min(start + 500, len(ids))):
+            row = found.get(ids[k])
+            if row is not None and not np.array_equal(
+                np.asarray(row["features"], np.float32), rows[k]
+            ):
+                raise BatchError(
+                    f"row {offset + k}: id {ids[k]!r} is already in the prediction log for"
+                    f" another row (logged by {row['model_name']} v{row['model_version']});"
+                    " an id names one row for good: give this row another"
+                )
 
 
 class _SeenIds:

@@ -214,3 +214,62 @@ def test_without_log_ids_are_only_copied(served, digits_rows, tmp_path):
     assert result.exit_code == 0, result.output
     out = pd.read_csv(tmp_path / "pixels.predictions.csv")
     assert out["id"].tolist()[:3] == ["dup", "dup", "with space"]
+
+
+def test_ids_already_logged_are_kept_for_the_same_rows_and_refused_for_others(
+    served, digits_rows, tmp_path
+):
+    """A second run of the same rows logs none of them again and says so; a file that gives
+    a logged id to other features is refused before anything is logged (before, its rows
+    were left out of the log without a word and their labels went to the first file's)."""
+    store = PredictionStore(get_settings().prediction_db).create()
+    source = tmp_path / "pixels.csv"
+    _with_ids(_frame(digits_rows[:40]), {}).to_csv(source, index=False)
+    args = ["predict", str(source), "--log", "--chunk-rows", "10"]
+    assert runner.invoke(app, args).exit_code == 0
+    again = runner.invoke(app, args)
+    assert again.exit_code == 0, again.output
+    assert "0 logged" in again.output
+    assert "40 were in the log already under their ids" in " ".join(again.output.split())
+    assert store.count() == 40
+
+    _with_ids(_frame(digits_rows[40:80]), {}).to_csv(source, index=False)  # ok-0.. again
+    clash = runner.invoke(app, args)
+    assert clash.exit_code == 1, clash.output
+    assert "row 0: id 'ok-0' is already in the prediction log for another row (logged by" in (
+        " ".join(clash.output.split())
+    )
+    assert store.count() == 40
+
+
+def test_a_run_again_after_the_store_failed_logs_the_rest_once(
+    served, digits_rows, tmp_path, monkeypatch
+):
+    """Ids from a column: the run again after a store failure logs the rows the first run
+    did not reach and counts the others as logged already."""
+    from pipeline.store import StoreUnavailable
+
+    real = PredictionStore.insert_requests
+    calls = []
+
+    def failing(self, requests, blocking=True):
+        calls.append(1)
+        if len(calls) == 2:
+            raise StoreUnavailable("prediction store x: disk I/O error")
+        return real(self, requests, blocking)
+
+    source = tmp_path / "pixels.csv"
+    _with_ids(_frame(digits_rows[:40]), {}).to_csv(source, index=False)
+    args = ["predict", str(source), "--log", "--chunk-rows", "10"]
+    with monkeypatch.context() as patch:
+        patch.setattr(PredictionStore, "insert_requests", failing)
+        assert runner.invoke(app, args).exit_code == 1
+    assert PredictionStore(get_settings().prediction_db).count() == 16
+    again = runner.invoke(app, args)
+    assert again.exit_code == 0, again.output
+    said = " ".join(again.output.split())  # the console wraps
+    assert "24 logged" in said and "16 were in the log already" in said
+    assert PredictionStore(get_settings().prediction_db).count() == 40
+    assert pd.read_csv(tmp_path / "pixels.predictions.csv")["id"].tolist() == [
+        f"ok-{i}" for i in range(40)
+    ]
