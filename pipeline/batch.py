@@ -10,11 +10,15 @@ written to the output), so labels can come back through `/feedback`.
 
 A logged run reads the file twice: a first pass checks every row before anything is logged,
 so a file that fails leaves the log as it was (each block's rows are committed as they are
-scored, and a block once committed cannot be taken back).
+scored, and a block once committed cannot be taken back). The ids it makes for a file
+without an id column come from the file's rows, so a run again of the same rows (after the
+store failed half-way, say) gives them the same ids and the log, which skips ids it holds,
+keeps each row once.
 """
 
 from __future__ import annotations
 
+import hashlib
 import itertools
 import os
 import re
@@ -31,7 +35,7 @@ import pyarrow.csv as pa_csv
 import pyarrow.parquet as pq
 
 from pipeline.model import Predictor
-from pipeline.store import LoggedRequest, PredictionStore, StoreUnavailable, new_ids
+from pipeline.store import GeneratedIds, LoggedRequest, PredictionStore, StoreUnavailable
 
 DEFAULT_CHUNK_ROWS = 8192
 # Files are read (and outputs written) in blocks of at least this many rows, whatever the
@@ -92,13 +96,17 @@ def predict_file(
     tmp = output.with_name(f".{output.name}.partial")
     read_rows = max(chunk_rows, READ_BLOCK_ROWS)
     start, done, logged = time.perf_counter(), 0, 0
+    digest, batches = None, _batches(source, read_rows, names, id_column)
     if store is not None:
-        _check(source, read_rows, names, id_column, store, on_checked)
+        digest = _check(source, read_rows, names, id_column, store, on_checked)
+        if digest is not None:  # ids made here: each block whole requests of the file
+            read_rows = -(-read_rows // LOG_REQUEST_ROWS) * LOG_REQUEST_ROWS
+            batches = _even(_batches(source, read_rows, names, id_column), read_rows)
     writer = None
     try:
-        for batch in _batches(source, read_rows, names, id_column):
+        for batch in batches:
             rows = _features(batch, names, done)
-            parts = _ids(batch, id_column, len(rows), generate=store is not None)
+            parts = _ids(batch, id_column, done, len(rows), digest)
             ids = parts[0] if parts and len(parts) == 1 else _joined(parts)
             started = time.perf_counter()
             probs = np.concatenate(
@@ -155,24 +163,29 @@ def _check(
     id_column: str,
     store: PredictionStore,
     on_checked: Callable[[int], None] | None,
-) -> None:
+) -> bytes | None:
     """The first pass of a logged run: every row read and checked as scoring will check it,
     and every id as the server checks its own (one row each, `LOGGED_ID`, and none the log
     holds for another row), so that a bad row or id stops the run before any row is
-    logged."""
-    done = 0
+    logged. Without an id column, the digest of the rows that `_file_ids` makes ids of."""
+    done, digest, has_ids = 0, hashlib.blake2b(digest_size=16), None
+    digest.update("\0".join(names).encode())  # what the numbers are
     with _SeenIds() as seen:
         for batch in _batches(source, block_rows, names, id_column):
             rows = _features(batch, names, done)
-            if id_column in batch.schema.names:
+            has_ids = id_column in batch.schema.names
+            if has_ids:
                 ids = _logged_ids(batch, id_column, done)
                 seen.add(ids, done)
                 _not_logged_elsewhere(store, ids, rows, done)
+            else:
+                digest.update(rows.tobytes())  # (n, k) float32, C order: blocks do not show
             done += len(rows)
             if on_checked is not None:
                 on_checked(len(rows))
     if not done:
         raise BatchError(f"{source}: no rows to score")
+    return None if has_ids else digest.digest()
 
 
 def _logged_ids(batch: pa.RecordBatch, id_column: str, offset: int) -> list[str]:
@@ -254,7 +267,8 @@ class _SeenIds:
 def _logged(store: PredictionStore, requests: list[LoggedRequest], done: int, logged: int) -> int:
     """The rows of one block put into the log (the block's rows are one commit). Should the
     store fail now, the error says which rows went in before it: the file was checked, so
-    what stops a run here is the store or the machine."""
+    what stops a run here is the store or the machine, and a run again of the same file
+    finishes it (its ids name the same rows, and the log skips the ids it holds)."""
     try:
         return store.insert_requests(requests)
     except StoreUnavailable as exc:
@@ -262,7 +276,8 @@ def _logged(store: PredictionStore, requests: list[LoggedRequest], done: int, lo
             raise
         raise StoreUnavailable(
             f"{exc}; rows 0-{done - 1} were scored and {logged:,} of them logged before it"
-            " (no output written)"
+            " (no output written); run the same command again to finish: the rows logged"
+            " keep their ids and are not logged twice"
         ) from exc
 
 
@@ -325,18 +340,60 @@ def _features(batch: pa.RecordBatch, names: list[str], offset: int) -> np.ndarra
     return rows
 
 
-def _ids(batch: pa.RecordBatch, id_column: str, n: int, generate: bool) -> list[list[str]] | None:
+def _ids(
+    batch: pa.RecordBatch, id_column: str, offset: int, n: int, digest: bytes | None
+) -> list[list[str]] | None:
     """The block's ids, as the requests it is logged as: the id column's, one request; or
-    made here, one request of new ids per LOG_REQUEST_ROWS rows, each of which the log
-    keeps as one record (as the server's requests) instead of a row each."""
+    made here from the file's `digest` (`_file_ids`), one request per LOG_REQUEST_ROWS
+    rows, each of which the log keeps as one record (as the server's requests) instead of
+    a row each."""
     if id_column in batch.schema.names:
         ids = [str(v) for v in batch.column(id_column).to_pylist()]
         if any(not v or v == "None" for v in ids):
             raise BatchError(f"column {id_column} has an empty id")
         return [ids]
-    if not generate:
+    if digest is None:
         return None
-    return [new_ids(min(LOG_REQUEST_ROWS, n - i)) for i in range(0, n, LOG_REQUEST_ROWS)]
+    return _file_ids(digest, offset, n)
+
+
+def _file_ids(digest: bytes, offset: int, n: int) -> list[list[str]]:
+    """Ids for rows offset.. (a multiple of LOG_REQUEST_ROWS) of the file whose rows have
+    `digest`: request j (rows j * LOG_REQUEST_ROWS..) gets a prefix hashed from the digest,
+    the request size and j, in the shape the log keeps as one record (`GeneratedIds`: 32
+    hex characters, row k's ending in k). The same rows get the same ids in every run,
+    where random ids (`new_ids`) logged a file's rows once more at each run; other rows,
+    other ids (a 112-bit hash). UUIDv8 (RFC 9562's custom version), as new_ids' are v7."""
+    out = []
+    for start in range(offset, offset + n, LOG_REQUEST_ROWS):
+        key = (
+            digest
+            + LOG_REQUEST_ROWS.to_bytes(4, "big")
+            + (start // LOG_REQUEST_ROWS).to_bytes(8, "big")
+        )
+        raw = bytearray(hashlib.blake2b(key, digest_size=14).digest())
+        raw[6] = 0x80 | raw[6] & 0x0F  # version 8
+        raw[8] = 0x80 | raw[8] & 0x3F  # the RFC variant (binary 10)
+        out.append(GeneratedIds(raw.hex(), min(LOG_REQUEST_ROWS, offset + n - start)))
+    return out
+
+
+def _even(batches: Iterator[pa.RecordBatch], rows: int) -> Iterator[pa.RecordBatch]:
+    """The same rows in blocks of `rows` each (the last may be fewer), whatever blocks the
+    reader gives: a request of `_file_ids` never spans two blocks (two inserts under one
+    prefix, the second skipped)."""
+    held: list[pa.RecordBatch] = []
+    count = 0
+    for batch in batches:
+        while batch.num_rows:
+            take = min(rows - count, batch.num_rows)
+            held.append(batch.slice(0, take))
+            batch, count = batch.slice(take), count + take
+            if count == rows:
+                yield held[0] if len(held) == 1 else pa.concat_batches(held)
+                held, count = [], 0
+    if held:
+        yield held[0] if len(held) == 1 else pa.concat_batches(held)
 
 
 def _joined(parts: list[list[str]] | None) -> list[str] | None:

@@ -273,3 +273,52 @@ def test_a_run_again_after_the_store_failed_logs_the_rest_once(
     assert pd.read_csv(tmp_path / "pixels.predictions.csv")["id"].tolist() == [
         f"ok-{i}" for i in range(40)
     ]
+
+
+def test_generated_ids_name_the_same_rows_alike_in_every_run(
+    served, digits_rows, tmp_path, monkeypatch
+):
+    """Ids made for a file without an id column come from its rows: a run again after the
+    store failed half-way (here with other chunks, so other blocks) names the rows as the
+    first did, logs those it had not reached and no row twice; before, every run drew new
+    ids and logged the first run's rows a second time. Other rows get other ids."""
+    from pipeline.store import StoreUnavailable
+
+    monkeypatch.setattr("pipeline.batch.LOG_REQUEST_ROWS", 6)
+    real, calls = PredictionStore.insert_requests, []
+
+    def failing(self, requests, blocking=True):
+        calls.append(1)
+        if len(calls) == 2:
+            raise StoreUnavailable("prediction store x: disk I/O error")
+        return real(self, requests, blocking)
+
+    source, out = tmp_path / "pixels.csv", tmp_path / "scored.csv"
+    _frame(digits_rows[:40], ids=False).to_csv(source, index=False)
+    args = ["predict", str(source), "--out", str(out), "--log"]
+    with monkeypatch.context() as patch:
+        patch.setattr(PredictionStore, "insert_requests", failing)
+        failed = runner.invoke(app, [*args, "--chunk-rows", "10"])  # blocks of 18 rows
+    assert failed.exit_code == 1, failed.output
+    store = PredictionStore(get_settings().prediction_db)
+
+    again = runner.invoke(app, args)  # one block of 40 rows
+    said = " ".join(again.output.split())
+    assert store.count() == 40
+    assert again.exit_code == 0 and "22 logged" in said and "18 were in the log already" in said
+    scored = pd.read_csv(out)
+    logged = store.get(scored["id"].tolist())
+    assert [logged[i]["label"] for i in scored["id"]] == scored["label"].tolist()
+    np.testing.assert_array_equal(
+        np.stack([np.asarray(logged[i]["features"]) for i in scored["id"]]),
+        _frame(digits_rows[:40], ids=False)[NAMES].to_numpy(np.float32),
+    )
+
+    third = runner.invoke(app, args)
+    assert third.exit_code == 0 and "40 were in the log already" in " ".join(third.output.split())
+    assert pd.read_csv(out)["id"].tolist() == scored["id"].tolist() and store.count() == 40
+
+    _frame(digits_rows[40:80], ids=False).to_csv(source, index=False)
+    other = runner.invoke(app, args)
+    assert other.exit_code == 0 and "40 logged" in other.output and store.count() == 80
+    assert not set(pd.read_csv(out)["id"]) & set(scored["id"])
