@@ -175,9 +175,15 @@ def _check(
             rows = _features(batch, names, done)
             has_ids = id_column in batch.schema.names
             if has_ids:
-                ids = _logged_ids(batch, id_column, done)
-                seen.add(ids, done)
-                _not_logged_elsewhere(store, ids, rows, done)
+                ids = [("" if v is None else str(v)) for v in batch.column(id_column).to_pylist()]
+                faults = [
+                    _bad_id(ids, id_column),
+                    seen.add(ids, done),
+                    _logged_elsewhere(store, ids, rows),
+                ]
+                if any(faults):  # the block's first bad row, whichever check found it
+                    k, why = min(f for f in faults if f)
+                    raise BatchError(f"row {done + k}: {why}")
             else:
                 digest.update(rows.tobytes())  # (n, k) float32, C order: blocks do not show
             done += len(rows)
@@ -188,28 +194,27 @@ def _check(
     return None if has_ids else digest.digest()
 
 
-def _logged_ids(batch: pa.RecordBatch, id_column: str, offset: int) -> list[str]:
-    """The block's ids, each one the server would take (`LOGGED_ID`)."""
-    ids = batch.column(id_column).to_pylist()
+def _bad_id(ids: list[str], id_column: str) -> tuple[int, str] | None:
+    """The first of the block's ids that the server would not take (`LOGGED_ID`): its row
+    in the block and what is wrong."""
     for k, pid in enumerate(ids):
-        if pid is None or not LOGGED_ID.fullmatch(text := str(pid)):
-            shown = "an empty id" if pid is None or text == "" else f"id {text[:40]!r}"
-            more = f" ({len(text)} characters)" if pid is not None and len(text) > 40 else ""
-            raise BatchError(
-                f"row {offset + k}: column {id_column} has {shown}{more}; a logged id is 1-128"
-                " printable ASCII characters without spaces, as /feedback takes it"
+        if not LOGGED_ID.fullmatch(pid):
+            shown = f"id {pid[:40]!r}" if pid else "an empty id"
+            more = f" ({len(pid)} characters)" if len(pid) > 40 else ""
+            return k, (
+                f"column {id_column} has {shown}{more}; a logged id is 1-128 printable ASCII"
+                " characters without spaces, as /feedback takes it"
             )
-        ids[k] = text
-    return ids
+    return None
 
 
-def _not_logged_elsewhere(
-    store: PredictionStore, ids: list[str], rows: np.ndarray, offset: int
-) -> None:
-    """BatchError where the log holds one of `ids` for other features than this file's row:
-    the log keeps its first row for an id, so this row would not be logged and a label sent
-    for the id would land on the other. An id logged for the same features is this row from
-    an earlier run, which the log keeps (counted in `BatchResult.already_logged`)."""
+def _logged_elsewhere(
+    store: PredictionStore, ids: list[str], rows: np.ndarray
+) -> tuple[int, str] | None:
+    """The first of `ids` that the log holds for other features than this file's row: the
+    log keeps its first row for an id, so this row would not be logged and a label sent for
+    the id would land on the other. An id logged for the same features is this row from an
+    earlier run, which the log keeps (counted in `BatchResult.already_logged`)."""
     for start in range(0, len(ids), 500):  # well under SQLite's bound on parameters
         found = store.get(ids[start : start + 500])
         for k in range(start, min(start + 500, len(ids))):
@@ -217,11 +222,12 @@ def _not_logged_elsewhere(
             if row is not None and not np.array_equal(
                 np.asarray(row["features"], np.float32), rows[k]
             ):
-                raise BatchError(
-                    f"row {offset + k}: id {ids[k]!r} is already in the prediction log for"
-                    f" another row (logged by {row['model_name']} v{row['model_version']});"
-                    " an id names one row for good: give this row another"
+                return k, (
+                    f"id {ids[k]!r} is already in the prediction log for another row (logged"
+                    f" by {row['model_name']} v{row['model_version']}); an id names one row"
+                    " for good: give this row another"
                 )
+    return None
 
 
 class _SeenIds:
@@ -242,26 +248,27 @@ class _SeenIds:
         self._db.close()
         self._dir.cleanup()
 
-    def add(self, ids: list[str], offset: int) -> None:
-        """Note the ids of rows offset.. of the file; BatchError at the first id (in file
-        order) that an earlier row has."""
+    def add(self, ids: list[str], offset: int) -> tuple[int, str] | None:
+        """Note the ids of rows offset.. of the file; the first of them (its row in `ids`,
+        and what is wrong) whose id an earlier row has."""
         self._db.execute("BEGIN")
         try:
             self._db.executemany(
                 "INSERT INTO seen (id, row) VALUES (?, ?)", zip(ids, itertools.count(offset))
             )
         except sqlite3.IntegrityError:
-            # the statement stopped at the first repeat: rows before it were noted
-            for k, pid in enumerate(ids, offset):
+            # the statement stopped at the first repeat: the rows before it were noted
+            for k, pid in enumerate(ids):
                 (first,) = self._db.execute("SELECT row FROM seen WHERE id = ?", (pid,)).fetchone()
-                if first != k:
-                    raise BatchError(
-                        f"row {k}: id {pid!r} is also the id of row {first}; with --log every"
-                        " row needs an id of its own, or the log keeps one row under it"
-                    ) from None
+                if first != offset + k:
+                    return k, (
+                        f"id {pid!r} is also the id of row {first}; with --log every row"
+                        " needs an id of its own, or the log keeps one row under it"
+                    )
             raise
         finally:
             self._db.execute("COMMIT")
+        return None
 
 
 def _logged(store: PredictionStore, requests: list[LoggedRequest], done: int, logged: int) -> int:

@@ -186,6 +186,13 @@ def _with_ids(frame: pd.DataFrame, changes: dict[int, str]) -> pd.DataFrame:
         ({3: "with space"}, "row 3: column id has id 'with space'"),
         ({4: "x" * 200}, f"row 4: column id has id '{'x' * 40}' (200 characters)"),
         ({33: ""}, "row 33: column id has an empty id"),
+        # the attack's file: the first bad row in file order is named, whichever check finds it
+        (
+            {0: "dup", 1: "dup", 2: "é-unicode", 3: "with space", 4: "x" * 200},
+            "row 1: id 'dup' is also the id of row 0",
+        ),
+        ({5: "ok-1", 7: "with space"}, "row 5: id 'ok-1' is also the id of row 1"),
+        ({5: "with space", 7: "ok-1"}, "row 5: column id has id 'with space'"),
     ],
 )
 def test_logged_ids_are_refused_as_the_server_refuses_them(
