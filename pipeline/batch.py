@@ -96,18 +96,27 @@ def predict_file(
     tmp = output.with_name(f".{output.name}.partial")
     read_rows = max(chunk_rows, READ_BLOCK_ROWS)
     start, done, logged = time.perf_counter(), 0, 0
-    digest, batches = None, _batches(source, read_rows, names, id_column)
+    batches, checked = _batches(source, read_rows, names, id_column), None
     if store is not None:
-        digest = _check(source, read_rows, names, id_column, store, on_checked)
-        if digest is not None:  # ids made here: each block whole requests of the file
-            read_rows = -(-read_rows // LOG_REQUEST_ROWS) * LOG_REQUEST_ROWS
-            batches = _even(_batches(source, read_rows, names, id_column), read_rows)
+        # both passes in the same blocks, each whole requests of `_file_ids`
+        read_rows = -(-read_rows // LOG_REQUEST_ROWS) * LOG_REQUEST_ROWS
+        checked = _check(source, read_rows, names, id_column, store, on_checked)
+        batches = _even(_batches(source, read_rows, names, id_column), read_rows)
     writer = None
     try:
-        for batch in batches:
+        for block, batch in enumerate(batches):
             rows = _features(batch, names, done)
-            parts = _ids(batch, id_column, done, len(rows), digest)
+            parts = _ids(batch, id_column, done, len(rows), checked and checked.digest)
             ids = parts[0] if parts and len(parts) == 1 else _joined(parts)
+            column_ids = ids if checked is not None and checked.digest is None else None
+            if checked is not None and checked.blocks[block : block + 1] != [
+                _block_digest(rows, column_ids)
+            ]:
+                raise BatchError(
+                    f"{source}: rows {done}-{done + len(rows) - 1} are not the rows checked"
+                    f" (the file changed while it was scored); rows 0-{done - 1} were scored"
+                    f" and {logged:,} of them logged before it (no output written)"
+                )
             started = time.perf_counter()
             probs = np.concatenate(
                 [
@@ -118,23 +127,7 @@ def predict_file(
             labels = probs.argmax(axis=1)
             if store is not None:
                 latency_ms = (time.perf_counter() - started) * 1000 / max(len(rows), 1)
-                now = time.time()
-                requests, at = [], 0
-                for part in parts:  # each kept as one record where its ids were made here
-                    end = at + len(part)
-                    requests.append(
-                        LoggedRequest(
-                            part,
-                            now,
-                            model_name,
-                            model_version,
-                            rows[at:end],
-                            labels[at:end].tolist(),
-                            probs[at:end],
-                            latency_ms,
-                        )
-                    )
-                    at = end
+                requests = _requests(parts, model_name, model_version, rows, probs, latency_ms)
                 logged += _logged(store, requests, done, logged)
             table = _output_table(ids, id_column, labels, probs)
             if writer is None:
@@ -156,6 +149,16 @@ def predict_file(
     return BatchResult(done, time.perf_counter() - start, logged, output, already)
 
 
+@dataclass
+class _Checked:
+    """What the first pass found: the digest of the rows of a file without an id column
+    (`_file_ids` makes their ids of it; None with one), and one `_block_digest` a block,
+    by which the logging pass knows it reads the rows that were checked."""
+
+    digest: bytes | None
+    blocks: list[bytes]
+
+
 def _check(
     source: Path,
     block_rows: int,
@@ -163,16 +166,16 @@ def _check(
     id_column: str,
     store: PredictionStore,
     on_checked: Callable[[int], None] | None,
-) -> bytes | None:
+) -> _Checked:
     """The first pass of a logged run: every row read and checked as scoring will check it,
     and every id as the server checks its own (one row each, `LOGGED_ID`, and none the log
     holds for another row), so that a bad row or id stops the run before any row is
-    logged. Without an id column, the digest of the rows that `_file_ids` makes ids of."""
-    done, digest, has_ids = 0, hashlib.blake2b(digest_size=16), None
+    logged."""
+    done, digest, has_ids, blocks = 0, hashlib.blake2b(digest_size=16), None, []
     digest.update("\0".join(names).encode())  # what the numbers are
     with _SeenIds() as seen:
-        for batch in _batches(source, block_rows, names, id_column):
-            rows = _features(batch, names, done)
+        for batch in _even(_batches(source, block_rows, names, id_column), block_rows):
+            rows, ids = _features(batch, names, done), None
             has_ids = id_column in batch.schema.names
             if has_ids:
                 ids = [("" if v is None else str(v)) for v in batch.column(id_column).to_pylist()]
@@ -186,12 +189,50 @@ def _check(
                     raise BatchError(f"row {done + k}: {why}")
             else:
                 digest.update(rows.tobytes())  # (n, k) float32, C order: blocks do not show
+            blocks.append(_block_digest(rows, ids))
             done += len(rows)
             if on_checked is not None:
                 on_checked(len(rows))
     if not done:
         raise BatchError(f"{source}: no rows to score")
-    return None if has_ids else digest.digest()
+    return _Checked(None if has_ids else digest.digest(), blocks)
+
+
+def _block_digest(rows: np.ndarray, ids: list[str] | None) -> bytes:
+    """A block's rows and ids in 16 bytes: 16 bytes a block in memory, not the block."""
+    digest = hashlib.blake2b(rows.tobytes(), digest_size=16)
+    if ids is not None:
+        digest.update(repr(ids).encode())  # repr: no two lists of strings alike
+    return digest.digest()
+
+
+def _requests(
+    parts: list[list[str]],
+    model_name: str,
+    model_version: str,
+    rows: np.ndarray,
+    probs: np.ndarray,
+    latency_ms: float,
+) -> list[LoggedRequest]:
+    """A block's rows as the requests they are logged as, one for each part of its ids
+    (each kept as one record where its ids were made here)."""
+    requests, at, now, labels = [], 0, time.time(), probs.argmax(axis=1)
+    for part in parts:
+        end = at + len(part)
+        requests.append(
+            LoggedRequest(
+                part,
+                now,
+                model_name,
+                model_version,
+                rows[at:end],
+                labels[at:end].tolist(),
+                probs[at:end],
+                latency_ms,
+            )
+        )
+        at = end
+    return requests
 
 
 def _bad_id(ids: list[str], id_column: str) -> tuple[int, str] | None:

@@ -19,8 +19,10 @@ runner = CliRunner()
 
 @pytest.fixture(autouse=True)
 def _small_blocks(monkeypatch):
-    """Blocks of 16 rows read, 10 scored at a time: every test crosses both boundaries."""
+    """Blocks of 16 rows read, 10 scored at a time: every test crosses both boundaries.
+    Logged, of 8-row requests (a logged run reads whole requests a block)."""
     monkeypatch.setattr("pipeline.batch.READ_BLOCK_ROWS", 16)
+    monkeypatch.setattr("pipeline.batch.LOG_REQUEST_ROWS", 8)
 
 
 @pytest.fixture
@@ -329,3 +331,33 @@ def test_generated_ids_name_the_same_rows_alike_in_every_run(
     other = runner.invoke(app, args)
     assert other.exit_code == 0 and "40 logged" in other.output and store.count() == 80
     assert not set(pd.read_csv(out)["id"]) & set(scored["id"])
+
+
+@pytest.mark.parametrize("ids", [True, False])
+def test_a_file_changed_after_its_check_stops_at_the_changed_block(
+    served, digits_rows, tmp_path, monkeypatch, ids
+):
+    """The logging pass reads the rows the check read, block by block: a file written to
+    in between stops the run at the first block that changed, before it is logged (its
+    ids were checked for other rows, or made from other rows)."""
+    import pipeline.batch
+
+    source = tmp_path / "pixels.csv"
+    frame = _frame(digits_rows[:40], ids=ids)
+    frame.to_csv(source, index=False)
+    real = pipeline.batch._check
+
+    def check_then_write(*args, **kw):
+        checked = real(*args, **kw)
+        frame.loc[20, "pixel9"] = 16 - frame.loc[20, "pixel9"]
+        frame.to_csv(source, index=False)
+        return checked
+
+    monkeypatch.setattr(pipeline.batch, "_check", check_then_write)
+    result = runner.invoke(app, ["predict", str(source), "--log", "--chunk-rows", "10"])
+    assert result.exit_code == 1, result.output
+    said = " ".join(result.output.split())
+    assert "rows 16-31 are not the rows checked (the file changed while it was scored)" in said
+    assert "rows 0-15 were scored and 16 of them logged before it" in said
+    assert PredictionStore(get_settings().prediction_db).count() == 16
+    assert not (tmp_path / "pixels.predictions.csv").exists()
