@@ -13,7 +13,9 @@ so a file that fails leaves the log as it was (each block's rows are committed a
 scored, and a block once committed cannot be taken back). The ids it makes for a file
 without an id column come from the file's rows, so a run again of the same rows (after the
 store failed half-way, say) gives them the same ids and the log, which skips ids it holds,
-keeps each row once.
+keeps each row once; the logging pass stops at the first block that is not the block the
+check read (the file written to in between). The check's memory is bounded too: the ids it
+has met go to a temporary SQLite file, and it keeps 16 bytes a block.
 """
 
 from __future__ import annotations
@@ -178,7 +180,7 @@ def _check(
             rows, ids = _features(batch, names, done), None
             has_ids = id_column in batch.schema.names
             if has_ids:
-                ids = [("" if v is None else str(v)) for v in batch.column(id_column).to_pylist()]
+                ids = _column_ids(batch, id_column)
                 faults = [
                     _bad_id(ids, id_column),
                     seen.add(ids, done),
@@ -396,13 +398,18 @@ def _ids(
     rows, each of which the log keeps as one record (as the server's requests) instead of
     a row each."""
     if id_column in batch.schema.names:
-        ids = [str(v) for v in batch.column(id_column).to_pylist()]
-        if any(not v or v == "None" for v in ids):
-            raise BatchError(f"column {id_column} has an empty id")
+        ids = _column_ids(batch, id_column)
+        if "" in ids:  # the text "None" is an id like any other
+            raise BatchError(f"row {offset + ids.index('')}: column {id_column} has an empty id")
         return [ids]
     if digest is None:
         return None
     return _file_ids(digest, offset, n)
+
+
+def _column_ids(batch: pa.RecordBatch, id_column: str) -> list[str]:
+    """The id column as text, an empty cell as "" (a Parquet null among them)."""
+    return ["" if v is None else str(v) for v in batch.column(id_column).to_pylist()]
 
 
 def _file_ids(digest: bytes, offset: int, n: int) -> list[list[str]]:

@@ -225,6 +225,24 @@ def test_without_log_ids_are_only_copied(served, digits_rows, tmp_path):
     assert out["id"].tolist()[:3] == ["dup", "dup", "with space"]
 
 
+def test_the_id_none_is_an_id(served, digits_rows, tmp_path):
+    """The text "None" in the id column is an id like any other (it was refused as empty),
+    logged and given back; an empty cell is refused with its row."""
+    source = tmp_path / "pixels.csv"
+    _with_ids(_frame(digits_rows[:40]), {3: "None"}).to_csv(source, index=False)
+    result = runner.invoke(app, ["predict", str(source), "--log", "--chunk-rows", "10"])
+    assert result.exit_code == 0 and "40 logged" in result.output, result.output
+    out = pd.read_csv(tmp_path / "pixels.predictions.csv", keep_default_na=False)
+    assert out["id"][3] == "None"
+    assert (
+        PredictionStore(get_settings().prediction_db).get(["None"])["None"]["label"]
+        == (out["label"][3])
+    )
+    _with_ids(_frame(digits_rows[:40]), {21: ""}).to_csv(source, index=False)
+    empty = runner.invoke(app, ["predict", str(source), "--chunk-rows", "10"])  # no --log
+    assert empty.exit_code == 1 and "row 21: column id has an empty id" in empty.output
+
+
 def test_ids_already_logged_are_kept_for_the_same_rows_and_refused_for_others(
     served, digits_rows, tmp_path
 ):
