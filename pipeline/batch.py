@@ -102,7 +102,8 @@ def predict_file(
     if store is not None:
         # both passes in the same blocks, each whole requests of `_file_ids`
         read_rows = -(-read_rows // LOG_REQUEST_ROWS) * LOG_REQUEST_ROWS
-        checked = _check(source, read_rows, names, id_column, store, on_checked)
+        model = f"{model_name}\0{model_version}"
+        checked = _check(source, read_rows, names, id_column, store, on_checked, model)
         batches = _even(_batches(source, read_rows, names, id_column), read_rows)
     writer = None
     try:
@@ -168,6 +169,7 @@ def _check(
     id_column: str,
     store: PredictionStore,
     on_checked: Callable[[int], None] | None,
+    model: str = "",
 ) -> _Checked:
     """The first pass of a logged run: every row read and checked as scoring will check it,
     and every id as the server checks its own (one row each, `LOGGED_ID`, and none the log
@@ -175,6 +177,9 @@ def _check(
     logged."""
     done, digest, has_ids, blocks = 0, hashlib.blake2b(digest_size=16), None, []
     digest.update("\0".join(names).encode())  # what the numbers are
+    # and the model that scores them: a run again by the same model makes the same ids (the
+    # log keeps each row once), the same rows scored by a new version are logged anew
+    digest.update(b"\1" + model.encode())
     with _SeenIds() as seen:
         for batch in _even(_batches(source, block_rows, names, id_column), block_rows):
             rows, ids = _features(batch, names, done), None

@@ -379,3 +379,31 @@ def test_a_file_changed_after_its_check_stops_at_the_changed_block(
     assert "rows 0-15 were scored and 16 of them logged before it" in said
     assert PredictionStore(get_settings().prediction_db).count() == 16
     assert not (tmp_path / "pixels.predictions.csv").exists()
+
+
+def test_generated_ids_are_the_scoring_versions_own(served, digits_rows, tmp_path):
+    """The same rows scored again by the same version are that version's rows already
+    (nothing logged twice); scored by another version they are its own predictions,
+    logged under other ids (the ids were made from the rows alone, so a new version's run
+    logged nothing and the log kept the old version's answers)."""
+    from pipeline.batch import predict_file
+    from pipeline.registry import load_predictor
+    from pipeline.tracking import configure_tracking
+
+    settings = get_settings()
+    configure_tracking(settings)
+    predictor, _ = load_predictor(settings.model_name, "1")
+    store = PredictionStore(settings.prediction_db).create()
+    source = tmp_path / "pixels.csv"
+    _frame(digits_rows[:40], ids=False).to_csv(source, index=False)
+
+    def run(version: str, out: str):
+        return predict_file(
+            source, tmp_path / out, predictor, settings.model_name, version, store=store
+        )
+
+    assert [run(v, f"{k}.csv").logged for k, v in enumerate("112")] == [40, 0, 40]
+    assert store.count() == 80
+    newer = pd.read_csv(tmp_path / "2.csv")["id"].tolist()
+    assert {r["model_version"] for r in store.get(newer).values()} == {"2"}
+    assert not set(newer) & set(pd.read_csv(tmp_path / "0.csv")["id"])
