@@ -23,7 +23,8 @@ except ImportError:  # no wheel for this Python: the orjson path serves every bo
     simdjson = None
 
 MAX_ID_LENGTH = 128
-_ID = re.compile(r"^[\x21-\x7e]{1,128}$")  # printable ASCII, no spaces
+# printable ASCII, no spaces; matched whole (fullmatch: `$` would take "abc\n" too)
+_ID = re.compile(r"[\x21-\x7e]{1,128}")
 
 
 class BadRequest(Exception):
@@ -210,7 +211,7 @@ def parse_ids(ids: Any, n: int) -> list[str]:
     if not isinstance(ids, list) or len(ids) != n:
         raise BadRequest(422, f"ids must be a list of {n} strings, one per row")
     for i, value in enumerate(ids):
-        if not isinstance(value, str) or not _ID.match(value):
+        if not isinstance(value, str) or not _ID.fullmatch(value):
             raise BadRequest(
                 422, f"ids[{i}] must be 1-{MAX_ID_LENGTH} printable ASCII characters without spaces"
             )
@@ -392,7 +393,7 @@ def parse_labels(payload: Any, max_rows: int) -> tuple[list[tuple[str, int]], li
                     "detail": "each item is {id, label}",
                 }
             )
-        elif not isinstance(pid, str) or not _ID.match(pid):
+        elif not isinstance(pid, str) or not _ID.fullmatch(pid):
             errors.append(
                 {
                     "index": i,

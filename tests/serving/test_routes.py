@@ -680,3 +680,12 @@ def test_an_overwrite_into_a_log_from_an_older_release_when_the_store_was_down_a
     with sqlite3.connect(missing / "log.db") as conn:
         assert conn.execute("SELECT true_label FROM prediction_rows").fetchall() == [(4,)]
         assert conn.execute("SELECT previous_label FROM label_history").fetchall() == [(3,)]
+
+
+def test_an_id_ending_in_a_newline_is_refused(client, digits_rows):
+    """Ids are matched whole: the pattern's `$` took "abc\\n" (it matches before a final
+    newline), so such an id was logged and labelled though `mlops predict` refuses it."""
+    res = _predict(client, digits_rows[:1], ids=["abc\n"])
+    assert res.status_code == 422, res.text
+    res = client.post("/feedback", json={"labels": [{"id": "abc\n", "label": 1}]})
+    assert res.json()["results"][0]["status"] == "invalid"
