@@ -337,6 +337,9 @@ def cache_key(data_hash: str, params: Params, streamed: bool = False) -> dict:
         "seed": params.seed,
         "split": params.split.model_dump(),
         "scaling": params.preprocess.scaling,
+        # the schema saved with the preprocessor carries it: a changed class count must
+        # not reuse the old output (3-class data kept training 10-output models)
+        "num_classes": params.data.num_classes,
     }
     return {**key, "split_by": "row position hash"} if streamed else key
 

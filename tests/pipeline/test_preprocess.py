@@ -127,3 +127,23 @@ def test_each_image_gets_its_own_shift_and_its_own_background():
     assert len(corners) > 5  # not one shift for the whole batch
     assert set(shifted.unique().tolist()) == {-0.5, 2.0}  # no 0 shifted in
     assert torch.equal(shifted.eq(2.0).sum((1, 2, 3)), batch.eq(2.0).sum((1, 2, 3)))
+
+
+@pytest.mark.parametrize("streamed", [False, True])
+def test_a_changed_class_count_is_not_served_from_the_cache(tmp_path, streamed):
+    """The processed output is reused for the same data and parameters; data.num_classes
+    is one of them (the preprocessor's schema carries it): changed, the data is processed
+    again (before, 3-class data kept its cached 10-class schema and trained 10 outputs)."""
+    from pipeline import stages
+    from pipeline.config import Params
+    from pipeline.preprocess import load_preprocessor
+
+    raw = tmp_path / "raw.parquet"
+    frame = load_digits_frame("all").iloc[:600]
+    frame.assign(label=frame["label"] % 3).to_parquet(raw, index=False)
+    data = {"streaming_above_rows": 100 if streamed else 10**6, "chunk_rows": 256}
+    out = tmp_path / "processed"
+    for classes in (10, 10, 3):
+        params = Params.model_validate({"data": {**data, "num_classes": classes}})
+        stages.preprocess(raw, out, params)
+        assert load_preprocessor(out).schema.num_classes == classes
