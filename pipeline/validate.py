@@ -65,9 +65,10 @@ def infer_schema(
     by its column names: the expected features are pixel0..pixel{max}, so a gap is a
     missing column. Otherwise every column but `label` and `id` is a feature.
 
-    `current`: the features of the data version this file would replace. A file that has
-    all of them and more keeps them (the others are extra columns, reported and dropped);
-    any other difference is the schema change the caller refuses or records.
+    `current`: the features of the data version this file would replace. A table (not the
+    pixel layout) that has all of them and more keeps them (the others are extra columns,
+    reported and dropped); any other difference is the schema change the caller refuses or
+    records.
     """
     if LABEL not in columns:
         raise SchemaError(f"missing required column '{LABEL}' (found: {_preview(columns)})")
@@ -78,7 +79,9 @@ def infer_schema(
         features = tuple(str(c) for c in columns if c not in (LABEL, ID_COLUMN))
     if not features:
         raise SchemaError("no feature columns: a dataset needs numeric features besides 'label'")
-    if current and features != current and set(current) <= {str(c) for c in columns}:
+    # not in the pixel layout, whose features are the image's pixels: a larger image has
+    # all of a smaller one's pixel columns, and is a change of schema all the same
+    if not pixels and current and features != current and set(current) <= set(map(str, columns)):
         features = current
     return Schema(features, num_classes)
 

@@ -158,7 +158,15 @@ def test_other_columns_or_scale_do_not_replace_the_data_silently(settings, param
     digits.assign(**{c: digits[c] / 16 for c in digits.columns if c != "label"}).to_csv(
         scaled, index=False
     )
+    # a larger image whose border pixels (the current data's columns) are all 0: not taken
+    # for the current features plus extra columns (that would keep 64 blank pixels)
+    larger = tmp_path / "larger.csv"
+    frame = pd.DataFrame(0.0, index=digits.index, columns=[f"pixel{i}" for i in range(100)])
+    frame[[f"pixel{i}" for i in range(64, 100)]] = 5.0
+    frame.insert(0, "label", digits["label"])
+    frame.to_csv(larger, index=False)
     for path, message in (
+        (larger, "100 feature columns where the current data has 64"),
         (fewer, "63 feature columns where the current data has 64 (missing pixel63; new none)"),
         (scaled, "values up to 1 where the current data goes up to 16"),
     ):
