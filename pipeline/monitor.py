@@ -34,6 +34,11 @@ def check_drift(settings: Settings, params: Params, since: float) -> dict:
     as a dict, or {"skipped": why} when too few rows were logged."""
     store = PredictionStore(settings.prediction_db)
     try:
+        # counted first: too few rows skip the check before the data and the champion are
+        # loaded (a new deployment has neither yet)
+        logged = store.logged_since(since)
+        if logged < MIN_ROWS:
+            return {"skipped": f"only {logged} logged rows"}
         schema = load_preprocessor(settings.processed_dir).schema
         configure_tracking(settings)
         predictor, _ = load_predictor(settings.model_name, CHAMPION)

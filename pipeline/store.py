@@ -970,6 +970,18 @@ class PredictionStore:
 
         return [_decoded(r) for r in self._both(build, limit)]
 
+    def logged_since(self, since: float) -> int:
+        """How many rows were logged after `since` (epoch seconds), of any shape."""
+        with self._read() as conn:
+            return sum(
+                int(
+                    conn.execute(
+                        sa.select(sa.func.count()).select_from(t).where(t.c.created_at > since)
+                    ).scalar_one()
+                )
+                for t in self._tables()
+            )
+
     def recent_arrays(
         self,
         since: float = 0.0,
@@ -993,7 +1005,7 @@ class PredictionStore:
         with self._read() as conn:
             statements = [
                 sa.select(t.c.created_at, t.c.features, t.c.probabilities)
-                .where(t.c.created_at > since, *_shape_filter(t, features, classes))
+                .where(t.c.created_at > since, *_shape_filter(t, features, classes, self.dialect))
                 .order_by(t.c.created_at)
                 .limit(limit)
                 for t in self._tables()
@@ -1546,15 +1558,21 @@ class _Run:
         return taken
 
 
-def _shape_filter(t: sa.Table, features: int | None, classes: int | None) -> list:
+def _shape_filter(t: sa.Table, features: int | None, classes: int | None, dialect: str) -> list:
     """Conditions on `t`'s rows: `features` values (float32, or one byte each with the
-    trailer `encode_features` writes) and `classes` probabilities (float32). Byte rows of
-    k + 1 values can share the length of rows of k (the trailer tells them apart): such
-    a log, rows of both, still reads as a ValueError."""
+    trailer `encode_features` writes) and `classes` probabilities (float32). A byte row of
+    k + 1 values can have the length of one of k (783 and 784 pixels are both 785 bytes):
+    the last byte, the trailer's length, tells them apart, so it is matched too."""
     conditions = []
     if features is not None:
-        lengths = (4 * features, features + _byte_pad(features))
-        conditions.append(sa.func.length(t.c.features).in_(lengths))
+        pad = _byte_pad(features)
+        column = t.c.features
+        if dialect == "sqlite":
+            last = sa.func.hex(sa.func.substr(column, -1)) == f"{pad:02X}"
+        else:  # PostgreSQL's bytea
+            last = sa.func.get_byte(column, sa.func.length(column) - 1) == pad
+        as_bytes = sa.and_(sa.func.length(column) == features + pad, last)
+        conditions.append(sa.or_(sa.func.length(column) == 4 * features, as_bytes))
     if classes is not None:
         conditions.append(sa.func.length(t.c.probabilities) == 4 * classes)
     return conditions

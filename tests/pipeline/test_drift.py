@@ -133,3 +133,14 @@ def test_drift_alone_retrains_only_when_configured_and_the_floor_counts():
     assert should_retrain(alarm, CFG.model_copy(update={"drift_retrains": True}))[0] is True
     floored = CFG.model_copy(update={"accuracy_floor": 0.97})  # above test accuracy - drop
     assert should_retrain(_inputs(realized=0.95), floored)[0] is True
+
+
+def test_the_drift_check_skips_a_new_deployment_before_loading_anything(settings, params):
+    """Too few logged rows skip the check before the processed data and the champion are
+    loaded: a new deployment has neither, and the scheduled monitor failed on it."""
+    from pipeline.monitor import check_drift
+    from pipeline.store import PredictionStore
+
+    PredictionStore(settings.prediction_db).create().dispose()
+    assert not settings.processed_dir.exists()
+    assert check_drift(settings, params, 0.0) == {"skipped": "only 0 logged rows"}

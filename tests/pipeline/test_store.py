@@ -1026,10 +1026,18 @@ def test_the_drift_read_takes_the_rows_of_one_shape(store):
                              [0] * n, p.astype(np.float32), 1.0)  # fmt: skip
 
     wanted = [req(64, 64, 10, True, 1), req(3, 64, 10, False, 3), req(20, 64, 10, True, 5)]
-    others = [req(64, 64, 3, True, 2), req(5, 12, 10, False, 4), req(2, 64, 3, False, 6)]
+    # 63 byte values are 65 bytes long with their trailer, as 64 are: told apart by it
+    others = [req(64, 64, 3, True, 2), req(5, 12, 10, False, 4), req(2, 64, 3, False, 6),
+              req(20, 63, 10, True, 7), req(20, 62, 10, True, 8)]  # fmt: skip
+    assert len(encode_feature_rows(others[3].features)[0]) == 65
+    assert len(encode_feature_rows(others[4].features)[0]) == 63
     store.insert_requests(wanted + others)
+    assert store.logged_since(t0) == 87 + 64 + 5 + 2 + 40
+    assert store.logged_since(t0 + 6.5) == 40
     f, p = store.recent_arrays(features=64, classes=10)
     assert f.shape == (87, 64) and p.shape == (87, 10)
+    assert store.recent_arrays(features=63, classes=10)[0].shape == (20, 63)
+    assert store.recent_arrays(features=62, classes=10)[0].shape == (20, 62)
     np.testing.assert_array_equal(f, np.concatenate([r.features for r in wanted]))
     np.testing.assert_array_equal(p, np.concatenate([r.probabilities for r in wanted]))
     assert store.recent_arrays(features=64, classes=3)[1].shape == (66, 3)
