@@ -141,6 +141,12 @@ def predict_file(
                 on_chunk(len(rows))
         if writer is None:
             raise BatchError(f"{source}: no rows to score")
+        if checked is not None and len(checked.blocks) != block + 1:  # cut at a block's end
+            raise BatchError(
+                f"{source}: ends at row {done - 1}, where the rows checked went on (the file"
+                f" changed while it was scored); all {done:,} were scored and {logged:,}"
+                " logged (no output written)"
+            )
         writer.close()
         writer = None
         os.replace(tmp, output)

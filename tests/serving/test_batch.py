@@ -381,6 +381,33 @@ def test_a_file_changed_after_its_check_stops_at_the_changed_block(
     assert not (tmp_path / "pixels.predictions.csv").exists()
 
 
+def test_a_file_cut_short_after_its_check_at_a_blocks_end_is_not_taken_as_whole(
+    served, digits_rows, tmp_path, monkeypatch
+):
+    """A file cut at a block's end between the passes: every block read matches its
+    check, but the run stops where the checked rows went on, with no output (it ended
+    early and said nothing)."""
+    import pipeline.batch
+
+    source = tmp_path / "pixels.csv"
+    frame = _frame(digits_rows[:40])
+    frame.to_csv(source, index=False)
+    real = pipeline.batch._check
+
+    def check_then_cut(*args, **kw):
+        checked = real(*args, **kw)
+        frame.iloc[:32].to_csv(source, index=False)  # two whole blocks of 16
+        return checked
+
+    monkeypatch.setattr(pipeline.batch, "_check", check_then_cut)
+    result = runner.invoke(app, ["predict", str(source), "--log", "--chunk-rows", "10"])
+    assert result.exit_code == 1, result.output
+    said = " ".join(result.output.split())
+    assert "ends at row 31, where the rows checked went on" in said
+    assert "all 32 were scored and 32 logged (no output written)" in said
+    assert not (tmp_path / "pixels.predictions.csv").exists()
+
+
 def test_generated_ids_are_the_scoring_versions_own(served, digits_rows, tmp_path):
     """The same rows scored again by the same version are that version's rows already
     (nothing logged twice); scored by another version they are its own predictions,
