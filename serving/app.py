@@ -16,9 +16,11 @@ from contextlib import asynccontextmanager
 
 import orjson
 from fastapi import FastAPI, Request
+from fastapi.exception_handlers import http_exception_handler
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import Response
 from fastapi_offline import FastAPIOffline
+from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from pipeline.config import Settings, get_settings
 from pipeline.redact import install as install_redaction
@@ -28,7 +30,7 @@ from pipeline.tracking import configure_tracking
 from serving.deps import State
 from serving.middleware import GuardMiddleware
 from serving.requests import BadRequest
-from serving.responses import error, store_unavailable
+from serving.responses import error, error_body, is_v2, json_response, store_unavailable
 from serving.routes import ROUTERS
 from serving.schemas import request_schemas
 
@@ -51,6 +53,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         known=known,
         fast=settings.fast_path and not settings.otel,  # OTel spans need FastAPI's routes
     )
+    app.add_exception_handler(StarletteHTTPException, _on_http_error)
     app.add_exception_handler(RequestValidationError, _on_validation)
     app.add_exception_handler(BadRequest, _on_bad_request)
     app.add_exception_handler(StoreUnavailable, _on_store_down)
@@ -169,6 +172,16 @@ def _examples(app: FastAPI, schema: dict) -> None:
         if operation is not None:
             content = operation["requestBody"]["content"]["application/json"]
             content["example"] = example
+
+
+async def _on_http_error(request: Request, exc: StarletteHTTPException) -> Response:
+    """The framework's own refusals (no such route, a method the route does not take):
+    under /v2 in the Open Inference Protocol's error shape, as every other /v2 refusal
+    (tritonclient reads `error`); elsewhere FastAPI's `{"detail": ...}`."""
+    if is_v2(request.url.path):
+        body = error_body(str(exc.detail), v2=True)
+        return json_response(body, exc.status_code, headers=getattr(exc, "headers", None))
+    return await http_exception_handler(request, exc)
 
 
 async def _on_validation(_request: Request, exc: RequestValidationError) -> Response:

@@ -158,6 +158,13 @@ def test_v2_health_and_metadata(client):
     assert client.get(f"/v2/models/{name}/versions/1").status_code == 200
     unknown = client.get("/v2/models/other-model")
     assert unknown.status_code == 404 and "other-model" in unknown.json()["error"]
+    # the framework's own refusals under /v2 are in V2's shape too (they said only detail)
+    nowhere = client.get("/v2/no/such/route")
+    assert nowhere.status_code == 404 and nowhere.json()["error"] == "Not Found"
+    wrong = client.post("/v2/health/live")
+    assert wrong.status_code == 405 and wrong.json()["error"] == "Method Not Allowed"
+    assert "GET" in wrong.headers["allow"]
+    assert client.get("/no/such/route").json() == {"detail": "Not Found"}  # elsewhere as before
     assert client.get(f"/v2/models/{name}/versions/7/ready").status_code == 404
 
 
