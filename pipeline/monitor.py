@@ -32,7 +32,7 @@ REFERENCE_ROWS = 50_000  # training rows the drift check compares with, at most
 def check_drift(settings: Settings, params: Params, since: float) -> dict:
     """Logged inputs since `since` (epoch seconds) against the training split; the report
     as a dict, or {"skipped": why} when too few rows were logged."""
-    store = PredictionStore(settings.prediction_db)
+    store = PredictionStore(settings.prediction_db).create()  # a new deployment has none
     try:
         # counted first: too few rows skip the check before the data and the champion are
         # loaded (a new deployment has neither yet)
@@ -105,7 +105,7 @@ def check_drift(settings: Settings, params: Params, since: float) -> dict:
 
 def new_labels(settings: Settings) -> int:
     """Labelled predictions not yet pulled into the data (`feedback.unpulled_labels`)."""
-    store = PredictionStore(settings.prediction_db)
+    store = PredictionStore(settings.prediction_db).create()  # as the other readers here
     try:
         return unpulled_labels(store, settings.loop_dir)
     finally:

@@ -138,9 +138,12 @@ def test_drift_alone_retrains_only_when_configured_and_the_floor_counts():
 def test_the_drift_check_skips_a_new_deployment_before_loading_anything(settings, params):
     """Too few logged rows skip the check before the processed data and the champion are
     loaded: a new deployment has neither, and the scheduled monitor failed on it."""
-    from pipeline.monitor import check_drift
+    from pipeline.monitor import check_drift, new_labels
     from pipeline.store import PredictionStore
 
-    PredictionStore(settings.prediction_db).create().dispose()
     assert not settings.processed_dir.exists()
+    assert not (settings.root / "predictions.db").exists()  # no tables either
+    assert check_drift(settings, params, 0.0) == {"skipped": "only 0 logged rows"}
+    assert new_labels(settings) == 0
+    PredictionStore(settings.prediction_db).create().dispose()
     assert check_drift(settings, params, 0.0) == {"skipped": "only 0 logged rows"}
