@@ -375,7 +375,31 @@ def _batches(
             for offset in range(0, batch.num_rows, block_rows):
                 yield batch.slice(offset, block_rows)
     except pa.ArrowInvalid as exc:
-        raise BatchError(f"{source}: not a readable CSV file ({exc})") from None
+        raise BatchError(f"{source}: {_csv_problem(str(exc), _header(source))}") from None
+
+
+def _header(source: Path) -> list[str]:
+    """The CSV's header, for naming a column pyarrow names by its 0-based index."""
+    try:
+        return pa_csv.open_csv(source).schema.names
+    except (pa.ArrowInvalid, OSError):
+        return []
+
+
+_CONVERSION = re.compile(r"In CSV column #(\d+): CSV conversion error to \w+: invalid value '(.*)'")
+
+
+def _csv_problem(text: str, columns: list[str]) -> str:
+    """pyarrow's CSV error in the user's words: a cell that is no number is named by its
+    column and value (pyarrow gives the column's 0-based index and no row)."""
+    found = _CONVERSION.search(text)
+    if found and int(found.group(1)) < len(columns):
+        column = columns[int(found.group(1))]
+        return (
+            f"column {column} holds {found.group(2)[:40]!r}, which is not a number (every "
+            "feature cell must be one)"
+        )
+    return f"not a readable CSV file ({text})"
 
 
 def _features(batch: pa.RecordBatch, names: list[str], offset: int) -> np.ndarray:

@@ -434,3 +434,17 @@ def test_generated_ids_are_the_scoring_versions_own(served, digits_rows, tmp_pat
     newer = pd.read_csv(tmp_path / "2.csv")["id"].tolist()
     assert {r["model_version"] for r in store.get(newer).values()} == {"2"}
     assert not set(newer) & set(pd.read_csv(tmp_path / "0.csv")["id"])
+
+
+def test_a_cell_that_is_no_number_is_named_by_its_column(served, digits_rows, tmp_path):
+    """pyarrow says "In CSV column #4: CSV conversion error to double: invalid value
+    'oops'" (a 0-based index, no row); the command names the column and the value."""
+    source = tmp_path / "pixels.csv"
+    frame = _frame(digits_rows[:40]).astype({"pixel3": object})
+    frame.loc[25, "pixel3"] = "oops"
+    frame.to_csv(source, index=False)
+    result = runner.invoke(app, ["predict", str(source), "--log"])
+    assert result.exit_code == 1
+    said = " ".join(result.output.split())
+    assert "column pixel3 holds 'oops', which is not a number" in said, said
+    assert PredictionStore(get_settings().prediction_db).count() == 0
