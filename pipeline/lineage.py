@@ -178,7 +178,10 @@ def restore_data(root: Path, data_dir: Path, digest: str) -> None:
                 except Exception as exc:  # noqa: BLE001 - one line for the user
                     raise DataVersionError(
                         f"data version {digest} is neither in the DVC cache nor on the default "
-                        f"remote ({type(exc).__name__}: {str(exc).strip().splitlines()[0]})"
+                        f"remote ({type(exc).__name__}: {str(exc).strip().splitlines()[0]}); "
+                        "`dvc repro` and `mlops run` put their data there, `mlops ingest` and "
+                        "`mlops train` run by hand do not: a model trained so cannot be "
+                        "reproduced from DVC"
                     ) from exc
             repo.add(str(data_dir.relative_to(root)))  # re-hash what is on disk
         restored = _dvc_hash(data_dir)
