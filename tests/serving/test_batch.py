@@ -351,6 +351,24 @@ def test_generated_ids_name_the_same_rows_alike_in_every_run(
     assert not set(pd.read_csv(out)["id"]) & set(scored["id"])
 
 
+def _logged_run_rewritten_after_check(monkeypatch, source, rewritten: pd.DataFrame) -> str:
+    """`mlops predict SOURCE --log` with SOURCE rewritten as `rewritten` between the
+    check and the logging pass; the run must fail: its output, unwrapped."""
+    import pipeline.batch
+
+    real = pipeline.batch._check
+
+    def check_then_rewrite(*args, **kw):
+        checked = real(*args, **kw)
+        rewritten.to_csv(source, index=False)
+        return checked
+
+    monkeypatch.setattr(pipeline.batch, "_check", check_then_rewrite)
+    result = runner.invoke(app, ["predict", str(source), "--log", "--chunk-rows", "10"])
+    assert result.exit_code == 1, result.output
+    return " ".join(result.output.split())
+
+
 @pytest.mark.parametrize("ids", [True, False])
 def test_a_file_changed_after_its_check_stops_at_the_changed_block(
     served, digits_rows, tmp_path, monkeypatch, ids
@@ -358,23 +376,12 @@ def test_a_file_changed_after_its_check_stops_at_the_changed_block(
     """The logging pass reads the rows the check read, block by block: a file written to
     in between stops the run at the first block that changed, before it is logged (its
     ids were checked for other rows, or made from other rows)."""
-    import pipeline.batch
-
     source = tmp_path / "pixels.csv"
     frame = _frame(digits_rows[:40], ids=ids)
     frame.to_csv(source, index=False)
-    real = pipeline.batch._check
-
-    def check_then_write(*args, **kw):
-        checked = real(*args, **kw)
-        frame.loc[20, "pixel9"] = 16 - frame.loc[20, "pixel9"]
-        frame.to_csv(source, index=False)
-        return checked
-
-    monkeypatch.setattr(pipeline.batch, "_check", check_then_write)
-    result = runner.invoke(app, ["predict", str(source), "--log", "--chunk-rows", "10"])
-    assert result.exit_code == 1, result.output
-    said = " ".join(result.output.split())
+    changed = frame.copy()
+    changed.loc[20, "pixel9"] = 16 - changed.loc[20, "pixel9"]
+    said = _logged_run_rewritten_after_check(monkeypatch, source, changed)
     assert "rows 16-31 are not the rows checked (the file changed while it was scored)" in said
     assert "rows 0-15 were scored and 16 of them logged before it" in said
     assert PredictionStore(get_settings().prediction_db).count() == 16
@@ -387,22 +394,10 @@ def test_a_file_cut_short_after_its_check_at_a_blocks_end_is_not_taken_as_whole(
     """A file cut at a block's end between the passes: every block read matches its
     check, but the run stops where the checked rows went on, with no output (it ended
     early and said nothing)."""
-    import pipeline.batch
-
     source = tmp_path / "pixels.csv"
     frame = _frame(digits_rows[:40])
     frame.to_csv(source, index=False)
-    real = pipeline.batch._check
-
-    def check_then_cut(*args, **kw):
-        checked = real(*args, **kw)
-        frame.iloc[:32].to_csv(source, index=False)  # two whole blocks of 16
-        return checked
-
-    monkeypatch.setattr(pipeline.batch, "_check", check_then_cut)
-    result = runner.invoke(app, ["predict", str(source), "--log", "--chunk-rows", "10"])
-    assert result.exit_code == 1, result.output
-    said = " ".join(result.output.split())
+    said = _logged_run_rewritten_after_check(monkeypatch, source, frame.iloc[:32])  # 2 blocks
     assert "ends at row 31, where the rows checked went on" in said
     assert "all 32 were scored and 32 logged (no output written)" in said
     assert not (tmp_path / "pixels.predictions.csv").exists()
